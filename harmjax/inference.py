@@ -1,0 +1,92 @@
+"""Jitted, explicitly sharded entry points over a loaded model: logits and text NLL."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from harmjax.config import ModelConfig
+from harmjax.model.decoder import forward
+from harmjax.model.loss import mean_nll_per_example
+from harmjax.sharding import batch_divisor, batch_sharding, param_shardings, replicated
+
+
+@functools.lru_cache(maxsize=32)
+def jit_forward(config: ModelConfig, mesh: Mesh):
+    """`forward` jitted with the params' shardings, the batch split over data x fsdp.
+
+    Returns f(params, input_ids, attention_mask) -> float32 logits (batch, seq, vocab).
+    """
+    batch = batch_sharding(mesh)
+
+    def logits(params, input_ids, attention_mask):
+        return forward(params, config, input_ids, attention_mask)
+
+    return jax.jit(
+        logits,
+        in_shardings=(param_shardings(config, mesh), batch, batch),
+        out_shardings=batch_sharding(mesh, ndim=3),
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def _jit_example_nll(config: ModelConfig, mesh: Mesh):
+    batch = batch_sharding(mesh)
+
+    def nll(params, input_ids, attention_mask, loss_mask):
+        logits = forward(params, config, input_ids, attention_mask)
+        return mean_nll_per_example(logits, input_ids, loss_mask)
+
+    return jax.jit(
+        nll,
+        in_shardings=(param_shardings(config, mesh), batch, batch, batch),
+        out_shardings=replicated(mesh),
+    )
+
+
+def pad_batch(
+    sequences: Sequence[Sequence[int]], pad_id: int, length: int, batch: int, left: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pads token lists into (batch, length) ids and a 0/1 attention mask (left padding by default).
+
+    Rows beyond len(sequences) are all padding (mask 0), so batch shapes stay fixed.
+    """
+    ids = np.full((batch, length), pad_id, np.int32)
+    mask = np.zeros((batch, length), np.int32)
+    for i, seq in enumerate(sequences):
+        seq = list(seq)[-length:]
+        if left:
+            ids[i, length - len(seq):], mask[i, length - len(seq):] = seq, 1
+        else:
+            ids[i, : len(seq)], mask[i, : len(seq)] = seq, 1
+    return ids, mask
+
+
+def bucket_length(n: int, minimum: int = 16) -> int:
+    """The next power of two >= n (at least `minimum`), so XLA compiles few shapes."""
+    return max(minimum, 1 << max(0, (n - 1).bit_length()))
+
+
+def text_nll(model, texts: Sequence[str], batch_size: int = 8, max_length: int = 512) -> np.ndarray:
+    """Mean next-token NLL of each text under `model` (float32, one value per text).
+
+    Texts are tokenized with the model's tokenizer, left-padded to a power-of-two bucket and
+    run through the sharded, jitted forward pass.
+    """
+    tok = model.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    encoded = [tok(t, add_special_tokens=True)["input_ids"][:max_length] for t in texts]
+    step = -(-batch_size // batch_divisor(model.mesh)) * batch_divisor(model.mesh)
+    fn = _jit_example_nll(model.config, model.mesh)
+    out = []
+    for start in range(0, len(encoded), step):
+        chunk = encoded[start : start + step]
+        length = bucket_length(max(len(s) for s in chunk))
+        ids, mask = pad_batch(chunk, pad_id, length, step)
+        out.append(np.asarray(fn(model.params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(mask)))[: len(chunk)])
+    return np.concatenate(out) if out else np.zeros((0,), np.float32)

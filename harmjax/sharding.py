@@ -1,0 +1,130 @@
+"""Device meshes and shardings derived from logical axis names.
+
+A mesh has three named axes: `data` (batch), `fsdp` (batch and parameters: each weight is
+split over it and gathered per layer) and `tensor` (heads / MLP width / vocabulary). Each
+parameter's logical axes (from `param_specs`) map to mesh axes through `LOGICAL_RULES`; a
+dimension that does not divide the mesh axis is replicated rather than failing, so the same
+code runs on 1 CPU, 8 fake CPU devices, one GPU or a pod.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from harmjax.config import ModelConfig
+from harmjax.model.param_specs import param_specs
+from harmjax.tree import unflatten
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axes it is split over (in order of preference).
+LOGICAL_RULES: dict[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp"),
+    "vocab": ("tensor",),
+    "embed": ("fsdp",),
+    "q_heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "mlp": ("tensor",),
+    "norm": (),
+    "seq": (),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Sizes of the mesh axes; exactly one may be -1, meaning "all remaining devices"."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def shape(self, num_devices: int) -> tuple[int, int, int]:
+        """Resolves -1 against `num_devices` and checks the product."""
+        sizes = [self.data, self.fsdp, self.tensor]
+        if sizes.count(-1) > 1:
+            raise ValueError(f"At most one mesh axis may be -1, got {self}.")
+        known = math.prod(s for s in sizes if s != -1)
+        if -1 in sizes:
+            if num_devices % known:
+                raise ValueError(f"{num_devices} devices do not divide into mesh {self}.")
+            sizes[sizes.index(-1)] = num_devices // known
+        if math.prod(sizes) != num_devices:
+            raise ValueError(
+                f"Mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+                f"but {num_devices} are in use."
+            )
+        return tuple(sizes)
+
+
+def make_mesh(config: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Builds a (data, fsdp, tensor) mesh over `devices` (default: all devices).
+
+    Axis types are Auto: shardings are given on jit inputs/outputs and XLA's partitioner
+    propagates them through the model, which keeps the model code free of sharding
+    annotations (jax.make_mesh now defaults to Explicit, which would require them).
+    """
+    config = config or MeshConfig()
+    devices = list(devices if devices is not None else jax.devices())
+    shape = config.shape(len(devices))
+    axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    if len(devices) == len(jax.devices()):
+        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types)
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=axis_types)
+
+
+def logical_to_spec(
+    axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: dict[str, tuple[str, ...]] | None = None
+) -> P:
+    """PartitionSpec for an array with logical `axes`; indivisible dimensions are replicated."""
+    rules = LOGICAL_RULES if rules is None else rules
+    used: set[str] = set()
+    spec: list[Any] = []
+    for name, dim in zip(axes, shape):
+        mesh_axes = tuple(
+            a for a in (rules.get(name, ()) if name else ()) if a not in used and mesh.shape[a] > 1
+        )
+        size = math.prod(mesh.shape[a] for a in mesh_axes)
+        if mesh_axes and dim % size:
+            logging.log_first_n(
+                logging.WARNING,
+                "Dimension %d (%s) does not divide mesh axes %s of size %d; replicating it.",
+                10, dim, name, mesh_axes, size,
+            )
+            mesh_axes = ()
+        used.update(mesh_axes)
+        spec.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+    return P(*spec)
+
+
+def param_shardings(config: ModelConfig, mesh: Mesh) -> dict[str, Any]:
+    """NamedSharding for every parameter, as a pytree with the params' structure."""
+    flat = {
+        name: NamedSharding(mesh, logical_to_spec(spec.axes, spec.shape, mesh))
+        for name, spec in param_specs(config).items()
+    }
+    return unflatten(flat)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Sharding of a (batch, ...) array: batch split over data and fsdp."""
+    batch_axes = tuple(a for a in LOGICAL_RULES["batch"] if mesh.shape[a] > 1)
+    first = None if not batch_axes else batch_axes[0] if len(batch_axes) == 1 else batch_axes
+    return NamedSharding(mesh, P(first, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """A fully replicated sharding on `mesh`."""
+    return NamedSharding(mesh, P())
+
+
+def batch_divisor(mesh: Mesh) -> int:
+    """Batch sizes must be multiples of this (the data x fsdp extent)."""
+    return mesh.shape["data"] * mesh.shape["fsdp"]

@@ -1,0 +1,100 @@
+"""Tiny random Hugging Face models, built inside tests as the independent reference.
+
+Every supported family is built with transformers' own PyTorch classes, with norm weights
+and biases perturbed away from their constant init so a wrong norm offset or a dropped bias
+cannot go unnoticed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import transformers
+
+VOCAB = 101
+
+_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    initializer_range=0.1,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+# Family -> config overrides. Together they cover MHA/GQA/MQA, head_dim != hidden/heads,
+# q/k/v and o biases, q/k norms (per head and full), sliding windows (all layers, alternating,
+# patterned), soft-capping, llama3 and yarn RoPE, tied and untied embeddings.
+FAMILIES: dict[str, dict] = {
+    "llama": dict(
+        attention_bias=True,
+        mlp_bias=True,
+        rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16,
+        },
+    ),
+    "mistral": dict(sliding_window=5, num_key_value_heads=4),
+    "qwen2": dict(tie_word_embeddings=True),
+    "qwen3": dict(head_dim=24),
+    "gemma": dict(head_dim=32, num_key_value_heads=1),
+    "gemma2": dict(
+        head_dim=32, sliding_window=5, query_pre_attn_scalar=24,
+        attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+    ),
+    "olmo2": dict(),
+    "olmo3": dict(
+        sliding_window=5,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_scaling={
+            "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+            "beta_fast": 32, "beta_slow": 1,
+        },
+    ),
+}
+
+
+def tiny_hf_model(family: str, seed: int = 0, **overrides) -> transformers.PreTrainedModel:
+    """A tiny random transformers causal LM of `family`, in eval mode, float32."""
+    torch.manual_seed(seed)
+    kwargs = {**_COMMON, **FAMILIES[family], **overrides}
+    config = transformers.AutoConfig.for_model(family, **kwargs)
+    config._attn_implementation = "eager"
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.3)
+    return model
+
+
+def save_tiny(model: transformers.PreTrainedModel, directory, **kwargs) -> str:
+    """Saves a tiny model as safetensors (tokenizer-less) and returns the directory."""
+    model.save_pretrained(str(directory), safe_serialization=True, **kwargs)
+    return str(directory)
+
+
+def left_padded_batch(seed: int = 0, batch: int = 3, length: int = 13):
+    """Random ids with rows left-padded by 0, 4 and 9 tokens: (ids, mask, positions)."""
+    rng = np.random.RandomState(seed)
+    ids = rng.randint(3, VOCAB, (batch, length))
+    mask = np.ones((batch, length), np.int64)
+    for row, pad in zip(range(batch), (0, 4, 9)):
+        mask[row, :pad] = 0
+        ids[row, :pad] = 0
+    positions = np.maximum(np.cumsum(mask, -1) - 1, 0)
+    return ids, mask, positions
+
+
+def torch_logits(model, ids, mask, positions) -> np.ndarray:
+    """Reference logits from transformers' PyTorch forward with explicit positions."""
+    with torch.no_grad():
+        out = model(
+            torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(positions)
+        )
+    return out.logits.float().numpy()

@@ -1,0 +1,48 @@
+"""The same numbers on one device and on a mesh of 8 fake CPU devices."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import harmjax
+from harmjax.sharding import MeshConfig, make_mesh
+from tests.hf_reference import left_padded_batch, save_tiny, tiny_hf_model
+
+
+def test_eight_devices_present():
+    assert jax.device_count() == 8
+
+
+@pytest.mark.parametrize("mesh_config", [MeshConfig(data=1, fsdp=2, tensor=4), MeshConfig(data=2, fsdp=4, tensor=1)])
+def test_forward_on_mesh_equals_one_device(mesh_config, tmp_path):
+    src = save_tiny(tiny_hf_model("llama"), tmp_path)
+    one = harmjax.load(src, mesh=make_mesh(MeshConfig(data=1), devices=jax.devices()[:1]))
+    many = harmjax.load(src, mesh=mesh_config)
+    q = many.params["model"]["layers"]["0"]["self_attn"]["q_proj"]["weight"]
+    assert len(q.sharding.device_set) == 8
+    assert not q.sharding.is_fully_replicated
+
+    ids, mask, _ = left_padded_batch(batch=4 if mesh_config.data * mesh_config.fsdp <= 4 else 8)
+    ref = np.asarray(harmjax.forward(one.params, one.config, jnp.asarray(ids), jnp.asarray(mask)))
+    fn = harmjax.jit_forward(many.config, many.mesh)
+    ours = fn(many.params, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32))
+    assert ours.sharding.spec[0] is not None  # batch stays split
+    np.testing.assert_allclose(np.asarray(ours), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_mesh_config_resolution():
+    assert MeshConfig(data=-1, fsdp=2, tensor=2).shape(8) == (2, 2, 2)
+    assert MeshConfig(data=1, fsdp=-1, tensor=1).shape(8) == (1, 8, 1)
+    with pytest.raises(ValueError, match="needs 12 devices"):
+        MeshConfig(data=3, fsdp=2, tensor=2).shape(8)
+    with pytest.raises(ValueError, match="At most one"):
+        MeshConfig(data=-1, fsdp=-1).shape(8)
+
+
+def test_indivisible_dimension_is_replicated(tmp_path):
+    """MQA k/v (1 head x 32) on tensor=8 cannot split 8 ways evenly per head; it still loads."""
+    src = save_tiny(tiny_hf_model("gemma", vocab_size=101), tmp_path)
+    model = harmjax.load(src, mesh=MeshConfig(data=1, fsdp=1, tensor=8))
+    embed = model.params["model"]["embed_tokens"]["weight"]  # vocab 101 is prime
+    assert embed.sharding.spec[0] is None
