@@ -19,7 +19,7 @@ from harmjax.errors import (
     UnsupportedDtypeError,
 )
 from harmjax.inference import jit_forward, text_nll
-from harmjax.loading import Model, load, save_hf
+from harmjax.loading import Model, load, save_hf, save_orbax
 from harmjax.model.decoder import forward, hidden_states, logits_from_hidden
 from harmjax.model.param_specs import param_specs
 from harmjax.sharding import MeshConfig, make_mesh, param_shardings
@@ -48,5 +48,6 @@ __all__ = [
     "param_shardings",
     "param_specs",
     "save_hf",
+    "save_orbax",
     "text_nll",
 ]

@@ -60,7 +60,8 @@ def load(
     """Loads a causal LM of a supported family into a sharded params pytree.
 
     Args:
-      path_or_id: a local HF checkpoint directory, a `.gguf` file, or a hub id 'org/name'.
+      path_or_id: a local HF checkpoint directory, a `.gguf` file, a directory written by
+        `save_orbax`, or a hub id 'org/name'.
       dtype: parameter dtype, "float32", "bfloat16" or "float16"; None keeps the checkpoint's.
       mesh: a Mesh, a MeshConfig, or None for all devices on the data axis (params replicated).
 
@@ -74,7 +75,13 @@ def load(
     param_dtype = hf_io.resolve_dtype(dtype, raw_config)
     if not isinstance(mesh, Mesh):
         mesh = make_mesh(mesh)
-    params = hf_io.load_params(directory, config, param_dtype, mesh)
+    if is_orbax_dir(directory):
+        from harmjax import checkpoint
+
+        target = checkpoint.abstract_params(config, mesh, param_dtype)
+        params = checkpoint.restore_tree(os.path.join(directory, ORBAX_PARAMS), target)
+    else:
+        params = hf_io.load_params(directory, config, param_dtype, mesh)
     return Model(
         params=params,
         config=config,
@@ -83,6 +90,31 @@ def load(
         mesh=mesh,
         source_dir=directory,
     )
+
+
+ORBAX_PARAMS = "params"
+
+
+def is_orbax_dir(directory: str) -> bool:
+    """True for a directory written by `save_orbax`: config.json plus an orbax `params/`."""
+    return os.path.isdir(os.path.join(directory, ORBAX_PARAMS)) and not any(
+        f.endswith(".safetensors") for f in os.listdir(directory)
+    )
+
+
+def save_orbax(model: Model, out_dir: str, params: dict[str, Any] | None = None) -> str:
+    """Saves params as an orbax checkpoint beside config.json and the tokenizer files, a
+    directory that `load` reads back straight into any mesh's shardings."""
+    from harmjax import checkpoint
+
+    os.makedirs(out_dir, exist_ok=True)
+    hf_io.write_config_and_tokenizer(model.hf_config, out_dir, model.tokenizer, model.source_dir)
+    checkpoint.save_tree(
+        os.path.join(out_dir, ORBAX_PARAMS),
+        model.params if params is None else params,
+        {"model_type": model.config.model_type, "source_dir": model.source_dir},
+    )
+    return out_dir
 
 
 def load_tokenizer(directory: str):

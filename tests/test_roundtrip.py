@@ -78,3 +78,15 @@ def test_orbax_params_checkpoint_restores_sharded(tmp_path):
         assert a.sharding == b.sharding
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert checkpoint.read_metadata(path) == {"model_type": "mistral"}
+
+
+def test_save_orbax_then_load_on_another_mesh(tmp_path):
+    hf_model = tiny_hf_model("gemma")
+    model = harmjax.load(save_tiny(hf_model, tmp_path / "src"), mesh=MeshConfig(data=-1))
+    out = harmjax.save_orbax(model, str(tmp_path / "orbax"))
+    again = harmjax.load(out, mesh=MeshConfig(data=1, fsdp=4, tensor=2))
+    assert again.config == model.config
+    for a, b in zip(jax.tree.leaves(model.params), jax.tree.leaves(again.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    q = again.params["model"]["layers"]["0"]["self_attn"]["q_proj"]["weight"]
+    assert not q.sharding.is_fully_replicated

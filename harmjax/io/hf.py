@@ -190,23 +190,32 @@ def save_hf(
     (up to the dtype the params were loaded in). Tokenizer and generation files are copied
     from `source_dir` when given, else the tokenizer object is saved.
     """
-    os.makedirs(out_dir, exist_ok=True)
-    leaves = jax.tree.leaves(params)
-    dtype_name = jnp.dtype(leaves[0].dtype).name
     hf = dict(hf_config)
-    hf["dtype" if "dtype" in hf or "torch_dtype" not in hf else "torch_dtype"] = dtype_name
+    hf["dtype" if "dtype" in hf or "torch_dtype" not in hf else "torch_dtype"] = jnp.dtype(
+        jax.tree.leaves(params)[0].dtype
+    ).name
     hf["tie_word_embeddings"] = config.tie_word_embeddings
     write_tensors(out_dir, _host_tensors(params, config), max_shard_bytes=max_shard_bytes)
+    write_config_and_tokenizer(hf, out_dir, tokenizer, source_dir)
+    logging.info("Wrote HF checkpoint to %s", out_dir)
+    return out_dir
+
+
+def write_config_and_tokenizer(
+    hf_config: dict[str, Any], out_dir: str, tokenizer: Any = None, source_dir: str | None = None
+) -> None:
+    """Writes config.json and copies tokenizer/generation files from `source_dir` (or saves
+    `tokenizer` when the source has none)."""
+    os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(hf, f, indent=2, sort_keys=True)
+        json.dump(hf_config, f, indent=2, sort_keys=True)
     copied = False
     if source_dir and os.path.isdir(source_dir):
         for fname in _TOKENIZER_AND_GENERATION_FILES:
             src = os.path.join(source_dir, fname)
-            if os.path.isfile(src) and os.path.abspath(src) != os.path.abspath(os.path.join(out_dir, fname)):
-                shutil.copyfile(src, os.path.join(out_dir, fname))
+            dst = os.path.join(out_dir, fname)
+            if os.path.isfile(src) and os.path.abspath(src) != os.path.abspath(dst):
+                shutil.copyfile(src, dst)
                 copied = copied or fname.startswith("tokenizer")
     if tokenizer is not None and not copied:
         tokenizer.save_pretrained(out_dir)
-    logging.info("Wrote HF checkpoint to %s", out_dir)
-    return out_dir
