@@ -94,3 +94,22 @@ def test_hub_id_offline_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
     with pytest.raises(HubUnavailableError, match="no-such-org/no-such-model"):
         harmjax.load("no-such-org/no-such-model")
+
+
+def test_hub_id_resolves_from_local_hub_cache_when_offline(tiny_dir, monkeypatch, tmp_path):
+    """The hub code path, exercised on local files: a hub id found in the hub cache loads."""
+    cache = tmp_path / "hub"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = cache / "models--tiny-org--tiny-llama" / "snapshots" / revision
+    shutil.copytree(tiny_dir, snapshot)
+    (cache / "models--tiny-org--tiny-llama" / "refs").mkdir()
+    (cache / "models--tiny-org--tiny-llama" / "refs" / "main").write_text(revision)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    model = harmjax.load("tiny-org/tiny-llama")
+    assert model.source_dir == str(snapshot)
+    assert model.config.model_type == "llama"

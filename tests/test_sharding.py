@@ -46,3 +46,22 @@ def test_indivisible_dimension_is_replicated(tmp_path):
     model = harmjax.load(src, mesh=MeshConfig(data=1, fsdp=1, tensor=8))
     embed = model.params["model"]["embed_tokens"]["weight"]  # vocab 101 is prime
     assert embed.sharding.spec[0] is None
+
+
+def test_loading_reads_only_each_devices_slice(tmp_path, monkeypatch):
+    """On an (fsdp x tensor) mesh no tensor that can be split is read whole from disk."""
+    from harmjax.io.safetensors_io import TensorReader
+
+    src = save_tiny(tiny_hf_model("llama"), tmp_path)
+    reads = []
+    original = TensorReader.read
+
+    def spy(self, name, index=None):
+        out = original(self, name, index)
+        reads.append((name, out.size, int(np.prod(self.shape(name)))))
+        return out
+
+    monkeypatch.setattr(TensorReader, "read", spy)
+    harmjax.load(src, mesh=MeshConfig(data=1, fsdp=2, tensor=4))
+    q_reads = [(size, full) for name, size, full in reads if name.endswith("q_proj.weight")]
+    assert q_reads and all(size * 8 == full for size, full in q_reads)

@@ -170,9 +170,15 @@ def _place(reader: TensorReader, name: str, shape, dtype, sharding) -> jax.Array
 
 def _host_tensors(params: dict[str, Any], config: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
     """Yields (HF name, host array) one tensor at a time, in HF's order."""
+    from jax.experimental import multihost_utils
+
     flat = dict(iter_leaves(params))
     for name in param_specs(config):
-        yield name, np.asarray(jax.device_get(flat[name]))
+        leaf = flat[name]
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            # Multi-host: every process takes part in the gather; process 0 writes.
+            leaf = multihost_utils.process_allgather(leaf, tiled=True)
+        yield name, np.asarray(jax.device_get(leaf))
 
 
 def save_hf(
@@ -195,7 +201,12 @@ def save_hf(
         jax.tree.leaves(params)[0].dtype
     ).name
     hf["tie_word_embeddings"] = config.tie_word_embeddings
-    write_tensors(out_dir, _host_tensors(params, config), max_shard_bytes=max_shard_bytes)
+    tensors = _host_tensors(params, config)
+    if jax.process_index() != 0:
+        for _ in tensors:  # join the gathers, write nothing
+            pass
+        return out_dir
+    write_tensors(out_dir, tensors, max_shard_bytes=max_shard_bytes)
     write_config_and_tokenizer(hf, out_dir, tokenizer, source_dir)
     logging.info("Wrote HF checkpoint to %s", out_dir)
     return out_dir

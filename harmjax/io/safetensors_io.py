@@ -139,7 +139,7 @@ def write_tensors(
     weight_map: dict[str, str] = {}
     total = 0
 
-    def flush(last: bool) -> None:
+    def flush() -> None:
         shard = shards[-1]
         if not shard:
             return
@@ -153,12 +153,12 @@ def write_tensors(
     for name, array in items:
         array = np.ascontiguousarray(array)
         if shard_bytes and shard_bytes + array.nbytes > max_shard_bytes:
-            flush(False)
+            flush()
             shard_bytes = 0
         shards[-1][name] = array
         shard_bytes += array.nbytes
         total += array.nbytes
-    flush(True)
+    flush()
 
     # Name the shards once their count is known, as transformers expects.
     if len(written) == 1:
