@@ -26,6 +26,7 @@ _SEQ = flags.DEFINE_integer("seq", 256, "Tokens per sequence.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed forward passes.")
 _PARITY = flags.DEFINE_bool("parity", True, "Run the tiny-model parity check first.")
 _OUT = flags.DEFINE_string("out", "", "Write the results as JSON here.")
+_MESH = flags.DEFINE_list("mesh", ["-1", "1", "1"], "Mesh sizes data,fsdp,tensor (-1 = the rest).")
 
 LLAMA31_8B = dict(
     model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
@@ -82,7 +83,7 @@ def throughput(batch: int, seq: int, repeats: int) -> dict:
     rope = RopeConfig(theta=500000.0, rope_type="llama3", factor=8.0, low_freq_factor=1.0,
                       high_freq_factor=4.0, original_max_position_embeddings=8192)
     config = ModelConfig(**LLAMA31_8B, rope=rope, rope_local=rope)
-    mesh = harmjax.make_mesh()
+    mesh = harmjax.make_mesh(harmjax.MeshConfig(*(int(x) for x in _MESH.value)))
     params = init_params(config, jax.random.key(0), mesh, jnp.bfloat16)
     n_params = sum(x.size for x in jax.tree.leaves(params))
     fn = harmjax.jit_forward(config, mesh)
@@ -98,15 +99,15 @@ def throughput(batch: int, seq: int, repeats: int) -> dict:
         times.append(time.perf_counter() - start)
     step = float(np.median(times))
     tokens = batch * seq
-    peak = jax.devices()[0].memory_stats().get("peak_bytes_in_use", 0) if jax.devices()[0].platform == "gpu" else 0
+    peak = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in jax.local_devices())
     rate = matmul_tflops()
     return {
-        "params": n_params, "batch": batch, "seq": seq, "compile_s": compile_s,
+        "params": n_params, "batch": batch, "seq": seq, "mesh": dict(mesh.shape), "compile_s": compile_s,
         "forward_s": step, "tokens_per_s": tokens / step,
         "model_tflops": 2 * n_params * tokens / step / 1e12,
         "matmul_tflops_measured": rate,
-        "mfu": 2 * n_params * tokens / step / 1e12 / rate,
-        "peak_gib": peak / 2**30,
+        "mfu": 2 * n_params * tokens / step / 1e12 / (rate * jax.device_count()),
+        "peak_gib_per_device": peak / 2**30,
     }
 
 
