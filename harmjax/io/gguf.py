@@ -19,7 +19,6 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import ml_dtypes
@@ -30,6 +29,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers
 from tokenizers.models import BPE
 from tqdm.auto import tqdm
 
+from harmjax.config import ModelConfig
 from harmjax.errors import (
     CheckpointError,
     MissingFileError,
@@ -37,6 +37,7 @@ from harmjax.errors import (
     UnsupportedDtypeError,
 )
 from harmjax.io.safetensors_io import write_tensors
+from harmjax.model.param_specs import param_specs
 
 logger = logging.getLogger(__name__)
 
@@ -74,37 +75,6 @@ _GLOBAL_TENSORS = {
 _LAYER_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
 
 
-@dataclass(frozen=True)
-class LlamaShape:
-    """The dimensions of a llama model, as its GGUF metadata states them."""
-
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-
-    def hf_shape(self, hf_name: str) -> tuple[int, ...]:
-        """The (out_features, in_features) shape transformers expects for `hf_name`."""
-        h, f, d = self.hidden_size, self.intermediate_size, self.head_dim
-        if hf_name in ("model.embed_tokens.weight", "lm_head.weight"):
-            return (self.vocab_size, h)
-        if hf_name.endswith("norm.weight"):
-            return (h,)
-        module = hf_name.split(".", 3)[3].removesuffix(".weight")
-        return {
-            "self_attn.q_proj": (self.num_heads * d, h),
-            "self_attn.k_proj": (self.num_kv_heads * d, h),
-            "self_attn.v_proj": (self.num_kv_heads * d, h),
-            "self_attn.o_proj": (h, self.num_heads * d),
-            "mlp.gate_proj": (f, h),
-            "mlp.up_proj": (f, h),
-            "mlp.down_proj": (h, f),
-        }[module]
-
-
 def gguf_to_hf_dir(gguf_path: str, out_dir: str, dtype: str = "float32") -> str:
     """Converts a llama.cpp GGUF file into a Hugging Face checkpoint directory; returns its path.
 
@@ -126,7 +96,7 @@ def gguf_to_hf_dir(gguf_path: str, out_dir: str, dtype: str = "float32") -> str:
     metadata = read_metadata(reader, gguf_path)
     shape = _llama_shape(metadata, reader, gguf_path)
     # Everything that can fail on metadata alone fails here, before minutes of dequantizing.
-    config = _hf_config(metadata, reader, shape, dtype, gguf_path)
+    config = _hf_config(metadata, shape, dtype, gguf_path)
     tokenizer = build_tokenizer(metadata, gguf_path)
     out_dir = os.path.abspath(out_dir)
     _check_replaceable(out_dir)
@@ -195,7 +165,7 @@ def _require(metadata: Mapping[str, Any], key: str, gguf_path: str) -> Any:
     return metadata[key]
 
 
-def _llama_shape(metadata: Mapping[str, Any], reader: GGUFReader, gguf_path: str) -> LlamaShape:
+def _llama_shape(metadata: Mapping[str, Any], reader: GGUFReader, gguf_path: str) -> ModelConfig:
     """Reads and checks the model dimensions; rejects what a plain Llama config cannot express."""
     arch = metadata.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
@@ -224,7 +194,11 @@ def _llama_shape(metadata: Mapping[str, Any], reader: GGUFReader, gguf_path: str
         raise CheckpointError(
             f"{gguf_path} states no vocabulary size (llama.vocab_size or tokenizer.ggml.tokens)."
         )
-    shape = LlamaShape(
+    # The decoder's own config describes the file, so the expected tensor names and shapes
+    # come from param_specs, the same table every other loader checks against.
+    shape = ModelConfig(
+        model_type="llama",
+        tie_word_embeddings=not any(t.name == "output.weight" for t in reader.tensors),
         vocab_size=int(vocab),
         hidden_size=hidden,
         intermediate_size=int(key("feed_forward_length")),
@@ -247,8 +221,9 @@ def hf_tensor_name(gguf_name: str) -> str | None:
     return None
 
 
-def _check_tensor_table(reader: GGUFReader, shape: LlamaShape, gguf_path: str) -> None:
+def _check_tensor_table(reader: GGUFReader, shape: ModelConfig, gguf_path: str) -> None:
     """Every tensor must map to a Llama parameter of the stated shape, and none may be missing."""
+    specs = param_specs(shape)
     found: dict[str, str] = {}
     unknown = []
     for tensor in reader.tensors:
@@ -259,7 +234,7 @@ def _check_tensor_table(reader: GGUFReader, shape: LlamaShape, gguf_path: str) -
         found[hf_name] = tensor.name
         # ggml lists dimensions fastest-moving first; NumPy/HF order is the reverse.
         stored = tuple(int(n) for n in reversed(tensor.shape.tolist()))
-        expected = shape.hf_shape(hf_name)
+        expected = specs[hf_name].shape
         if stored != expected:
             raise CheckpointError(
                 f"Tensor {tensor.name!r} in {gguf_path} has shape {stored}, but the metadata implies "
@@ -271,16 +246,7 @@ def _check_tensor_table(reader: GGUFReader, shape: LlamaShape, gguf_path: str) -
             f"{gguf_path} holds tensors a plain Llama model has no place for: {unknown[:8]}"
             f"{' ...' if len(unknown) > 8 else ''}. This llama variant is not supported."
         )
-    required = [
-        "model.embed_tokens.weight",
-        "model.norm.weight",
-        *(
-            f"model.layers.{i}.{module}.weight"
-            for i in range(shape.num_layers)
-            for module in _LAYER_TENSORS.values()
-        ),
-    ]
-    missing = [name for name in required if name not in found]
+    missing = [name for name in specs if name not in found]
     if missing:
         raise CheckpointError(
             f"{gguf_path} lacks {len(missing)} tensors of a {shape.num_layers}-layer llama model, "
@@ -289,15 +255,16 @@ def _check_tensor_table(reader: GGUFReader, shape: LlamaShape, gguf_path: str) -
 
 
 def _hf_tensors(
-    reader: GGUFReader, shape: LlamaShape, np_dtype: np.dtype, gguf_path: str
+    reader: GGUFReader, shape: ModelConfig, np_dtype: np.dtype, gguf_path: str
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Yields (hf_name, array) one tensor at a time, so write_tensors can stream them to disk.
 
     F32 tensors stay views of the memory-mapped file; nothing builds a second copy of the model.
     """
+    specs = param_specs(shape)
     for tensor in tqdm(reader.tensors, desc=f"Converting {os.path.basename(gguf_path)}", unit="tensor"):
         hf_name = hf_tensor_name(tensor.name)
-        array = _dequantize(tensor, gguf_path).reshape(shape.hf_shape(hf_name))
+        array = _dequantize(tensor, gguf_path).reshape(specs[hf_name].shape)
         if ".self_attn.q_proj." in hf_name:
             array = unpermute_rows(array, shape.num_heads)
         elif ".self_attn.k_proj." in hf_name:
@@ -357,7 +324,7 @@ def _token_id(metadata: Mapping[str, Any], key: str) -> int | None:
 
 
 def _hf_config(
-    metadata: Mapping[str, Any], reader: GGUFReader, shape: LlamaShape, dtype: str, gguf_path: str
+    metadata: Mapping[str, Any], shape: ModelConfig, dtype: str, gguf_path: str
 ) -> dict[str, Any]:
     """A transformers LlamaConfig dict; every dimension stated explicitly, not left to defaults."""
     rope = _rope_parameters(metadata, gguf_path)
@@ -378,7 +345,7 @@ def _hf_config(
         "max_position_embeddings": int(metadata.get("llama.context_length", 2048)),
         "vocab_size": shape.vocab_size,
         # llama.cpp omits output.weight exactly when the head shares the embedding matrix.
-        "tie_word_embeddings": all(t.name != "output.weight" for t in reader.tensors),
+        "tie_word_embeddings": shape.tie_word_embeddings,
         "attention_bias": False,
         "mlp_bias": False,
         "bos_token_id": _token_id(metadata, "bos_token_id"),
