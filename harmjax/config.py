@@ -10,12 +10,10 @@ transformers normalises it.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 from typing import Any
 
-from harmjax.errors import MissingFileError, UnsupportedArchitectureError
+from harmjax.errors import UnsupportedArchitectureError
 
 # model_type -> the family flags that differ from Llama. Everything the decoder does
 # differently per family is one of these flags; there is no per-family code path.
@@ -246,22 +244,6 @@ def hf_config_from_dict(config: dict[str, Any]):
     check_supported(model_type, config.get("architectures"))
     fields = {k: v for k, v in config.items() if k != "model_type"}
     return transformers.AutoConfig.for_model(model_type, **fields)
-
-
-def read_hf_config(directory: str):
-    """Reads `config.json` of a checkpoint directory into a transformers config object."""
-    path = os.path.join(directory, "config.json")
-    if not os.path.isfile(path):
-        raise MissingFileError(
-            f"No config.json in {directory}; a Hugging Face checkpoint directory needs "
-            "config.json beside its safetensors files."
-        )
-    with open(path) as f:
-        try:
-            config = json.load(f)
-        except json.JSONDecodeError as e:
-            raise MissingFileError(f"{path} is not valid JSON: {e}.") from e
-    return hf_config_from_dict(config)
 
 
 def _layer_types(c, model_type: str) -> tuple[str, ...]:

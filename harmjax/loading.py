@@ -107,11 +107,13 @@ def save_orbax(model: Model, out_dir: str, params: dict[str, Any] | None = None)
     directory that `load` reads back straight into any mesh's shardings."""
     from harmjax import checkpoint
 
+    params = model.params if params is None else params
     os.makedirs(out_dir, exist_ok=True)
-    hf_io.write_config_and_tokenizer(model.hf_config, out_dir, model.tokenizer, model.source_dir)
+    hf_config = hf_io.config_for_params(model.hf_config, params, model.config)
+    hf_io.write_config_and_tokenizer(hf_config, out_dir, model.tokenizer, model.source_dir)
     checkpoint.save_tree(
         os.path.join(out_dir, ORBAX_PARAMS),
-        model.params if params is None else params,
+        params,
         {"model_type": model.config.model_type, "source_dir": model.source_dir},
     )
     return out_dir

@@ -90,3 +90,11 @@ def test_save_orbax_then_load_on_another_mesh(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     q = again.params["model"]["layers"]["0"]["self_attn"]["q_proj"]["weight"]
     assert not q.sharding.is_fully_replicated
+
+
+def test_orbax_directory_keeps_the_params_dtype(tmp_path):
+    model = harmjax.load(save_tiny(tiny_hf_model("llama"), tmp_path / "src"), dtype="bfloat16")
+    again = harmjax.load(harmjax.save_orbax(model, str(tmp_path / "orbax")))
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(again.params))
+    for a, b in zip(jax.tree.leaves(model.params), jax.tree.leaves(again.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -196,11 +196,7 @@ def save_hf(
     (up to the dtype the params were loaded in). Tokenizer and generation files are copied
     from `source_dir` when given, else the tokenizer object is saved.
     """
-    hf = dict(hf_config)
-    hf["dtype" if "dtype" in hf or "torch_dtype" not in hf else "torch_dtype"] = jnp.dtype(
-        jax.tree.leaves(params)[0].dtype
-    ).name
-    hf["tie_word_embeddings"] = config.tie_word_embeddings
+    hf = config_for_params(hf_config, params, config)
     tensors = _host_tensors(params, config)
     if jax.process_index() != 0:
         for _ in tensors:  # join the gathers, write nothing
@@ -210,6 +206,17 @@ def save_hf(
     write_config_and_tokenizer(hf, out_dir, tokenizer, source_dir)
     logging.info("Wrote HF checkpoint to %s", out_dir)
     return out_dir
+
+
+def config_for_params(hf_config: dict[str, Any], params: dict[str, Any], config: ModelConfig) -> dict[str, Any]:
+    """A copy of config.json that states the dtype the params are actually in."""
+    hf = dict(hf_config)
+    dtype = jnp.dtype(jax.tree.leaves(params)[0].dtype).name
+    hf["dtype" if "dtype" in hf or "torch_dtype" not in hf else "torch_dtype"] = dtype
+    if "dtype" in hf and "torch_dtype" in hf:
+        hf["torch_dtype"] = dtype
+    hf["tie_word_embeddings"] = config.tie_word_embeddings
+    return hf
 
 
 def write_config_and_tokenizer(
