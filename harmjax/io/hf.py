@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
 import jax
@@ -41,6 +42,9 @@ _TOKENIZER_AND_GENERATION_FILES = (
     "vocab.json",
     "merges.txt",
 )
+
+# Tensors placed concurrently while loading (each holds at most one tensor's slices in memory).
+_LOAD_THREADS = 8
 
 # Tensors some checkpoints carry that the decoder recomputes or ties; ignored on load.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -148,12 +152,18 @@ def load_params(directory: str, config: ModelConfig, dtype: Any, mesh: Mesh) -> 
     dtype = resolve_dtype(dtype)
     shardings = dict(iter_leaves(param_shardings(config, mesh)))
     flat = {}
-    with TensorReader(directory) as reader:
+    # Reading a slice (safetensors) and copying it to a device (XLA) both release the GIL, so
+    # a few threads overlap disk/page-cache reads with host-to-device copies. Reading every
+    # shape first opens all files in this thread; workers only read.
+    with TensorReader(directory) as reader, ThreadPoolExecutor(max_workers=_LOAD_THREADS) as pool:
         shapes = {name: reader.shape(name) for name in reader.names()}
         names = check_tensor_names(shapes, config, directory)
-        for name in tqdm(names, desc="loading tensors", unit="tensor", leave=False):
-            flat[name] = _place(reader, name, shapes[name], dtype, shardings[name])
-    return unflatten(flat)
+        futures = {
+            pool.submit(_place, reader, name, shapes[name], dtype, shardings[name]): name for name in names
+        }
+        for future in tqdm(as_completed(futures), total=len(futures), desc="loading tensors", unit="tensor", leave=False):
+            flat[futures[future]] = future.result()
+    return unflatten({name: flat[name] for name in names})
 
 
 def _place(reader: TensorReader, name: str, shape, dtype, sharding) -> jax.Array:
