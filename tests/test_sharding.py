@@ -56,8 +56,8 @@ def test_loading_reads_only_each_devices_slice(tmp_path, monkeypatch):
     reads = []
     original = TensorReader.read
 
-    def spy(self, name, index=None):
-        out = original(self, name, index)
+    def spy(self, name, index=None, dtype=None):
+        out = original(self, name, index, dtype)
         reads.append((name, out.size, int(np.prod(self.shape(name)))))
         return out
 

@@ -172,7 +172,7 @@ def _place(reader: TensorReader, name: str, shape, dtype, sharding) -> jax.Array
     def read_slice(index):
         key = tuple((s.start, s.stop, s.step) for s in index)
         if key not in cache:  # replicated shards ask for the same slice once per device
-            cache[key] = np.asarray(reader.read(name, tuple(index))).astype(dtype, copy=False)
+            cache[key] = reader.read(name, tuple(index), dtype)
         return cache[key]
 
     return jax.make_array_from_callback(tuple(shape), sharding, read_slice)

@@ -1,25 +1,37 @@
 """Reading and writing safetensors checkpoints tensor by tensor.
 
-Reads go through `safetensors.safe_open`, which memory-maps the file, so a tensor (or one
-device's slice of it) is read without ever holding the whole checkpoint in host memory.
-Every failure names the file and what is wrong with it.
+Reads parse the (simple, documented) safetensors header and memory-map each file with NumPy,
+so a tensor, or one device's slice of it, is a view into the page cache: nothing is read
+until it is copied, the copy releases the GIL (loading threads run in parallel, unlike the
+`safetensors` package's reader), and no process ever holds the whole checkpoint. Writes use
+the `safetensors` package. Every failure names the file and what is wrong with it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import struct
 from collections.abc import Iterator, Mapping
-from contextlib import ExitStack
+from typing import Any
 
+import ml_dtypes
 import numpy as np
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from harmjax.errors import CheckpointError, MissingFileError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+
+# safetensors dtype codes -> NumPy dtypes (bfloat16 and float8 through ml_dtypes).
+_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
+    "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
+}
+_MAX_HEADER_BYTES = 100 * 2**20
 
 
 def checkpoint_files(directory: str) -> dict[str, str]:
@@ -46,8 +58,7 @@ def checkpoint_files(directory: str) -> dict[str, str]:
             )
         return files
     if os.path.isfile(single_path):
-        with _open(single_path) as f:
-            return {name: single_path for name in f.keys()}
+        return {name: single_path for name in read_header(single_path)[0]}
     present = sorted(os.listdir(directory))
     raise MissingFileError(
         f"No safetensors weights in {directory}: expected {SINGLE_FILE} or {INDEX_FILE}, "
@@ -55,66 +66,93 @@ def checkpoint_files(directory: str) -> dict[str, str]:
     )
 
 
-def _open(path: str):
-    try:
-        return safe_open(path, framework="numpy")
-    except Exception as e:  # safetensors raises its own SafetensorError / OSError variants.
-        size = os.path.getsize(path) if os.path.exists(path) else 0
-        raise CheckpointError(
-            f"Cannot read safetensors file {path} ({size} bytes): {e}. "
+def read_header(path: str) -> tuple[dict[str, dict[str, Any]], int]:
+    """The tensor entries of a safetensors file and the byte offset where its data starts.
+
+    Checks that every tensor's bytes lie inside the file, so a truncated download fails here
+    with a message saying so rather than later with a bus error.
+    """
+    size = os.path.getsize(path)
+
+    def corrupt(why: str) -> CheckpointError:
+        return CheckpointError(
+            f"Cannot read safetensors file {path} ({size} bytes): {why}. "
             "The file is truncated or corrupt; download it again."
-        ) from e
+        )
+
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise corrupt("shorter than the 8-byte header length")
+        (length,) = struct.unpack("<Q", head)
+        if length > min(_MAX_HEADER_BYTES, size - 8):
+            raise corrupt(f"header length {length} does not fit in the file")
+        try:
+            header = json.loads(f.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise corrupt(f"header is not valid JSON ({e})") from e
+    header.pop("__metadata__", None)
+    data_start = 8 + length
+    for name, entry in header.items():
+        if entry.get("dtype") not in _DTYPES:
+            raise corrupt(f"tensor {name!r} has unsupported dtype {entry.get('dtype')!r}")
+        begin, end = entry["data_offsets"]
+        expected = int(np.prod(entry["shape"], dtype=np.int64)) * np.dtype(_DTYPES[entry["dtype"]]).itemsize
+        if end - begin != expected:
+            raise corrupt(f"tensor {name!r} spans {end - begin} bytes, its shape needs {expected}")
+        if data_start + end > size:
+            raise corrupt(f"tensor {name!r} ends at byte {data_start + end}, past the end of the file")
+    return header, data_start
 
 
 class TensorReader:
     """Lazy access to the tensors of a safetensors checkpoint directory.
 
-    Use as a context manager. `shape(name)` and `dtype(name)` read only headers;
-    `read(name, index)` reads one slice (a tuple of Python slices), or the whole tensor when
-    `index` is None.
+    Use as a context manager. `shape(name)` reads only headers; `read(name, index, dtype)`
+    copies one slice (a tuple of slices) of a tensor, or all of it, out of the memory map.
+    Safe to call from several threads once the files are open (`shape` of every tensor opens
+    them all).
     """
 
     def __init__(self, directory: str):
         self.directory = directory
         self._files = checkpoint_files(directory)
-        self._stack = ExitStack()
-        self._handles: dict[str, object] = {}
+        self._maps: dict[str, tuple[np.memmap, dict[str, dict[str, Any]], int]] = {}
 
     def __enter__(self) -> "TensorReader":
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stack.close()
-        self._handles.clear()
+        self._maps.clear()  # views never escape read(), so dropping the maps unmaps the files
 
     def names(self) -> list[str]:
         """All tensor names in the checkpoint."""
         return list(self._files)
 
-    def _handle(self, name: str):
+    def _open(self, name: str):
         if name not in self._files:
             raise CheckpointError(f"Tensor {name!r} is not in the checkpoint at {self.directory}.")
         path = self._files[name]
-        if path not in self._handles:
-            self._handles[path] = self._stack.enter_context(_open(path))
-        return self._handles[path]
+        if path not in self._maps:
+            header, data_start = read_header(path)
+            self._maps[path] = (np.memmap(path, dtype=np.uint8, mode="r"), header, data_start)
+        mapped, header, data_start = self._maps[path]
+        if name not in header:
+            raise CheckpointError(f"The index names {name!r} in {path}, but that file does not hold it.")
+        return mapped, header[name], data_start
 
     def shape(self, name: str) -> tuple[int, ...]:
         """The tensor's shape, from the file header."""
-        return tuple(self._handle(name).get_slice(name).get_shape())
+        return tuple(self._open(name)[1]["shape"])
 
-    def read(self, name: str, index: tuple[slice, ...] | None = None) -> np.ndarray:
-        """Reads a tensor, or only the slice `index` of it, as a NumPy array."""
-        handle = self._handle(name)
-        try:
-            if index is None:
-                return handle.get_tensor(name)
-            return handle.get_slice(name)[index]
-        except Exception as e:
-            raise CheckpointError(
-                f"Cannot read tensor {name!r} from {self._files[name]}: {e}. "
-                "The file is truncated or corrupt; download it again."
-            ) from e
+    def read(self, name: str, index: tuple[slice, ...] | None = None, dtype: Any = None) -> np.ndarray:
+        """Copies a tensor, or only the slice `index` of it, into a new array (cast to `dtype`)."""
+        mapped, entry, data_start = self._open(name)
+        begin = data_start + entry["data_offsets"][0]
+        view = np.ndarray(tuple(entry["shape"]), _DTYPES[entry["dtype"]], buffer=mapped, offset=begin)
+        if index is not None:
+            view = view[tuple(index)]
+        return np.array(view, dtype=dtype)
 
 
 def write_tensors(
