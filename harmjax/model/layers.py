@@ -15,8 +15,7 @@ import numpy as np
 
 from harmjax.config import RopeConfig
 
-# A large finite negative rather than -inf: a query row with no visible key (a left-pad
-# position) then gets a uniform softmax instead of NaN, and NaN never reaches gradients.
+# A large finite negative rather than -inf, so that masking can never produce NaN.
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 
@@ -127,7 +126,8 @@ def attention_mask(
     """Boolean (batch, query, key) visibility: causal, key padding and optional sliding window.
 
     Indices are array positions, as in transformers' masks; with left padding the real tokens
-    are contiguous, so index distance equals position distance.
+    are contiguous, so index distance equals position distance. Real queries never see
+    padding keys; a padding query sees only itself.
     """
     key_len = key_valid.shape[-1]
     q_idx = jnp.arange(query_len)[:, None] + query_offset
@@ -135,7 +135,10 @@ def attention_mask(
     visible = k_idx <= q_idx
     if sliding_window is not None:
         visible = visible & (k_idx > q_idx - sliding_window)
-    return visible[None, :, :] & key_valid[:, None, :].astype(bool)
+    visible = visible[None, :, :] & key_valid[:, None, :].astype(bool)
+    # A padding query sees only itself: its row is never empty (no NaN, no uniform average
+    # over real tokens), and nothing flows from real tokens into padding positions.
+    return visible | (k_idx == q_idx)[None, :, :]
 
 
 def attention(
