@@ -152,8 +152,8 @@ def load_params(directory: str, config: ModelConfig, dtype: Any, mesh: Mesh) -> 
     dtype = resolve_dtype(dtype)
     shardings = dict(iter_leaves(param_shardings(config, mesh)))
     flat = {}
-    # Reading a slice (safetensors) and copying it to a device (XLA) both release the GIL, so
-    # a few threads overlap disk/page-cache reads with host-to-device copies. Reading every
+    # Copying a slice out of the memory map (NumPy) and onto a device (XLA) both release the
+    # GIL, so a few threads overlap page-cache reads with host-to-device copies. Reading every
     # shape first opens all files in this thread; workers only read.
     with TensorReader(directory) as reader, ThreadPoolExecutor(max_workers=_LOAD_THREADS) as pool:
         shapes = {name: reader.shape(name) for name in reader.names()}
@@ -222,9 +222,9 @@ def config_for_params(hf_config: dict[str, Any], params: dict[str, Any], config:
     """A copy of config.json that states the dtype the params are actually in."""
     hf = dict(hf_config)
     dtype = jnp.dtype(jax.tree.leaves(params)[0].dtype).name
-    hf["dtype" if "dtype" in hf or "torch_dtype" not in hf else "torch_dtype"] = dtype
-    if "dtype" in hf and "torch_dtype" in hf:
-        hf["torch_dtype"] = dtype
+    # transformers 5 writes "dtype", 4.x "torch_dtype": update whichever the config has.
+    for key in [k for k in ("dtype", "torch_dtype") if k in hf] or ["dtype"]:
+        hf[key] = dtype
     hf["tie_word_embeddings"] = config.tie_word_embeddings
     return hf
 

@@ -23,13 +23,18 @@ def init_params(config: ModelConfig, key: jax.Array, mesh: Mesh, dtype=jnp.bfloa
     shardings = dict(iter_leaves(param_shardings(config, mesh)))
     keys = jax.random.split(key, len(specs))
     identity = 1.0 - config.norm_offset  # weight value whose norm scale is 1
+    makers: dict = {}  # one compiled initializer per (kind, shape, sharding), not per layer
     flat = {}
     for k, (name, spec) in zip(keys, specs.items()):
-        if name.endswith("norm.weight"):
-            make = lambda k, s=spec: jnp.full(s.shape, identity, dtype)
-        elif name.endswith(".bias"):
-            make = lambda k, s=spec: jnp.zeros(s.shape, dtype)
-        else:
-            make = lambda k, s=spec: (std * jax.random.normal(k, s.shape, jnp.float32)).astype(dtype)
-        flat[name] = jax.jit(make, out_shardings=shardings[name])(k)
+        kind = "norm" if name.endswith("norm.weight") else "bias" if name.endswith(".bias") else "matrix"
+        cache_key = (kind, spec.shape, shardings[name])
+        if cache_key not in makers:
+            if kind == "norm":
+                make = lambda k, s=spec.shape: jnp.full(s, identity, dtype)
+            elif kind == "bias":
+                make = lambda k, s=spec.shape: jnp.zeros(s, dtype)
+            else:
+                make = lambda k, s=spec.shape: (std * jax.random.normal(k, s, jnp.float32)).astype(dtype)
+            makers[cache_key] = jax.jit(make, out_shardings=shardings[name])
+        flat[name] = makers[cache_key](k)
     return unflatten(flat)
