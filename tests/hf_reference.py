@@ -79,6 +79,38 @@ def save_tiny(model: transformers.PreTrainedModel, directory, **kwargs) -> str:
     return str(directory)
 
 
+# A ChatML-style template, so chat formatting and the prefilling attack can be tested
+# on tiny models exactly as on real instruct models.
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
+
+
+def tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A character-level tokenizer over VOCAB=101 ids ('<pad>'=0, '<s>'=1, '</s>'=2, 97
+    characters and '<unk>'=100), with a chat template, so tiny models can read real text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    chars = [chr(c) for c in range(32, 127)] + ["\n", "\t", "<unk>"]
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars[:98])}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()  # characters join back without spaces
+    out = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    out.chat_template = TINY_CHAT_TEMPLATE
+    return out
+
+
+def save_tiny_with_tokenizer(model: transformers.PreTrainedModel, directory) -> str:
+    """Saves a tiny model plus `tiny_tokenizer()` (with chat template); returns the directory."""
+    save_tiny(model, directory)
+    tiny_tokenizer().save_pretrained(str(directory))
+    return str(directory)
+
+
 def left_padded_batch(seed: int = 0, batch: int = 3, length: int = 13):
     """Random ids with rows left-padded by 0, 4 and 9 tokens: (ids, mask, positions)."""
     rng = np.random.RandomState(seed)

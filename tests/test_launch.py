@@ -10,7 +10,7 @@ import numpy as np
 import transformers
 
 import harmjax
-from tests.hf_reference import save_tiny, tiny_hf_model
+from tests.hf_reference import save_tiny, tiny_hf_model, tiny_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,7 +44,7 @@ def test_run_prints_summary_for_a_local_model(tmp_path):
     src = save_tiny(hf_model, tmp_path / "src")
     tok_dir = tmp_path / "src"
     # The summary tokenizes text, so give the tiny model a tokenizer whose ids fit its vocab.
-    _tiny_tokenizer().save_pretrained(str(tok_dir))
+    tiny_tokenizer().save_pretrained(str(tok_dir))
     out = _run("launch.run", "--config=configs/embedded.py", f"--config.model={src}",
                f"--config.output_dir={tmp_path}/out")
     summary = json.load(open(tmp_path / "out" / "summary.json"))
@@ -52,16 +52,3 @@ def test_run_prints_summary_for_a_local_model(tmp_path):
     assert summary["num_layers"] == 3
     assert len(summary["sentence_nll"]) == 6
     assert "mean NLL" in out and "parameters" in out
-
-
-def _tiny_tokenizer():
-    """A byte-level tokenizer over 101 ids: '<pad>', '<s>', '</s>' and 98 characters."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    chars = [chr(c) for c in range(32, 127)] + ["\n", "\t", "?"]
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars[:98])}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="?"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="?"
-    )
