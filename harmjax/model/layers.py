@@ -20,8 +20,15 @@ _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 
 def linear(x: jax.Array, weight: jax.Array, bias: jax.Array | None = None) -> jax.Array:
-    """`x @ weight.T + bias` with HF's (out_features, in_features) weight orientation."""
-    y = jnp.einsum("...i,oi->...o", x, weight)
+    """`x @ weight.T + bias` with HF's (out_features, in_features) weight orientation.
+
+    `weight` may also be an object with a `linear(x)` method (a weight that carries its own
+    differentiation rule, e.g. attribution's probed weights); the model stays unaware of why.
+    """
+    if hasattr(weight, "linear"):
+        y = weight.linear(x)
+    else:
+        y = jnp.einsum("...i,oi->...o", x, weight)
     return y if bias is None else y + bias
 
 
