@@ -90,3 +90,31 @@ def text_nll(model, texts: Sequence[str], batch_size: int = 8, max_length: int =
         ids, mask = pad_batch(chunk, pad_id, length, step)
         out.append(np.asarray(fn(model.params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(mask)))[: len(chunk)])
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+
+def response_nll(
+    model,
+    examples,
+    text_format: str = "raw",
+    batch_size: int = 8,
+    max_length: int = 256,
+    params=None,
+) -> np.ndarray:
+    """Mean NLL over each example's response tokens (float32, one value per example, input order).
+
+    Examples are `harmjax.data.records.Example`s (prompt, response); tokenization and the
+    response-only mask are those of attribution (`harmjax.data.calibration`), so this is the
+    loss whose gradient the harm score takes. `params` overrides the model's (e.g. a masked copy).
+    """
+    from harmjax.data.calibration import calibration_batches
+
+    step = -(-batch_size // batch_divisor(model.mesh)) * batch_divisor(model.mesh)
+    batches = calibration_batches(model.tokenizer, examples, step, text_format, max_length)
+    fn = _jit_example_nll(model.config, model.mesh)
+    params = model.params if params is None else params
+    out = np.full((len(examples),), np.nan, np.float32)
+    for b in batches:
+        nll = np.asarray(fn(params, jnp.asarray(b.input_ids), jnp.asarray(b.attention_mask), jnp.asarray(b.loss_mask)))
+        real = b.index >= 0
+        out[b.index[real]] = nll[real]
+    return out

@@ -1,0 +1,86 @@
+"""Probed weights: linear weights that accumulate their own gradient statistic in the backward pass.
+
+Attribution needs, per scored weight matrix W of a linear map y = x W^T, either
+  G = sum_i dL_i/dW             (signed; for `harm` and `retain_mean`), or
+  A = sum_i |dL_i/dW|           (per-example absolute; for `retain`),
+accumulated in float32 over a whole dataset, for every layer, from one backward pass per
+micro-batch. With upstream gradient g = dL/dy, dL_i/dW = g_i^T x_i (row i of the batch), so both
+statistics are computable inside the backward rule of the linear map from (x, g) alone.
+
+`ProbedWeight(weight, acc)` is a pytree that stands in for a weight leaf. Its `linear` is a
+`jax.custom_vjp` whose backward rule returns, as the cotangent of `acc`, the updated
+accumulator `acc + contribution`. Differentiating the loss with respect to the accumulators
+therefore *is* one accumulation step:
+  * the weight's own gradient is never formed (nothing is requested for it), so a bf16 model
+    costs no bf16 gradient tree and no precision is lost: the per-batch contribution is a
+    float32 dot (`preferred_element_type`), added to a float32 accumulator;
+  * per-example |grad| is formed one matrix at a time, in chunks of examples, never as B copies
+    of the model's gradients;
+  * with the accumulators donated, XLA updates them in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+MODES = ("signed", "abs")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def probed_linear(x: jax.Array, weight: jax.Array, acc: jax.Array, mode: str, chunk: int) -> jax.Array:
+    """`x @ weight.T`; the backward pass adds this batch's gradient statistic to `acc`."""
+    del acc
+    return jnp.einsum("...i,oi->...o", x, weight)
+
+
+def _fwd(x, weight, acc, mode, chunk):
+    return probed_linear(x, weight, acc, mode, chunk), (x, weight, acc)
+
+
+def _bwd(mode, chunk, residuals, g):
+    x, weight, acc = residuals
+    dx = jnp.einsum("...o,oi->...i", g, weight)
+    if mode == "signed":
+        contribution = jnp.einsum("...o,...i->oi", g, x, preferred_element_type=jnp.float32)
+    else:
+        # x: (batch, seq, in), g: (batch, seq, out). One (chunk, out, in) float32 block of
+        # per-example gradients at a time bounds the transient memory.
+        batch = x.shape[0]
+        contribution = None
+        for start in range(0, batch, chunk):
+            per_example = jnp.einsum(
+                "bto,bti->boi", g[start : start + chunk], x[start : start + chunk],
+                preferred_element_type=jnp.float32,
+            )
+            part = jnp.abs(per_example).sum(0)
+            contribution = part if contribution is None else contribution + part
+    return dx, None, acc + contribution
+
+
+probed_linear.defvjp(_fwd, _bwd)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class ProbedWeight:
+    """A weight leaf plus its float32 accumulator; the decoder calls `linear(x)` on it.
+
+    Attributes:
+      weight: the (out, in) weight, any float dtype.
+      acc: float32 (out, in) accumulator, updated by the backward pass.
+      mode: "signed" (sum of gradients) or "abs" (sum of per-example absolute gradients).
+      chunk: examples per per-example block in "abs" mode.
+    """
+
+    weight: jax.Array
+    acc: jax.Array
+    mode: str = dataclasses.field(metadata=dict(static=True), default="signed")
+    chunk: int = dataclasses.field(metadata=dict(static=True), default=8)
+
+    def linear(self, x: jax.Array) -> jax.Array:
+        """`x @ weight.T` with the accumulating backward rule."""
+        return probed_linear(x, self.weight, self.acc, self.mode, self.chunk)

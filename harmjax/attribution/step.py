@@ -1,0 +1,136 @@
+"""The jitted pieces of a scan: accumulator init, one accumulation step, and the final scores.
+
+KINDS and what they accumulate / return (W = the weight, L_i = mean response NLL of example i):
+  harm:         G = sum_i dL_i/dW          -> -W * G          (signed SNIP)
+  retain:       A = sum_i |dL_i/dW|        -> |W| * A         (released code's utility score)
+  retain_mean:  G = sum_i dL_i/dW          -> |W * G|         (the paper text's utility score)
+Everything is float32 whatever the parameter dtype. Sums over examples make every score
+independent of batch size and of how the batch is split over devices.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+
+from harmjax.attribution.probes import ProbedWeight
+from harmjax.attribution.scope import scored_names
+from harmjax.config import ModelConfig
+from harmjax.model.decoder import forward
+from harmjax.model.loss import mean_nll_per_example
+from harmjax.sharding import batch_sharding, param_shardings, replicated
+from harmjax.tree import flatten, unflatten
+
+KINDS = ("harm", "retain", "retain_mean")
+
+
+def accumulator_mode(kind: str) -> str:
+    """"abs" for per-example absolute gradients, "signed" for plain gradient sums."""
+    if kind not in KINDS:
+        raise ValueError(f"Unknown score kind {kind!r}; choose one of {KINDS}.")
+    return "abs" if kind == "retain" else "signed"
+
+
+def scope_shardings(config: ModelConfig, mesh: Mesh, names: Sequence[str]) -> dict[str, Any]:
+    """The params' shardings restricted to the scored leaves (accumulators and scores use them)."""
+    flat = flatten(param_shardings(config, mesh))
+    return unflatten({n: flat[n] for n in names})
+
+
+def abstract_accumulators(config: ModelConfig, mesh: Mesh, names: Sequence[str]) -> dict[str, Any]:
+    """ShapeDtypeStructs (float32, sharded like the weights) of the accumulators: the restore
+    target of a scan checkpoint."""
+    from harmjax.model.param_specs import param_specs
+
+    specs = param_specs(config)
+    shardings = flatten(scope_shardings(config, mesh, names))
+    return unflatten({n: jax.ShapeDtypeStruct(specs[n].shape, jnp.float32, sharding=shardings[n]) for n in names})
+
+
+def init_accumulators(config: ModelConfig, mesh: Mesh, names: Sequence[str]) -> dict[str, Any]:
+    """float32 zeros over the scored leaves, each created directly in its sharding."""
+    from harmjax.model.param_specs import param_specs
+
+    specs = param_specs(config)
+    shardings = flatten(scope_shardings(config, mesh, names))
+    return unflatten({
+        n: jax.jit(functools.partial(jnp.zeros, specs[n].shape, jnp.float32), out_shardings=shardings[n])()
+        for n in names
+    })
+
+
+def _probe(params: dict[str, Any], accs: dict[str, Any], mode: str, chunk: int) -> dict[str, Any]:
+    """params with each scored weight replaced by a ProbedWeight carrying its accumulator."""
+    flat = flatten(params)
+    for name, acc in flatten(accs).items():
+        flat[name] = ProbedWeight(flat[name], acc, mode, chunk)
+    return unflatten(flat)
+
+
+@functools.lru_cache(maxsize=16)
+def jit_accumulate(
+    config: ModelConfig, mesh: Mesh, names: tuple[str, ...], kind: str, remat: bool = False, chunk: int = 8
+):
+    """The jitted step f(params, accs, input_ids, attention_mask, loss_mask) -> (accs, loss_sum).
+
+    `accs` is donated and updated in place; `loss_sum` is the sum over the batch of each
+    example's mean response NLL (filler rows contribute 0).
+    """
+    mode = accumulator_mode(kind)
+
+    def loss_fn(accs, params, input_ids, attention_mask, loss_mask):
+        probed = _probe(params, accs, mode, chunk)
+        logits = forward(probed, config, input_ids, attention_mask, remat=remat)
+        return mean_nll_per_example(logits, input_ids, loss_mask).sum()
+
+    def step(params, accs, input_ids, attention_mask, loss_mask):
+        loss, new_accs = jax.value_and_grad(loss_fn)(accs, params, input_ids, attention_mask, loss_mask)
+        return new_accs, loss
+
+    acc_sh = scope_shardings(config, mesh, names)
+    batch = batch_sharding(mesh)
+    return jax.jit(
+        step,
+        in_shardings=(param_shardings(config, mesh), acc_sh, batch, batch, batch),
+        out_shardings=(acc_sh, replicated(mesh)),
+        donate_argnums=(1,),
+    )
+
+
+def finalize(kind: str, weight: jax.Array, acc: jax.Array) -> jax.Array:
+    """The score of one matrix from its weight and accumulator (see the module docstring)."""
+    w = weight.astype(jnp.float32)
+    if kind == "harm":
+        return -w * acc
+    if kind == "retain":
+        return jnp.abs(w) * acc
+    if kind == "retain_mean":
+        return jnp.abs(w * acc)
+    raise ValueError(f"Unknown score kind {kind!r}; choose one of {KINDS}.")
+
+
+@functools.lru_cache(maxsize=16)
+def jit_finalize(config: ModelConfig, mesh: Mesh, names: tuple[str, ...], kind: str):
+    """Jitted f(params, accs) -> scores over the scored leaves (accumulators donated)."""
+    acc_sh = scope_shardings(config, mesh, names)
+
+    def scores(params, accs):
+        flat = flatten(params)
+        return unflatten({n: finalize(kind, flat[n], a) for n, a in flatten(accs).items()})
+
+    return jax.jit(
+        scores,
+        in_shardings=(param_shardings(config, mesh), acc_sh),
+        out_shardings=acc_sh,
+        donate_argnums=(1,),
+    )
+
+
+def names_for(config: ModelConfig, scope) -> tuple[str, ...]:
+    """Hashable tuple of scored names (for the jit caches)."""
+    return tuple(scored_names(config, scope))
