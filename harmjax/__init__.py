@@ -5,7 +5,16 @@ Hugging Face's tensor names and orientation:
 
   model = harmjax.load("path/or/org-name-or.gguf", dtype="bfloat16", mesh=MeshConfig(fsdp=-1))
   logits = harmjax.forward(model.params, model.config, input_ids, attention_mask)
+  harm = harmjax.score(model, harmful_examples, kind="harm")        # -W * sum_i dL_i/dW
+  retain = harmjax.score(model, benign_examples, kind="retain")     # |W| * sum_i |dL_i/dW|
+  mask = harmjax.select(harm, retain, q=1e-5, p=5e-5)              # bool pytree, True = pruned
+  pruned = harmjax.apply_mask(model.params, mask)
+  out = harmjax.generate(model.with_params(pruned), prompts, prefixes=prefixes)
+  harmjax.export_safetensors(mask, "mask.safetensors")             # HF names, for PyTorch users
   harmjax.save_hf(model, "out_dir")
+
+Submodules: `harmjax.attribution`, `harmjax.masks`, `harmjax.generate`, `harmjax.evaluate`,
+`harmjax.data`.
 """
 
 from harmjax.config import ModelConfig, RopeConfig, SUPPORTED_MODEL_TYPES
@@ -23,11 +32,53 @@ from harmjax.loading import Model, load, save_hf, save_orbax
 from harmjax.model.decoder import forward, hidden_states, logits_from_hidden
 from harmjax.model.param_specs import param_specs
 from harmjax.sharding import MeshConfig, make_mesh, param_shardings
+from harmjax.attribution import ScanResult, scan, score
+from harmjax.masks import (
+    MaskMismatchError,
+    apply_mask,
+    complement,
+    difference,
+    export_safetensors,
+    intersect_all,
+    intersection,
+    jaccard,
+    load_mask,
+    load_safetensors_tree,
+    load_scores,
+    mask_counts,
+    save_mask,
+    save_scores,
+    select,
+    union,
+)
+from harmjax import generate  # noqa: E402  (a callable package: harmjax.generate(model, prompts))
+from harmjax.generate import GenerationResult
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AssetError",
+    "GenerationResult",
+    "MaskMismatchError",
+    "ScanResult",
+    "apply_mask",
+    "complement",
+    "difference",
+    "export_safetensors",
+    "generate",
+    "intersect_all",
+    "intersection",
+    "jaccard",
+    "load_mask",
+    "load_safetensors_tree",
+    "load_scores",
+    "mask_counts",
+    "save_mask",
+    "save_scores",
+    "scan",
+    "score",
+    "select",
+    "union",
     "CheckpointError",
     "HarmjaxError",
     "HubUnavailableError",

@@ -18,3 +18,22 @@ def resolve_model_source(model: str) -> str:
 def mesh_config(mesh) -> MeshConfig:
     """A MeshConfig from a config dict with data/fsdp/tensor entries."""
     return MeshConfig(data=int(mesh.data), fsdp=int(mesh.fsdp), tensor=int(mesh.tensor))
+
+
+_CONFIG_HOLDER = None
+
+
+def config_flag(default: str, help_text: str = "Job config file (ml_collections)."):
+    """Defines `--config` (an ml_collections config file) once per process.
+
+    Each entry point defines its own `--config` default; importing two entry points into one
+    process (tests, notebooks calling their `run(cfg)` functions) would otherwise raise
+    absl's DuplicateFlagError. The first definition wins; `run(cfg)` functions take the
+    config explicitly, so the default of a second module is never needed.
+    """
+    global _CONFIG_HOLDER
+    if _CONFIG_HOLDER is None:
+        from ml_collections import config_flags
+
+        _CONFIG_HOLDER = config_flags.DEFINE_config_file("config", default, help_text)
+    return _CONFIG_HOLDER

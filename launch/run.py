@@ -11,13 +11,12 @@ import os
 import time
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 import harmjax
 from harmjax.model_summary import format_summary, summarize
-from launch.common import mesh_config, resolve_model_source
+from launch.common import config_flag, mesh_config, resolve_model_source
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/embedded.py", "Job config file.")
+_CONFIG = config_flag("configs/embedded.py", "Job config file.")
 
 
 def main(argv):

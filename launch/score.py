@@ -12,15 +12,14 @@ from __future__ import annotations
 import os
 
 from absl import app, logging
-from ml_collections import config_flags
 
 import harmjax
 from harmjax.attribution import scan
 from harmjax.data.records import filter_categories, read_records, sample, to_examples
 from harmjax.masks.storage import save_scores
-from launch.common import mesh_config, resolve_model_source
+from launch.common import config_flag, mesh_config, resolve_model_source
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/score.py", "Scan config file.")
+_CONFIG = config_flag("configs/score.py", "Scan config file.")
 
 
 def _csv(value: str) -> list[str]:

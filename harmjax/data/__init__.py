@@ -1,2 +1,21 @@
 """Data: tables of (prompt, response, category) records, calibration batches for attribution,
-and loaders for the datasets the method uses."""
+and loaders for the datasets the method uses (AdvBench, HEx-PHI, StrongREJECT, Alpaca, chat JSONL)."""
+
+from harmjax.data.loaders import (
+    ChatExample,
+    load_advbench,
+    load_alpaca,
+    load_chat_jsonl,
+    load_dataset_by_name,
+    load_hexphi,
+    load_strongreject,
+    parse_category_spec,
+)
+from harmjax.data.loaders import filter_categories as filter_by_spec
+from harmjax.data.records import DatasetFormatError, Example, filter_categories, read_records, sample, to_examples
+
+__all__ = [
+    "ChatExample", "DatasetFormatError", "Example", "filter_by_spec", "filter_categories", "load_advbench",
+    "load_alpaca", "load_chat_jsonl", "load_dataset_by_name", "load_hexphi", "load_strongreject",
+    "parse_category_spec", "read_records", "sample", "to_examples",
+]

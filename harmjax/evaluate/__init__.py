@@ -1,2 +1,42 @@
-"""Evaluation: harmfulness evaluators (StrongREJECT fine-tuned and rubric, keyword refusal, NLL
-selectivity) and utility benchmarks (perplexity, multiple choice, TriviaQA)."""
+"""Evaluation: harmfulness evaluators (StrongREJECT fine-tuned and rubric judges, keyword refusal,
+judge-free NLL selectivity) and utility benchmarks (perplexity, multiple choice, TriviaQA)."""
+
+from harmjax.evaluate.refusal import REFUSAL_PHRASES, is_refusal, refusal_flags, refusal_rate
+from harmjax.evaluate.rubric import (
+    RubricResult,
+    RubricTemplates,
+    load_rubric_templates,
+    local_judge,
+    parse_rubric,
+    rubric_score,
+    score_rubric,
+)
+from harmjax.evaluate.selectivity import nll_selectivity, selectivity_from_nll
+from harmjax.evaluate.strongreject_finetuned import (
+    FinetunedJudge,
+    JudgeTemplateError,
+    finetuned_probabilities,
+    load_finetuned_judge,
+    load_template,
+    score_finetuned,
+)
+from harmjax.evaluate.utility import (
+    MCItem,
+    TriviaItem,
+    load_mc_task,
+    load_text_corpus,
+    load_triviaqa,
+    multiple_choice_accuracy,
+    normalize_answer,
+    perplexity,
+    triviaqa_accuracy,
+)
+
+__all__ = [
+    "FinetunedJudge", "JudgeTemplateError", "MCItem", "REFUSAL_PHRASES", "RubricResult", "RubricTemplates",
+    "TriviaItem", "finetuned_probabilities", "is_refusal", "load_finetuned_judge", "load_mc_task",
+    "load_rubric_templates", "load_template", "load_text_corpus", "load_triviaqa", "local_judge",
+    "multiple_choice_accuracy", "nll_selectivity", "normalize_answer", "parse_rubric", "perplexity",
+    "refusal_flags", "refusal_rate", "rubric_score", "score_finetuned", "score_rubric",
+    "selectivity_from_nll", "triviaqa_accuracy",
+]

@@ -17,6 +17,10 @@ from harmjax.config import ModelConfig
 from harmjax.model import layers
 
 Params = dict[str, Any]
+# Optional KV cache of one decoder block: {"k": ..., "v": ...}, each (batch, kv_heads,
+# cache_len, head_dim) in the activation dtype. The whole cache maps layer keys "0".."N-1"
+# to these (see `harmjax.generate.kv_cache`).
+LayerCache = dict[str, jax.Array]
 
 
 def default_positions(attention_mask: jax.Array) -> jax.Array:
@@ -35,9 +39,21 @@ def _proj(p: Params, x: jax.Array) -> jax.Array:
 
 
 def attention_block(
-    p: Params, config: ModelConfig, x: jax.Array, rope: tuple[jax.Array, jax.Array], mask: jax.Array
-) -> jax.Array:
-    """Self-attention of one block: projections, optional q/k norm, RoPE, GQA, output projection."""
+    p: Params,
+    config: ModelConfig,
+    x: jax.Array,
+    rope: tuple[jax.Array, jax.Array],
+    mask: jax.Array,
+    cache: LayerCache | None = None,
+    cache_index: jax.Array | int | None = None,
+):
+    """Self-attention of one block: projections, optional q/k norm, RoPE, GQA, output projection.
+
+    Without `cache` returns the block output. With `cache` (this block's {"k", "v"}), the new
+    tokens' keys and values are written into cache slots [cache_index, cache_index + seq),
+    attention runs over the whole cache (`mask` is then (batch, seq, cache_len)) and the
+    result is `(output, updated_cache)`.
+    """
     c = config
     b, t, _ = x.shape
     q, k, v = _proj(p["q_proj"], x), _proj(p["k_proj"], x), _proj(p["v_proj"], x)
@@ -50,8 +66,20 @@ def attention_block(
         q, k = _norm(c, q, p["q_norm"]), _norm(c, k, p["k_norm"])
     cos, sin = rope
     q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
-    out = layers.attention(q, k, v, mask, c.attn_scale, c.attn_logit_softcap)
-    return _proj(p["o_proj"], out)
+    if cache is None:
+        out = layers.attention(q, k, v, mask, c.attn_scale, c.attn_logit_softcap)
+        return _proj(p["o_proj"], out)
+    # In-place slot update: inside a jitted loop over a donated cache this writes `seq`
+    # rows per step rather than copying the cache. Only the new rows are transposed into
+    # the cache's (batch, kv_heads, slots, head_dim) layout.
+    zero = jnp.zeros((), jnp.int32)
+    start = (zero, zero, jnp.asarray(cache_index, jnp.int32), zero)
+    k_all = jax.lax.dynamic_update_slice(cache["k"], k.swapaxes(1, 2).astype(cache["k"].dtype), start)
+    v_all = jax.lax.dynamic_update_slice(cache["v"], v.swapaxes(1, 2).astype(cache["v"].dtype), start)
+    out = layers.attention(
+        q, k_all, v_all, mask, c.attn_scale, c.attn_logit_softcap, kv_heads_first=True
+    )
+    return _proj(p["o_proj"], out), {"k": k_all, "v": v_all}
 
 
 def mlp_block(p: Params, config: ModelConfig, x: jax.Array) -> jax.Array:
@@ -61,21 +89,41 @@ def mlp_block(p: Params, config: ModelConfig, x: jax.Array) -> jax.Array:
 
 
 def decoder_layer(
-    p: Params, config: ModelConfig, x: jax.Array, rope: tuple[jax.Array, jax.Array], mask: jax.Array
-) -> jax.Array:
-    """One residual block in the family's norm placement (pre, post or sandwich)."""
+    p: Params,
+    config: ModelConfig,
+    x: jax.Array,
+    rope: tuple[jax.Array, jax.Array],
+    mask: jax.Array,
+    cache: LayerCache | None = None,
+    cache_index: jax.Array | int | None = None,
+):
+    """One residual block in the family's norm placement (pre, post or sandwich).
+
+    Returns the block output, or `(output, updated_cache)` when this block's KV `cache` is
+    given (see `attention_block`).
+    """
     c = config
+    new_cache = None
+
+    def attend(h):
+        nonlocal new_cache
+        if cache is None:
+            return attention_block(p["self_attn"], c, h, rope, mask)
+        out, new_cache = attention_block(p["self_attn"], c, h, rope, mask, cache, cache_index)
+        return out
+
     if c.norm_style == "pre":
-        x = x + attention_block(p["self_attn"], c, _norm(c, x, p["input_layernorm"]), rope, mask)
-        return x + mlp_block(p["mlp"], c, _norm(c, x, p["post_attention_layernorm"]))
-    if c.norm_style == "post":
-        x = x + _norm(c, attention_block(p["self_attn"], c, x, rope, mask), p["post_attention_layernorm"])
-        return x + _norm(c, mlp_block(p["mlp"], c, x), p["post_feedforward_layernorm"])
-    # sandwich (Gemma-2): norms on both sides of each sub-block.
-    h = attention_block(p["self_attn"], c, _norm(c, x, p["input_layernorm"]), rope, mask)
-    x = x + _norm(c, h, p["post_attention_layernorm"])
-    h = mlp_block(p["mlp"], c, _norm(c, x, p["pre_feedforward_layernorm"]))
-    return x + _norm(c, h, p["post_feedforward_layernorm"])
+        x = x + attend(_norm(c, x, p["input_layernorm"]))
+        x = x + mlp_block(p["mlp"], c, _norm(c, x, p["post_attention_layernorm"]))
+    elif c.norm_style == "post":
+        x = x + _norm(c, attend(x), p["post_attention_layernorm"])
+        x = x + _norm(c, mlp_block(p["mlp"], c, x), p["post_feedforward_layernorm"])
+    else:  # sandwich (Gemma-2): norms on both sides of each sub-block.
+        h = attend(_norm(c, x, p["input_layernorm"]))
+        x = x + _norm(c, h, p["post_attention_layernorm"])
+        h = mlp_block(p["mlp"], c, _norm(c, x, p["pre_feedforward_layernorm"]))
+        x = x + _norm(c, h, p["post_feedforward_layernorm"])
+    return x if cache is None else (x, new_cache)
 
 
 def embed(params: Params, config: ModelConfig, input_ids: jax.Array) -> jax.Array:
@@ -96,15 +144,30 @@ def hidden_states(
     positions: jax.Array | None = None,
     *,
     remat: bool = False,
-) -> jax.Array:
-    """Final-norm hidden states (batch, seq, hidden) in the parameter dtype."""
+    kv_cache: dict[str, LayerCache] | None = None,
+    cache_index: jax.Array | int | None = None,
+):
+    """Final-norm hidden states (batch, seq, hidden) in the parameter dtype.
+
+    With `kv_cache` (layer key -> {"k", "v"} of shape (batch, kv_heads, cache_len,
+    head_dim)) the `seq` new tokens occupy cache slots [cache_index, cache_index + seq) and
+    attend to every earlier slot; `attention_mask` is then the (batch, cache_len) validity
+    of the cache slots (0 for left padding), `positions` default to real-token counts over
+    those slots, and the result is `(hidden, updated_cache)`.
+    """
     c = config
+    seq = input_ids.shape[1]
+    cached = kv_cache is not None
+    if cached and cache_index is None:
+        raise ValueError("hidden_states: kv_cache is given but cache_index is not.")
     if attention_mask is None:
-        attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        key_len = next(iter(kv_cache.values()))["k"].shape[2] if cached else seq
+        attention_mask = jnp.ones((input_ids.shape[0], key_len), jnp.int32)
     if positions is None:
         positions = default_positions(attention_mask)
+        if cached:
+            positions = jax.lax.dynamic_slice_in_dim(positions, cache_index, seq, axis=1)
     x = embed(params, c, input_ids)
-    seq = input_ids.shape[1]
 
     ropes, masks = {}, {}
     for kind in set(c.layer_types):
@@ -112,17 +175,27 @@ def hidden_states(
         inv_freq, scaling = layers.rope_inv_freq(rope_cfg, c.head_dim, c.max_position_embeddings)
         ropes[kind] = layers.rope_tables(positions, inv_freq, scaling, x.dtype)
         window = c.sliding_window if kind == "sliding" else None
-        masks[kind] = layers.attention_mask(attention_mask, seq, window)
+        masks[kind] = layers.attention_mask(
+            attention_mask, seq, window, cache_index if cached else 0
+        )
 
     layer_fn = decoder_layer
     if remat:
         # Recompute each block's activations in the backward pass: memory O(layers) smaller.
         layer_fn = jax.checkpoint(decoder_layer, static_argnums=(1,))
     blocks = params["model"]["layers"]
+    new_cache = {}
     for i, kind in enumerate(c.layer_types):
         with jax.named_scope(f"layer_{i}"):
-            x = layer_fn(blocks[str(i)], c, x, ropes[kind], masks[kind])
-    return _norm(c, x, params["model"]["norm"])
+            if cached:
+                key = str(i)
+                x, new_cache[key] = layer_fn(
+                    blocks[key], c, x, ropes[kind], masks[kind], kv_cache[key], cache_index
+                )
+            else:
+                x = layer_fn(blocks[str(i)], c, x, ropes[kind], masks[kind])
+    h = _norm(c, x, params["model"]["norm"])
+    return (h, new_cache) if cached else h
 
 
 def logits_from_hidden(params: Params, config: ModelConfig, h: jax.Array) -> jax.Array:

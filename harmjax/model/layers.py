@@ -155,21 +155,26 @@ def attention(
     mask: jax.Array,
     scale: float,
     softcap: float | None = None,
+    kv_heads_first: bool = False,
 ) -> jax.Array:
     """Grouped-query attention.
 
-    q: (batch, seq, heads, head_dim); k, v: (batch, keys, kv_heads, head_dim);
+    q: (batch, seq, heads, head_dim); k, v: (batch, keys, kv_heads, head_dim), or
+    (batch, kv_heads, keys, head_dim) with `kv_heads_first` (the KV cache's layout, in which
+    (batch, kv_heads) are leading batch dimensions of the matmuls, so a long cache is read
+    in place rather than transposed at every decode step);
     mask: (batch, seq, keys) bool. Returns (batch, seq, heads * head_dim).
     """
     b, t, h, d = q.shape
-    kv_heads = k.shape[2]
+    kv_heads = k.shape[1] if kv_heads_first else k.shape[2]
+    kv = "bksd" if kv_heads_first else "bskd"
     q = q.reshape(b, t, kv_heads, h // kv_heads, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.einsum(f"btkgd,{kv}->bkgts", q, k, preferred_element_type=jnp.float32) * scale
     if softcap:
         scores = jnp.tanh(scores / softcap) * softcap
     scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    out = jnp.einsum(f"bkgts,{kv}->btkgd", probs, v)
     return out.reshape(b, t, h * d)
 
 

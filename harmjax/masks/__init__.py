@@ -1,0 +1,65 @@
+"""Masks over a model's scored weights: selection from scores, set algebra, application to
+params, storage (orbax + HF-named safetensors) and a per-layer plot.
+
+  mask = select(harm_scores, retain_scores, q=1e-5, p=5e-5)       # bool tree, True = prune
+  pruned = apply_mask(model.params, mask)                          # new params, weights zeroed
+  save_mask("runs/mask", mask, {"q": 1e-5, "p": 5e-5, ...})        # mask/, mask.safetensors, summary.json
+"""
+
+from harmjax.masks.algebra import (
+    MaskMismatchError,
+    complement,
+    count,
+    difference,
+    format_counts,
+    hf_order_key,
+    intersect_all,
+    intersection,
+    jaccard,
+    mask_counts,
+    union,
+    union_all,
+)
+from harmjax.masks.apply import apply_mask, check_mask_fits
+from harmjax.masks.plots import PlotDependencyError, counts_grid, plot_mask_counts
+from harmjax.masks.select import GRANULARITIES, select
+from harmjax.masks.storage import (
+    export_safetensors,
+    load_mask,
+    load_safetensors_tree,
+    load_scores,
+    read_summary,
+    safetensors_shapes,
+    save_mask,
+    save_scores,
+)
+
+__all__ = [
+    "GRANULARITIES",
+    "MaskMismatchError",
+    "PlotDependencyError",
+    "apply_mask",
+    "check_mask_fits",
+    "complement",
+    "count",
+    "counts_grid",
+    "difference",
+    "export_safetensors",
+    "format_counts",
+    "hf_order_key",
+    "intersect_all",
+    "intersection",
+    "jaccard",
+    "load_mask",
+    "load_safetensors_tree",
+    "load_scores",
+    "mask_counts",
+    "plot_mask_counts",
+    "read_summary",
+    "safetensors_shapes",
+    "save_mask",
+    "save_scores",
+    "select",
+    "union",
+    "union_all",
+]
