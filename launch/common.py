@@ -1,8 +1,25 @@
-"""Helpers shared by the absl entry points: resolving the model argument and the mesh."""
+"""Helpers shared by the absl entry points: the model argument, the mesh, the `--config`
+flag and multi-host start-up (`--distributed`)."""
 
 from __future__ import annotations
 
+from absl import flags
+
 from harmjax.sharding import MeshConfig
+
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False,
+    "Call jax.distributed.initialize() before anything else: needed on multi-host TPU pods and "
+    "GPU clusters (it reads the coordinator from the TPU/SLURM/Kubernetes environment).",
+)
+
+
+def init_runtime() -> None:
+    """Start-up shared by every entry point: joins the multi-host runtime when asked."""
+    if _DISTRIBUTED.value:
+        import jax
+
+        jax.distributed.initialize()
 
 
 def resolve_model_source(model: str) -> str:

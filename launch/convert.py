@@ -11,7 +11,7 @@ from absl import app, flags
 
 import harmjax
 from harmjax.sharding import MeshConfig
-from launch.common import resolve_model_source
+from launch.common import init_runtime, resolve_model_source
 
 _SOURCE = flags.DEFINE_string("source", None, "HF directory, .gguf file, hub id, or 'embedded'.", required=True)
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "Parameter dtype (default: the checkpoint's).")
@@ -22,6 +22,7 @@ _MESH = flags.DEFINE_list("mesh", ["-1", "1", "1"], "Mesh sizes data,fsdp,tensor
 
 def main(argv):
     del argv
+    init_runtime()
     if not (_OUT_ORBAX.value or _OUT_HF.value):
         raise app.UsageError("Give --out_orbax and/or --out_hf.")
     data, fsdp, tensor = (int(x) for x in _MESH.value)

@@ -36,7 +36,7 @@ from typing import Any
 
 from absl import app, logging
 
-from launch.common import config_flag
+from launch.common import config_flag, init_runtime
 
 _CONFIG = config_flag("configs/evaluate_embedded.py", "Job config file.")
 
@@ -389,6 +389,7 @@ def run(cfg) -> dict[str, Any]:
 
 def main(argv):
     del argv
+    init_runtime()
     metrics = run(_CONFIG.value)
     print(json.dumps(_json_safe(metrics), indent=2))
 

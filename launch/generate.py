@@ -22,7 +22,7 @@ from typing import Any
 
 from absl import app, logging
 
-from launch.common import config_flag
+from launch.common import config_flag, init_runtime
 
 _CONFIG = config_flag("configs/generate_embedded.py", "Job config file.")
 
@@ -132,6 +132,7 @@ def run(cfg) -> dict[str, Any]:
 
 def main(argv):
     del argv
+    init_runtime()
     metrics = run(_CONFIG.value)
     print(json.dumps({k: v for k, v in metrics.items() if k != "settings"}, indent=2))
 

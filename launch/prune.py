@@ -14,7 +14,7 @@ from absl import app, logging
 
 from harmjax.errors import HarmjaxError
 from harmjax.masks import format_counts, intersect_all, load_mask, load_scores, read_summary, save_mask, select
-from launch.common import config_flag, mesh_config, resolve_model_source
+from launch.common import config_flag, init_runtime, mesh_config, resolve_model_source
 
 _CONFIG = config_flag("configs/prune.py", "Prune job config file.")
 
@@ -86,6 +86,7 @@ def _select(cfg):
 
 def main(argv):
     del argv
+    init_runtime()
     cfg = _CONFIG.value
     if cfg.intersect:
         mask, summary, num_params = _intersect(cfg)

@@ -14,13 +14,14 @@ from absl import app, flags, logging
 
 import harmjax
 from harmjax.model_summary import format_summary, summarize
-from launch.common import config_flag, mesh_config, resolve_model_source
+from launch.common import config_flag, init_runtime, mesh_config, resolve_model_source
 
 _CONFIG = config_flag("configs/embedded.py", "Job config file.")
 
 
 def main(argv):
     del argv
+    init_runtime()
     cfg = _CONFIG.value
     start = time.perf_counter()
     source = resolve_model_source(cfg.model)

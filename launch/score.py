@@ -17,7 +17,7 @@ import harmjax
 from harmjax.attribution import scan
 from harmjax.data.records import filter_categories, read_records, sample, to_examples
 from harmjax.masks.storage import save_scores
-from launch.common import config_flag, mesh_config, resolve_model_source
+from launch.common import config_flag, init_runtime, mesh_config, resolve_model_source
 
 _CONFIG = config_flag("configs/score.py", "Scan config file.")
 
@@ -47,6 +47,7 @@ def load_examples(cfg):
 
 def main(argv):
     del argv
+    init_runtime()
     cfg = _CONFIG.value
     examples, skipped, total_rows = load_examples(cfg)
     model = harmjax.load(resolve_model_source(cfg.model), dtype=cfg.dtype, mesh=mesh_config(cfg.mesh))

@@ -60,6 +60,8 @@ class JsonlWriter:
                 out.write({"id": item["id"], ...})
 
     A truncated last line from an interrupted run is cut off on open, so the file stays valid.
+    On a multi-host run every process computes the same records but only process 0 writes
+    (all processes read `.done` from the shared file, so they skip the same items).
     """
 
     def __init__(self, path: str, key: str = "id"):
@@ -69,15 +71,19 @@ class JsonlWriter:
         self._file = None
 
     def __enter__(self) -> "JsonlWriter":
+        import jax
+
+        self._writer = jax.process_index() == 0
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         if os.path.isfile(self.path):
             records = read_jsonl(self.path)
-            self._drop_truncated_tail()
+            if self._writer:
+                self._drop_truncated_tail()
             for record in records:
                 if self.key not in record:
                     raise JsonlFormatError(f"{self.path}: a record has no {self.key!r} field: {str(record)[:200]}")
                 self.done.add(record[self.key])
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._file = open(self.path, "a", encoding="utf-8") if self._writer else None
         return self
 
     def _drop_truncated_tail(self) -> None:
@@ -90,9 +96,10 @@ class JsonlWriter:
         """Appends one record (must carry the key field) and makes it durable."""
         if self.key not in record:
             raise ValueError(f"Record has no {self.key!r} field: {str(record)[:200]}")
-        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        if self._file is not None:
+            self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self._file.flush()
+            os.fsync(self._file.fileno())
         self.done.add(record[self.key])
 
     def __exit__(self, *exc) -> None:
