@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from bench_common import matmul_tflops
 
 _BATCH = flags.DEFINE_integer("batch", 8, "Sequences per forward pass.")
 _SEQ = flags.DEFINE_integer("seq", 256, "Tokens per sequence.")
@@ -58,20 +59,6 @@ def parity() -> dict:
             }
             print(f"parity {family:8s} {results[family]}", flush=True)
     return results
-
-
-def matmul_tflops(n: int = 8192, repeats: int = 10) -> float:
-    """Measured bf16 matmul rate of the device (TFLOP/s), the MFU denominator."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    for _ in range(3):
-        f(a).block_until_ready()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        out = f(a)
-    out.block_until_ready()
-    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e12
 
 
 def throughput(batch: int, seq: int, repeats: int) -> dict:

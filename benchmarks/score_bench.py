@@ -31,6 +31,7 @@ import time
 
 import numpy as np
 from absl import app, flags
+from bench_common import matmul_tflops
 
 _PART = flags.DEFINE_enum("part", "all", ["all", "jax", "torch_fair", "torch_reference"], "What to run.")
 _KIND = flags.DEFINE_string("kind", "harm", "jax part: score kind.")
@@ -72,22 +73,6 @@ def _params_count(shape: dict) -> int:
     d, m, v, L = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"], shape["num_layers"]
     q, kv = shape["num_heads"] * shape["head_dim"], shape["num_kv_heads"] * shape["head_dim"]
     return 2 * v * d + L * (2 * d * q + 2 * d * kv + 3 * d * m + 2 * d) + d
-
-
-def matmul_tflops(n: int = 8192, repeats: int = 10) -> float:
-    """The device's measured bf16 matmul rate (TFLOP/s), the MFU denominator."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
-    f = jax.jit(lambda x: x @ x)
-    for _ in range(3):
-        f(a).block_until_ready()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        out = f(a)
-    out.block_until_ready()
-    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e12
 
 
 def run_jax() -> dict:

@@ -135,26 +135,24 @@ def complement(a: Tree) -> dict[str, Any]:
     return _map(jnp.logical_not, a)
 
 
-def intersect_all(masks: Sequence[Tree]) -> dict[str, Any]:
-    """Weights pruned by every mask in `masks` (e.g. weights shared by all harm types)."""
+def _fold(combine, masks: Sequence[Tree], name: str) -> dict[str, Any]:
     masks = list(masks)
     if not masks:
-        raise ValueError("intersect_all needs at least one mask.")
+        raise ValueError(f"{name} needs at least one mask.")
     out = masks[0] if len(masks) > 1 else _map(lambda x: x, masks[0])
     for m in masks[1:]:
-        out = intersection(out, m)
+        out = combine(out, m)
     return out
+
+
+def intersect_all(masks: Sequence[Tree]) -> dict[str, Any]:
+    """Weights pruned by every mask in `masks` (e.g. weights shared by all harm types)."""
+    return _fold(intersection, masks, "intersect_all")
 
 
 def union_all(masks: Sequence[Tree]) -> dict[str, Any]:
     """Weights pruned by any mask in `masks`."""
-    masks = list(masks)
-    if not masks:
-        raise ValueError("union_all needs at least one mask.")
-    out = masks[0] if len(masks) > 1 else _map(lambda x: x, masks[0])
-    for m in masks[1:]:
-        out = union(out, m)
-    return out
+    return _fold(union, masks, "union_all")
 
 
 @jax.jit
