@@ -145,6 +145,16 @@ def test_resume_equals_uninterrupted(tiny, tmp_path):
         scan(model, EXAMPLES, "retain", batch_size=2, checkpoint_dir=ckpt, **ONE_BUCKET)
 
 
+def test_examples_from_a_datasets_dataset():
+    import datasets
+
+    from harmjax.attribution import as_examples
+
+    rows = [{**e, "category": "c"} for e in EXAMPLES]
+    assert as_examples(datasets.Dataset.from_list(rows)) == as_examples(rows)
+    assert as_examples(rows)[0].prompt == EXAMPLES[0]["prompt"] and as_examples(rows)[0].category == "c"
+
+
 def test_bad_examples_are_named(tiny):
     _, path = tiny
     model = harmjax.load(path, mesh=make_mesh(MeshConfig(data=1), jax.devices()[:1]))
