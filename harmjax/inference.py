@@ -13,7 +13,7 @@ from jax.sharding import Mesh
 from harmjax.config import ModelConfig
 from harmjax.model.decoder import forward
 from harmjax.model.loss import mean_nll_per_example
-from harmjax.sharding import batch_divisor, batch_sharding, param_shardings, replicated
+from harmjax.sharding import batch_sharding, param_shardings, replicated, round_batch
 
 
 @functools.lru_cache(maxsize=32)
@@ -79,9 +79,11 @@ def text_nll(model, texts: Sequence[str], batch_size: int = 8, max_length: int =
     run through the sharded, jitted forward pass.
     """
     tok = model.tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    from harmjax.data.calibration import pad_id_of
+
+    pad_id = pad_id_of(tok)
     encoded = [tok(t, add_special_tokens=True)["input_ids"][:max_length] for t in texts]
-    step = -(-batch_size // batch_divisor(model.mesh)) * batch_divisor(model.mesh)
+    step = round_batch(batch_size, model.mesh)
     fn = _jit_example_nll(model.config, model.mesh)
     out = []
     for start in range(0, len(encoded), step):
@@ -108,7 +110,7 @@ def response_nll(
     """
     from harmjax.data.calibration import calibration_batches
 
-    step = -(-batch_size // batch_divisor(model.mesh)) * batch_divisor(model.mesh)
+    step = round_batch(batch_size, model.mesh)
     batches = calibration_batches(model.tokenizer, examples, step, text_format, max_length)
     fn = _jit_example_nll(model.config, model.mesh)
     params = model.params if params is None else params

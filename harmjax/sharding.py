@@ -128,3 +128,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_divisor(mesh: Mesh) -> int:
     """Batch sizes must be multiples of this (the data x fsdp extent)."""
     return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def round_batch(batch_size: int, mesh: Mesh) -> int:
+    """`batch_size` (at least 1) rounded up to a multiple of `batch_divisor(mesh)`."""
+    divisor = batch_divisor(mesh)
+    return -(-max(1, batch_size) // divisor) * divisor

@@ -10,7 +10,7 @@ import json
 import os
 import time
 
-from absl import app, flags, logging
+from absl import app, logging
 
 import harmjax
 from harmjax.model_summary import format_summary, summarize

@@ -32,8 +32,7 @@ from harmjax.attribution.step import (
 from harmjax.data.calibration import Batch, calibration_batches
 from harmjax.data.records import Example, to_examples
 from harmjax.errors import HarmjaxError
-from harmjax.sharding import batch_divisor, batch_sharding
-from harmjax.tree import flatten
+from harmjax.sharding import batch_sharding, round_batch
 
 
 class ResumeMismatchError(HarmjaxError, ValueError):
@@ -153,8 +152,7 @@ def scan(
     if not examples:
         raise ValueError("No examples to score.")
     names = names_for(model.config, scope)
-    divisor = batch_divisor(model.mesh)
-    rows = -(-batch_size // divisor) * divisor
+    rows = round_batch(batch_size, model.mesh)
     batches = calibration_batches(model.tokenizer, examples, rows, text_format, max_length, num_buckets)
     settings = {"text_format": text_format, "max_length": max_length, "rows": rows, "buckets": num_buckets}
     fingerprint = _fingerprint(model, kind, names, batches, settings)

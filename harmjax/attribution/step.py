@@ -16,7 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from harmjax.attribution.probes import ProbedWeight
 from harmjax.attribution.scope import scored_names

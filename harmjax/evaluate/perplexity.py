@@ -21,11 +21,12 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from harmjax.config import ModelConfig
+from harmjax.data.calibration import pad_id_of
 from harmjax.errors import MissingFileError
 from harmjax.inference import bucket_length, pad_batch
 from harmjax.model.decoder import forward
 from harmjax.model.loss import token_nll
-from harmjax.sharding import batch_divisor, batch_sharding, param_shardings, replicated
+from harmjax.sharding import batch_sharding, param_shardings, replicated, round_batch
 
 # Names that mean WikiText-2 (raw) on the hub; the canonical repository comes first.
 WIKITEXT_NAMES = ("wikitext", "wikitext-2", "wikitext2", "wikitext-2-raw-v1")
@@ -48,13 +49,6 @@ def _jit_target_logprob_sums(config: ModelConfig, mesh: Mesh):
         in_shardings=(param_shardings(config, mesh), batch, batch, batch),
         out_shardings=replicated(mesh),
     )
-
-
-def pad_token_id(tokenizer) -> int:
-    """The id padding uses: the tokenizer's pad token, else its eos token, else 0."""
-    if tokenizer.pad_token_id is not None:
-        return tokenizer.pad_token_id
-    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
 
 
 def bos_prefix(tokenizer) -> list[int]:
@@ -89,9 +83,8 @@ def target_logprob_sums(
             raise ValueError(f"Row {i}: the first token cannot be a target (nothing precedes it).")
     params = model.params if params is None else params
     fn = _jit_target_logprob_sums(model.config, model.mesh)
-    divisor = batch_divisor(model.mesh)
-    step = -(-max(1, batch_size) // divisor) * divisor
-    pad_id = pad_token_id(model.tokenizer)
+    step = round_batch(batch_size, model.mesh)
+    pad_id = pad_id_of(model.tokenizer)
     # Longest first: a too-long batch fails (out of memory) at once, not at the end of a run.
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
     out = np.zeros(len(rows), np.float64)

@@ -46,11 +46,12 @@ import numpy as np
 from jax.sharding import Mesh
 
 from harmjax.config import ModelConfig
+from harmjax.data.calibration import pad_id_of
 from harmjax.errors import HarmjaxError, MissingFileError
 from harmjax.inference import bucket_length, pad_batch
 from harmjax.io.lora import merge_lora, missing_adapter_files, read_lora_adapter
 from harmjax.model.decoder import hidden_states, logits_from_hidden
-from harmjax.sharding import MeshConfig, batch_divisor, batch_sharding, param_shardings, replicated
+from harmjax.sharding import MeshConfig, batch_sharding, param_shardings, replicated, round_batch
 
 TEMPLATE_KEY = "strongreject_finetuned"
 SCORE_TOKENS = ("1", "2", "3", "4", "5")
@@ -283,8 +284,8 @@ def finetuned_probabilities(
     tok = model.tokenizer
     texts = judge_prompts(judge, prompts, responses)
     encoded = [tok(t, add_special_tokens=True)["input_ids"] for t in texts]
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    step = -(-batch_size // batch_divisor(model.mesh)) * batch_divisor(model.mesh)
+    pad_id = pad_id_of(tok)
+    step = round_batch(batch_size, model.mesh)
     fn = _jit_score_probs(model.config, model.mesh)
     score_ids = jnp.asarray(judge.score_ids, jnp.int32)
     # Longest first, so each batch holds similar lengths and padding stays small.

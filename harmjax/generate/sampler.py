@@ -34,7 +34,7 @@ from harmjax.generate import prompts as prompt_fmt
 from harmjax.generate.sampling import row_keys, sample_tokens
 from harmjax.inference import bucket_length, pad_batch
 from harmjax.model.decoder import default_positions, hidden_states, logits_from_hidden
-from harmjax.sharding import batch_divisor, batch_sharding, param_shardings, replicated
+from harmjax.sharding import batch_sharding, param_shardings, replicated, round_batch
 
 # An id no tokenizer produces: used as the EOS set when generation must not stop early.
 _NO_EOS = -1
@@ -226,8 +226,7 @@ def generate_ids(
     if n == 0:
         return GeneratedIds([], [], {**stats, "wall_s": 0.0, "tokens_per_s": 0.0})
 
-    divisor = batch_divisor(mesh)
-    batch = -(-min(batch_size, n) // divisor) * divisor
+    batch = round_batch(min(batch_size, n), mesh)
     gen_len = bucket_length(max_new_tokens, minimum=1)
     greedy = temperature == 0.0
     use_top_p = (not greedy) and top_p < 1.0
