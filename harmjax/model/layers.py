@@ -165,6 +165,11 @@ def attention(
     in place rather than transposed at every decode step);
     mask: (batch, seq, keys) bool. Returns (batch, seq, heads * head_dim).
     """
+    if kv_heads_first:
+        from harmjax.model import decode_attention
+
+        if decode_attention.kernel_applicable(q, k, softcap):
+            return decode_attention.pallas_decode_attention(q, k, v, mask, scale)
     b, t, h, d = q.shape
     kv_heads = k.shape[1] if kv_heads_first else k.shape[2]
     kv = "bksd" if kv_heads_first else "bskd"
