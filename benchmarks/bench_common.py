@@ -1,9 +1,19 @@
 """Shared by the benchmark scripts (run as `python benchmarks/<script>.py`, which puts this
-folder on sys.path): the device's measured bf16 matmul rate, the MFU denominator."""
+folder on sys.path): the Llama-3.1-8B shape as an HF config, and the device's measured bf16
+matmul rate, the MFU denominator."""
 
 from __future__ import annotations
 
 import time
+
+# Llama-3.1-8B's config.json fields that fix its shape (random weights stand in for its own).
+LLAMA31_8B = dict(
+    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+    num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
+    max_position_embeddings=131072, rope_theta=500000.0,
+    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+)
 
 
 def matmul_tflops(n: int = 8192, repeats: int = 10) -> float:

@@ -27,6 +27,7 @@ import tempfile
 import time
 
 from absl import app, flags
+from bench_common import LLAMA31_8B
 
 _TINY = flags.DEFINE_bool("tiny", False, "Tiny shapes (CPU smoke test).")
 _BATCHES = flags.DEFINE_list("batches", ["1", "64"], "Batch sizes.")
@@ -38,13 +39,6 @@ _OUT = flags.DEFINE_string("out", "", "Result JSON (default benchmarks/results/<
 _ENGINE = flags.DEFINE_enum("engine", "jax", ["jax", "torch"], "Internal: the torch subprocess.")
 _TORCH_OUT = flags.DEFINE_string("torch_out", "", "Internal: where the torch subprocess writes.")
 
-LLAMA31_8B = dict(
-    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-    num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
-    max_position_embeddings=131072, rope_theta=500000.0,
-    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-)
 TINY = dict(
     vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
     num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,

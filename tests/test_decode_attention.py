@@ -1,16 +1,28 @@
 """The flash-decoding kernel (GPU at run time) equals the XLA attention path; here the kernel
 runs in Pallas' interpreter on the CPU."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from harmjax.model import layers
-from harmjax.model.decode_attention import pallas_decode_attention, valid_range
+from harmjax.model.decode_attention import KernelConfig, kernel_applicable, pallas_decode_attention, valid_range
 
 
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
-def test_kernel_equals_xla_attention(dtype, tol):
+@pytest.mark.parametrize(
+    "config",
+    [
+        KernelConfig(block_k=64, split=None),
+        KernelConfig(block_k=32, split=128),
+        KernelConfig(block_k=16, split=64),
+        KernelConfig(block_k=32, split=None, mma=False),
+        KernelConfig(block_k=16, split=128, mma=False),
+    ],
+    ids=["whole-row", "split128", "split64", "reduce-whole-row", "reduce-split128"],
+)
+def test_kernel_equals_xla_attention(dtype, tol, config):
     b, kv, g, d, slots = 4, 2, 4, 32, 256
     rng = np.random.default_rng(0)
     q = jnp.asarray(rng.standard_normal((b, 1, kv * g, d)), dtype)
@@ -28,6 +40,41 @@ def test_kernel_equals_xla_attention(dtype, tol):
     np.testing.assert_array_equal(np.asarray(start), [0, 9, 130, 3])
     np.testing.assert_array_equal(np.asarray(end), [70, 200, 146, 256])
     ref = layers.attention(q, k, v, mask, 0.125, kv_heads_first=True)  # the XLA path on CPU
-    out = pallas_decode_attention(q, k, v, mask, 0.125, interpret=True)
+    out = pallas_decode_attention(q, k, v, mask, 0.125, config, interpret=True)
     assert out.dtype == dtype and out.shape == ref.shape
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("mma", [True, False])
+def test_kernel_pads_an_odd_number_of_query_heads(mma):
+    """3 query heads per KV head (SmolLM2-135M's 9 over 3): padded to the tile and cut back."""
+    b, kv, g, d, slots = 2, 3, 3, 64, 128
+    rng = np.random.default_rng(1)
+    q = jnp.asarray(rng.standard_normal((b, 1, kv * g, d)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((b, kv, slots, d)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((b, kv, slots, d)), jnp.float32)
+    key_valid = np.zeros((b, slots), bool)
+    key_valid[0, 5:100] = True
+    key_valid[1, :128] = True
+    mask = jnp.asarray(key_valid[:, None, :])
+    ref = layers.attention(q, k, v, mask, d**-0.5, kv_heads_first=True)
+    out = pallas_decode_attention(q, k, v, mask, d**-0.5, KernelConfig(block_k=32, mma=mma), interpret=True)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_applicability_rules(monkeypatch):
+    """Off the GPU never; on a (pretended) single GPU only for the shapes and dtypes the
+    kernel handles, and never when HARMJAX_DECODE_KERNEL=0."""
+    q = jnp.zeros((1, 1, 8, 64), jnp.bfloat16)
+    k = jnp.zeros((1, 2, 128, 64), jnp.bfloat16)
+    assert not kernel_applicable(q, k, None)  # the CPU backend
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "device_count", lambda: 1)
+    assert kernel_applicable(q, k, None)
+    assert not kernel_applicable(q, k, 50.0)  # soft-capped logits
+    assert not kernel_applicable(q.astype(jnp.float32), k.astype(jnp.float32), None)
+    assert not kernel_applicable(jnp.zeros((1, 2, 8, 64), jnp.bfloat16), k, None)  # two query tokens
+    assert not kernel_applicable(q, jnp.zeros((1, 2, 96, 64), jnp.bfloat16), None)  # 96 % 64 slots
+    assert not kernel_applicable(jnp.zeros((1, 1, 34, 64), jnp.bfloat16), k, None)  # 17 heads per group
+    monkeypatch.setenv("HARMJAX_DECODE_KERNEL", "0")
+    assert not kernel_applicable(q, k, None)

@@ -59,15 +59,17 @@ def _assert_same_tokens(ours, ref, eos):
         assert mine == theirs, f"row {row}: {mine} != {theirs}"
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral"])
-def test_greedy_matches_transformers_generate(family, tmp_path):
+@pytest.mark.parametrize("family,fuse", [("llama", False), ("llama", True), ("mistral", False)])
+def test_greedy_matches_transformers_generate(family, fuse, tmp_path):
     """Token-for-token equality with transformers' greedy generate (float32), over two
     batches of left-padded chat prompts with prefixes, with and without an early EOS. Mistral's
-    window (5) is shorter than the prompts, so the cached sliding-window mask is exercised."""
+    window (5) is shorter than the prompts, so the cached sliding-window mask is exercised.
+    `fuse` runs on fused q/k/v and gate/up weights (the tiny Llama has biases in both)."""
     hf_model = tiny_hf_model(family)
     model = harmjax.load(save_tiny_with_tokenizer(hf_model, tmp_path), dtype="float32", mesh=_one_device())
     res = harmjax.generate(model, PROMPTS, prefixes=PREFIXES, max_new_tokens=12, batch_size=2,
-                           eos_token_ids=[2], progress=False)
+                           eos_token_ids=[2], progress=False, fuse_projections=fuse)
+    assert res.stats["fused_projections"] == fuse
     ref = _hf_greedy(hf_model, res.prompt_token_ids, 12, eos=2)
     _assert_same_tokens(res.token_ids, ref, eos=2)
     assert max(len(t) for t in res.token_ids) == 12
@@ -76,7 +78,7 @@ def test_greedy_matches_transformers_generate(family, tmp_path):
     row = next(r for r, t in enumerate(res.token_ids) if len(t) == 12)
     eos = res.token_ids[row][5]
     early = harmjax.generate(model, PROMPTS, prefixes=PREFIXES, max_new_tokens=12, batch_size=2,
-                             eos_token_ids=[eos], progress=False)
+                             eos_token_ids=[eos], progress=False, fuse_projections=fuse)
     _assert_same_tokens(early.token_ids, _hf_greedy(hf_model, res.prompt_token_ids, 12, eos=eos), eos)
     assert early.finished[row] and len(early.token_ids[row]) <= 6
 

@@ -1,24 +1,31 @@
 """Single-token (decode) attention over a KV cache: a Pallas flash-decoding kernel for GPUs.
 
 Why: XLA lowers decode attention (one query per row against the (batch, kv_heads, slots,
-head_dim) cache) to batched matmuls with M = query heads per KV head (4 for Llama-3-8B). On an
-H200 at batch 64 those read the cache at about 1.1 TB/s and read every slot, written or not
-(`benchmarks/decode_attention_micro.py`). This kernel reads the cache in its native layout,
-only the blocks inside each row's valid range, split across thread blocks (flash-decoding),
-and merges the splits with their softmax statistics.
+head_dim) cache) to batched matmuls with M = query heads per KV head (4 for Llama-3-8B) and
+reads every slot, written or not. This kernel reads the cache in its native layout, only the
+blocks inside each row's valid range, with an online softmax. On an H200 at the batch-64
+decode shapes of an 8B model it takes the step from 6.47 to 6.24 ms (with fused projections,
+6.06 to 5.85 ms); `benchmarks/decode_kernel_sweep.py` has the tilings tried.
 
 The valid keys of a decode row are one contiguous range (left padding, then the causal
 prefix, optionally cut by a sliding window), so the decoder's boolean mask converts exactly
 to a (start, end) pair per row.
 
 Grid: (batch * kv_heads, splits). Each program holds the row's query heads of one KV group,
-padded to 16 (the smallest MMA tile), in registers; loops over 64-slot blocks of its split
-that intersect [start, end); keeps float32 running max, sum and output; writes them for the
-merge. Inputs stay in the cache dtype (bf16/f16) and both dots accumulate in float32.
+padded to 16 (the smallest MMA tile), in registers; loops over `block_k`-slot blocks of its
+split that intersect [start, end); keeps float32 running max, sum and output. With one split
+per row (the default, fastest in the sweep) it writes the normalized output; with several
+(flash-decoding proper) it writes per-split sums and statistics, merged in XLA. Inputs stay
+in the cache dtype (bf16/f16) and both dots accumulate in float32.
+
+Used by `harmjax.model.layers.attention` on a single GPU whenever `kernel_applicable` holds;
+HARMJAX_DECODE_KERNEL=0 turns it off. With several devices the XLA path runs (a pallas_call
+is not partitioned by XLA; a shard_map wrapper is future work).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
@@ -27,19 +34,44 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-BLOCK_K = 64  # slots per inner step
-SPLIT = 128  # slots per program (a multiple of BLOCK_K)
 HEADS_TILE = 16  # query heads per program, padded: the smallest MMA tile
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
-def kernel_applicable(q: jax.Array, k: jax.Array, softcap: float | None) -> bool:
-    """Whether the kernel may serve this call: opt-in (HARMJAX_DECODE_KERNEL=1), GPU backend,
-    one device (a pallas_call is not partitioned by XLA), one query token, no soft-cap, a
-    16-bit cache whose length is a multiple of 128, at most 16 query heads per KV head."""
-    if os.environ.get("HARMJAX_DECODE_KERNEL", "0") != "1":
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Tiling of the kernel.
+
+    block_k: cache slots per inner step (a power of two, >= 16).
+    split: slots per program; None for the whole row, which writes the normalized output
+      directly (no merge pass). Otherwise a multiple of block_k dividing the cache length.
+    num_warps, num_stages: Triton's launch and software-pipelining parameters.
+    mma: True computes both products as tensor-core dots over the query heads padded to 16
+      rows; False as broadcast multiply-reduce in float32 on the CUDA cores over the query
+      heads padded only to a power of two (no padding at all for 1, 2, 4, 8 or 16 heads).
+    """
+
+    block_k: int = 64
+    split: int | None = None
+    num_warps: int = 4
+    num_stages: int = 2
+    mma: bool = True
+
+
+DEFAULT_CONFIG = KernelConfig()
+
+
+def kernel_applicable(q: jax.Array, k: jax.Array, softcap: float | None, config: KernelConfig | None = None) -> bool:
+    """Whether the kernel may serve this call: enabled (HARMJAX_DECODE_KERNEL, see
+    `enabled`), GPU backend, one device (a pallas_call is not partitioned by XLA), one query
+    token, no soft-cap, a 16-bit cache whose length the tiling divides, at most 16 query heads
+    per KV head."""
+    if not enabled():
         return False
+    config = config or DEFAULT_CONFIG
     groups = q.shape[2] // k.shape[1]
+    slots = k.shape[2]
+    split = config.split or slots
     return (
         jax.default_backend() == "gpu"
         and jax.device_count() == 1
@@ -47,9 +79,16 @@ def kernel_applicable(q: jax.Array, k: jax.Array, softcap: float | None) -> bool
         and not softcap
         and k.dtype in (jnp.bfloat16, jnp.float16)
         and q.dtype == k.dtype
-        and k.shape[2] % SPLIT == 0
+        and slots % split == 0
+        and split % config.block_k == 0
         and groups <= HEADS_TILE
     )
+
+
+def enabled() -> bool:
+    """The environment switch HARMJAX_DECODE_KERNEL: "1" (default) uses the kernel where it
+    applies, "0" always takes the XLA path."""
+    return os.environ.get("HARMJAX_DECODE_KERNEL", "1") != "0"
 
 
 def valid_range(mask: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -63,85 +102,141 @@ def valid_range(mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     return start.astype(jnp.int32), jnp.maximum(end, start).astype(jnp.int32)
 
 
-def _kernel(q_ref, k_ref, v_ref, start_ref, end_ref, o_ref, m_ref, l_ref, *, scale: float):
-    split = pl.program_id(1)
-    lo = split * SPLIT
+def heads_tile(groups: int, config: KernelConfig) -> int:
+    """Rows of the query tile: 16 for tensor-core dots, else the next power of two."""
+    return HEADS_TILE if config.mma else pl.next_power_of_2(groups)
+
+
+def _kernel(q_ref, k_ref, v_ref, start_ref, end_ref, *out_refs, scale: float, block_k: int, split: int, mma: bool):
+    lo = pl.program_id(1) * split
     start = jnp.maximum(start_ref[()], lo)
-    end = jnp.minimum(end_ref[()], lo + SPLIT)
-    first = (start - lo) // BLOCK_K
-    last = jnp.where(end > start, (end - lo + BLOCK_K - 1) // BLOCK_K, first)
-    q = q_ref[...]  # (HEADS_TILE, head_dim), cache dtype
-    offsets = jnp.arange(BLOCK_K, dtype=jnp.int32)
+    end = jnp.minimum(end_ref[()], lo + split)
+    first = (start - lo) // block_k
+    last = jnp.where(end > start, (end - lo + block_k - 1) // block_k, first)
+    q = q_ref[...]  # (tile, head_dim), cache dtype
+    q32 = q.astype(jnp.float32)
+    tile = q.shape[0]
+    offsets = jnp.arange(block_k, dtype=jnp.int32)
 
     def body(block, carry):
         acc, m_prev, l_prev = carry
-        sl = pl.ds(block * BLOCK_K, BLOCK_K)
+        sl = pl.ds(pl.multiple_of(block * block_k, block_k), block_k)
         k = k_ref[sl, :]
-        s = plgpu.dot(q, k, trans_b=True) * scale  # (HEADS_TILE, BLOCK_K) float32
-        pos = lo + block * BLOCK_K + offsets
+        if mma:
+            s = plgpu.dot(q, k, trans_b=True) * scale  # (tile, block_k) float32
+        else:
+            s = jnp.sum(q32[:, None, :] * k.astype(jnp.float32)[None, :, :], axis=-1) * scale
+        pos = lo + block * block_k + offsets
         s = jnp.where(((pos >= start) & (pos < end))[None, :], s, _NEG)
         m_next = jnp.maximum(m_prev, s.max(axis=-1))
         correction = jnp.exp(m_prev - m_next)
         p = jnp.exp(s - m_next[:, None])
         v = v_ref[sl, :]
-        acc = acc * correction[:, None] + plgpu.dot(p.astype(v.dtype), v)
+        if mma:
+            pv = plgpu.dot(p.astype(v.dtype), v)
+        else:
+            pv = jnp.sum(p[:, :, None] * v.astype(jnp.float32)[None, :, :], axis=1)
+        acc = acc * correction[:, None] + pv
         return acc, m_next, l_prev * correction + p.sum(axis=-1)
 
+    d = q.shape[-1]
     init = (
-        jnp.zeros(o_ref.shape, jnp.float32),
-        jnp.full(m_ref.shape, _NEG, jnp.float32),
-        jnp.zeros(l_ref.shape, jnp.float32),
+        jnp.zeros((tile, d), jnp.float32),
+        jnp.full((tile,), _NEG, jnp.float32),
+        jnp.zeros((tile,), jnp.float32),
     )
     acc, m, l = jax.lax.fori_loop(first, last, body, init)
-    o_ref[...] = acc
-    m_ref[...] = m
-    l_ref[...] = l
+    if len(out_refs) == 1:  # whole row: the final, normalized output
+        (o_ref,) = out_refs
+        o_ref[...] = (acc / jnp.maximum(l, 1e-30)[:, None]).astype(o_ref.dtype)
+    else:  # one split: unnormalized sums and their statistics, merged outside
+        o_ref, m_ref, l_ref = out_refs
+        o_ref[...] = acc
+        m_ref[...] = m
+        l_ref[...] = l
+
+
+def prepare_inputs(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, config: KernelConfig):
+    """The kernel's operands: per (batch, kv head) row, its query heads padded to the tile,
+    its keys and values (free reshapes of the cache), and its valid slot range."""
+    b, _, h, d = q.shape
+    kv, slots = k.shape[1], k.shape[2]
+    groups, rows = h // kv, b * kv
+    tile = heads_tile(groups, config)
+    qg = q.reshape(rows, groups, d)
+    if tile > groups:
+        qg = jnp.pad(qg, ((0, 0), (0, tile - groups), (0, 0)))
+    start, end = valid_range(mask)
+    return qg, k.reshape(rows, slots, d), v.reshape(rows, slots, d), jnp.repeat(start, kv), jnp.repeat(end, kv)
+
+
+def kernel_call(qg, kr, vr, start, end, scale: float, config: KernelConfig, interpret: bool = False):
+    """The pallas_call on prepared operands (see `prepare_inputs`): the (rows, tile, d)
+    output for a whole-row tiling, else the per-split (sums, max, denominators)."""
+    rows, tile, d = qg.shape
+    slots = kr.shape[1]
+    split = config.split or slots
+    splits = slots // split
+    in_specs = [
+        pl.BlockSpec((None, tile, d), lambda i, j: (i, 0, 0)),
+        pl.BlockSpec((None, split, d), lambda i, j: (i, j, 0)),
+        pl.BlockSpec((None, split, d), lambda i, j: (i, j, 0)),
+        pl.BlockSpec((None,), lambda i, j: (i,)),
+        pl.BlockSpec((None,), lambda i, j: (i,)),
+    ]
+    if splits == 1:
+        out_specs = [pl.BlockSpec((None, tile, d), lambda i, j: (i, 0, 0))]
+        out_shape = [jax.ShapeDtypeStruct((rows, tile, d), qg.dtype)]
+    else:
+        out_specs = [
+            pl.BlockSpec((None, None, tile, d), lambda i, j: (j, i, 0, 0)),
+            pl.BlockSpec((None, None, tile), lambda i, j: (j, i, 0)),
+            pl.BlockSpec((None, None, tile), lambda i, j: (j, i, 0)),
+        ]
+        out_shape = [
+            jax.ShapeDtypeStruct((splits, rows, tile, d), jnp.float32),
+            jax.ShapeDtypeStruct((splits, rows, tile), jnp.float32),
+            jax.ShapeDtypeStruct((splits, rows, tile), jnp.float32),
+        ]
+    return pl.pallas_call(
+        functools.partial(_kernel, scale=float(scale), block_k=config.block_k, split=split, mma=config.mma),
+        grid=(rows, splits),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
+        interpret=interpret,
+        name="harmjax_decode_attention",
+    )(qg, kr, vr, start, end)
 
 
 def pallas_decode_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float, interpret: bool = False
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    scale: float,
+    config: KernelConfig | None = None,
+    interpret: bool = False,
 ) -> jax.Array:
     """Decode attention with the flash-decoding kernel.
 
     q: (batch, 1, heads, head_dim); k, v: (batch, kv_heads, slots, head_dim);
     mask: (batch, 1, slots) bool with contiguous True entries. Returns (batch, 1, heads*head_dim)
-    in q's dtype.
+    in q's dtype. `config` defaults to the module's DEFAULT_CONFIG, read at trace time.
     """
+    config = config or DEFAULT_CONFIG
     b, _, h, d = q.shape
-    kv, slots = k.shape[1], k.shape[2]
-    groups = h // kv
-    rows = b * kv
-    splits = slots // SPLIT
-    start, end = valid_range(mask)
-    start, end = jnp.repeat(start, kv), jnp.repeat(end, kv)
-    # (batch*kv, HEADS_TILE, d): each KV group's query heads, zero-padded to the tile.
-    qg = jnp.pad(q.reshape(rows, groups, d), ((0, 0), (0, HEADS_TILE - groups), (0, 0)))
-    kr, vr = k.reshape(rows, slots, d), v.reshape(rows, slots, d)
-    o, m, l = pl.pallas_call(
-        functools.partial(_kernel, scale=float(scale)),
-        grid=(rows, splits),
-        in_specs=[
-            pl.BlockSpec((None, HEADS_TILE, d), lambda i, j: (i, 0, 0)),
-            pl.BlockSpec((None, SPLIT, d), lambda i, j: (i, j, 0)),
-            pl.BlockSpec((None, SPLIT, d), lambda i, j: (i, j, 0)),
-            pl.BlockSpec((None,), lambda i, j: (i,)),
-            pl.BlockSpec((None,), lambda i, j: (i,)),
-        ],
-        out_specs=[
-            pl.BlockSpec((None, None, HEADS_TILE, d), lambda i, j: (j, i, 0, 0)),
-            pl.BlockSpec((None, None, HEADS_TILE), lambda i, j: (j, i, 0)),
-            pl.BlockSpec((None, None, HEADS_TILE), lambda i, j: (j, i, 0)),
-        ],
-        out_shape=[
-            jax.ShapeDtypeStruct((splits, rows, HEADS_TILE, d), jnp.float32),
-            jax.ShapeDtypeStruct((splits, rows, HEADS_TILE), jnp.float32),
-            jax.ShapeDtypeStruct((splits, rows, HEADS_TILE), jnp.float32),
-        ],
-        interpret=interpret,
-        name="harmjax_decode_attention",
-    )(qg, kr, vr, start, end)
-    # Merge the splits: rescale each split's sums to the global max.
-    m_all = m.max(axis=0)
-    w = jnp.exp(m - m_all[None])
-    out = (o * w[..., None]).sum(0) / jnp.maximum((l * w).sum(0), 1e-30)[..., None]
+    groups = h // k.shape[1]
+    outs = kernel_call(*prepare_inputs(q, k, v, mask, config), scale, config, interpret)
+    if len(outs) == 1:
+        out = outs[0]
+        if out.shape[1] == groups:  # nothing padded: already (rows, groups, d)
+            return out.reshape(b, 1, h * d)
+    else:
+        # Merge the splits: rescale each split's sums to the global max.
+        o, m, l = outs
+        m_all = m.max(axis=0)
+        w = jnp.exp(m - m_all[None])
+        out = (o * w[..., None]).sum(0) / jnp.maximum((l * w).sum(0), 1e-30)[..., None]
     return out[:, :groups].reshape(b, 1, h * d).astype(q.dtype)

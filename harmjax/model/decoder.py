@@ -56,7 +56,11 @@ def attention_block(
     """
     c = config
     b, t, _ = x.shape
-    q, k, v = _proj(p["q_proj"], x), _proj(p["k_proj"], x), _proj(p["v_proj"], x)
+    if "qkv_proj" in p:  # fused for inference (harmjax.model.fused)
+        nq, nkv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        q, k, v = jnp.split(_proj(p["qkv_proj"], x), [nq, nq + nkv], axis=-1)
+    else:
+        q, k, v = _proj(p["q_proj"], x), _proj(p["k_proj"], x), _proj(p["v_proj"], x)
     if c.qk_norm == "full":  # OLMo-2/3 normalise across all heads at once.
         q, k = _norm(c, q, p["q_norm"]), _norm(c, k, p["k_norm"])
     q = q.reshape(b, t, c.num_heads, c.head_dim)
@@ -84,8 +88,11 @@ def attention_block(
 
 def mlp_block(p: Params, config: ModelConfig, x: jax.Array) -> jax.Array:
     """Gated MLP: down(act(gate(x)) * up(x))."""
-    gate = layers.activation(config.activation, _proj(p["gate_proj"], x))
-    return _proj(p["down_proj"], gate * _proj(p["up_proj"], x))
+    if "gate_up_proj" in p:  # fused for inference (harmjax.model.fused)
+        gate, up = jnp.split(_proj(p["gate_up_proj"], x), 2, axis=-1)
+    else:
+        gate, up = _proj(p["gate_proj"], x), _proj(p["up_proj"], x)
+    return _proj(p["down_proj"], layers.activation(config.activation, gate) * up)
 
 
 def decoder_layer(
