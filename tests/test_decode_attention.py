@@ -78,3 +78,36 @@ def test_kernel_applicability_rules(monkeypatch):
     assert not kernel_applicable(jnp.zeros((1, 1, 34, 64), jnp.bfloat16), k, None)  # 17 heads per group
     monkeypatch.setenv("HARMJAX_DECODE_KERNEL", "0")
     assert not kernel_applicable(q, k, None)
+
+
+def test_kernel_runs_per_shard_under_a_context_mesh(monkeypatch):
+    """On 8 devices (data 2 x fsdp 2 x tensor 2) the kernel runs under shard_map, rows split
+    over the batch axes and KV heads over tensor, and equals the XLA path; the applicability
+    check accepts the mesh only when the batch and KV heads divide it."""
+    from harmjax.sharding import MeshConfig, make_mesh
+
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    b, kv, g, d, slots = 8, 4, 2, 32, 128
+    rng = np.random.default_rng(2)
+    q = jnp.asarray(rng.standard_normal((b, 1, kv * g, d)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((b, kv, slots, d)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((b, kv, slots, d)), jnp.float32)
+    key_valid = np.zeros((b, slots), bool)
+    for row in range(b):
+        key_valid[row, row * 7 : 60 + row * 8] = True
+    mask = jnp.asarray(key_valid[:, None, :])
+    ref = layers.attention(q, k, v, mask, d**-0.5, kv_heads_first=True)
+    attend = jax.jit(lambda *a: pallas_decode_attention(*a, d**-0.5, KernelConfig(block_k=32), interpret=True))
+    with jax.set_mesh(mesh):
+        out = attend(q, k, v, mask)
+        hlo = attend.lower(q, k, v, mask).as_text()
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    assert "sdy.manual_computation" in hlo  # the shard_map region
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    qb, kb = q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
+    assert not kernel_applicable(qb, kb, None)  # 8 devices and no context mesh
+    with jax.set_mesh(mesh):
+        assert kernel_applicable(qb, kb, None)
+        assert not kernel_applicable(qb[:6], kb[:6], None)  # batch 6 over 4 batch shards
+        assert not kernel_applicable(qb[:, :, :6], kb[:, :3], None)  # 3 KV heads over tensor 2

@@ -280,18 +280,20 @@ def generate_ids(
         prefill = jit_prefill(config, mesh, batch, prompt_len, prompt_len + gen_len, greedy, use_top_p, fused_bias)
         decode = jit_decode(config, mesh, batch, prompt_len, gen_len, greedy, use_top_p, fused_bias)
 
+        # Host arrays become device arrays outside the context mesh below: made inside it
+        # they would be committed to a replicated sharding that jit refuses to reshard.
+        ids_d, mask_d, key_d, valid_d = (jnp.asarray(x) for x in (ids, mask, key_data, row_valid))
         t0 = time.perf_counter()
-        cache, first, done = prefill(
-            params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(key_data),
-            scalars[1], scalars[2], eos, jnp.asarray(row_valid),
-        )
-        first.block_until_ready()
-        t1 = time.perf_counter()
-        toks, done, steps, _ = decode(
-            params, cache, first, done, jnp.asarray(mask), jnp.asarray(key_data),
-            scalars[0], scalars[1], scalars[2], eos, pad,
-        )
-        toks = np.asarray(toks)
+        # The context mesh lets mesh-aware layers (the decode-attention kernel's shard_map)
+        # see how the batch and heads are split while tracing.
+        with jax.set_mesh(mesh):
+            cache, first, done = prefill(params, ids_d, mask_d, key_d, scalars[1], scalars[2], eos, valid_d)
+            first.block_until_ready()
+            t1 = time.perf_counter()
+            toks, done, steps, _ = decode(
+                params, cache, first, done, mask_d, key_d, scalars[0], scalars[1], scalars[2], eos, pad
+            )
+            toks = np.asarray(toks)
         t2 = time.perf_counter()
         stats["prefill_s"] += t1 - t0
         stats["decode_s"] += t2 - t1

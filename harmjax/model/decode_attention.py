@@ -18,9 +18,12 @@ per row (the default, fastest in the sweep) it writes the normalized output; wit
 (flash-decoding proper) it writes per-split sums and statistics, merged in XLA. Inputs stay
 in the cache dtype (bf16/f16) and both dots accumulate in float32.
 
-Used by `harmjax.model.layers.attention` on a single GPU whenever `kernel_applicable` holds;
-HARMJAX_DECODE_KERNEL=0 turns it off. With several devices the XLA path runs (a pallas_call
-is not partitioned by XLA; a shard_map wrapper is future work).
+Used by `harmjax.model.layers.attention` on GPUs whenever `kernel_applicable` holds;
+HARMJAX_DECODE_KERNEL=0 turns it off. XLA does not partition a pallas_call, so with several
+devices the kernel runs per shard under `jax.shard_map` over the context mesh (`jax.set_mesh`,
+which the sampler sets): rows split over the batch axes and KV heads over `tensor`, exactly
+as the cache is sharded. Without a context mesh, or when the batch or the KV heads do not
+divide it, several devices take the XLA path.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+from jax.sharding import PartitionSpec as P
+
+from harmjax.sharding import LOGICAL_RULES
 
 HEADS_TILE = 16  # query heads per program, padded: the smallest MMA tile
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -62,22 +68,24 @@ DEFAULT_CONFIG = KernelConfig()
 
 
 def kernel_applicable(q: jax.Array, k: jax.Array, softcap: float | None, config: KernelConfig | None = None) -> bool:
-    """Whether the kernel may serve this call: enabled (HARMJAX_DECODE_KERNEL, see
-    `enabled`), GPU backend, one device (a pallas_call is not partitioned by XLA), one query
-    token, no soft-cap, a 16-bit cache whose length the tiling divides, at most 16 query heads
-    per KV head."""
-    if not enabled():
+    """Whether the kernel may serve this call: enabled (HARMJAX_DECODE_KERNEL, see `mode`),
+    GPU backend, one device or a context mesh the batch and KV heads divide, one query token,
+    no soft-cap, a 16-bit cache whose length the tiling divides, at most 16 query heads per
+    KV head. In "interpret" mode any backend and float dtype qualify."""
+    kind = mode()
+    if kind == "off":
         return False
     config = config or DEFAULT_CONFIG
     groups = q.shape[2] // k.shape[1]
     slots = k.shape[2]
     split = config.split or slots
+    compiled = kind == "on"
     return (
-        jax.default_backend() == "gpu"
-        and jax.device_count() == 1
+        (not compiled or jax.default_backend() == "gpu")
+        and (jax.device_count() == 1 or _shard_specs(q, k) is not None)
         and q.shape[1] == 1
         and not softcap
-        and k.dtype in (jnp.bfloat16, jnp.float16)
+        and (not compiled or k.dtype in (jnp.bfloat16, jnp.float16))
         and q.dtype == k.dtype
         and slots % split == 0
         and split % config.block_k == 0
@@ -85,10 +93,35 @@ def kernel_applicable(q: jax.Array, k: jax.Array, softcap: float | None, config:
     )
 
 
-def enabled() -> bool:
-    """The environment switch HARMJAX_DECODE_KERNEL: "1" (default) uses the kernel where it
-    applies, "0" always takes the XLA path."""
-    return os.environ.get("HARMJAX_DECODE_KERNEL", "1") != "0"
+def _shard_specs(q: jax.Array, k: jax.Array):
+    """(mesh, batch spec, kv-head spec) for running the kernel per shard over the context
+    mesh, or None when there is no multi-device context mesh or the shapes do not divide it."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return None
+    shape = dict(mesh.shape)
+    batch_axes = tuple(a for a in LOGICAL_RULES["batch"] if shape.get(a, 1) > 1)
+    kv_axes = tuple(a for a in LOGICAL_RULES["kv_heads"] if shape.get(a, 1) > 1)
+    batch_extent = 1
+    for a in batch_axes:
+        batch_extent *= shape[a]
+    kv_extent = 1
+    for a in kv_axes:
+        kv_extent *= shape[a]
+    if q.shape[0] % batch_extent or k.shape[1] % kv_extent:
+        return None
+    spec = lambda axes: None if not axes else axes[0] if len(axes) == 1 else axes  # noqa: E731
+    return mesh, spec(batch_axes), spec(kv_axes)
+
+
+def mode() -> str:
+    """The environment switch HARMJAX_DECODE_KERNEL: "1" (default) -> "on", the compiled
+    kernel where it applies; "0" -> "off", always the XLA path; "interpret" -> the kernel in
+    Pallas' interpreter on any backend (slow; for debugging and CPU tests)."""
+    value = os.environ.get("HARMJAX_DECODE_KERNEL", "1")
+    if value not in ("0", "1", "interpret"):
+        raise ValueError(f"HARMJAX_DECODE_KERNEL must be 0, 1 or interpret, got {value!r}.")
+    return {"0": "off", "1": "on", "interpret": "interpret"}[value]
 
 
 def valid_range(mask: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -226,6 +259,21 @@ def pallas_decode_attention(
     in q's dtype. `config` defaults to the module's DEFAULT_CONFIG, read at trace time.
     """
     config = config or DEFAULT_CONFIG
+    sharded = _shard_specs(q, k)
+    if sharded is not None:
+        mesh, batch, kv = sharded
+        local = functools.partial(_local_attention, scale=scale, config=config, interpret=interpret)
+        return jax.shard_map(
+            local,
+            mesh=mesh,
+            in_specs=(P(batch, None, kv, None), P(batch, kv, None, None), P(batch, kv, None, None), P(batch, None, None)),
+            out_specs=P(batch, None, kv),
+            check_vma=False,
+        )(q, k, v, mask)
+    return _local_attention(q, k, v, mask, scale, config, interpret)
+
+
+def _local_attention(q, k, v, mask, scale, config, interpret):
     b, _, h, d = q.shape
     groups = h // k.shape[1]
     outs = kernel_call(*prepare_inputs(q, k, v, mask, config), scale, config, interpret)

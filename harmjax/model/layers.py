@@ -169,7 +169,8 @@ def attention(
         from harmjax.model import decode_attention
 
         if decode_attention.kernel_applicable(q, k, softcap):
-            return decode_attention.pallas_decode_attention(q, k, v, mask, scale)
+            interpret = decode_attention.mode() == "interpret"
+            return decode_attention.pallas_decode_attention(q, k, v, mask, scale, interpret=interpret)
     b, t, h, d = q.shape
     kv_heads = k.shape[1] if kv_heads_first else k.shape[2]
     kv = "bksd" if kv_heads_first else "bskd"
