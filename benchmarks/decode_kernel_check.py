@@ -9,6 +9,8 @@ margin below that pass's best logit is reported for both settings, and a correct
 margins of the same bf16-noise size as the XLA decode loop.
 
   PYTHONPATH=. python benchmarks/decode_kernel_check.py
+  PYTHONPATH=. python benchmarks/decode_kernel_check.py --mesh=1,1,2   # data,fsdp,tensor over GPUs:
+      the generation part only, the kernel per shard under shard_map
 """
 
 import json
@@ -29,12 +31,20 @@ def _time(f, *args, repeats=20):
     return (time.perf_counter() - start) / repeats
 
 
-def main():
-    from harmjax.model import layers
+def main(mesh_shape=None):
+    from harmjax.model import decode_attention, layers
     from harmjax.model.decode_attention import pallas_decode_attention
 
-    b, kv, g, d, slots = 64, 8, 4, 128, 384
+    result = {"device": jax.devices()[0].device_kind, "devices": jax.device_count()}
     rng = np.random.default_rng(0)
+    if mesh_shape is None:
+        result.update(_attention_alone(layers, pallas_decode_attention, rng))
+    result.update(_generation(decode_attention, rng, mesh_shape))
+    print(json.dumps(result), flush=True)
+
+
+def _attention_alone(layers, pallas_decode_attention, rng):
+    b, kv, g, d, slots = 64, 8, 4, 128, 384
     q = jnp.asarray(rng.standard_normal((b, 1, kv * g, d)), jnp.bfloat16)
     k = jnp.asarray(rng.standard_normal((b, kv, slots, d)), jnp.bfloat16)
     v = jnp.asarray(rng.standard_normal((b, kv, slots, d)), jnp.bfloat16)
@@ -45,10 +55,11 @@ def main():
     xla = jax.jit(lambda q, k, v: layers.attention(q, k, v, mask, d**-0.5, kv_heads_first=True))
     ker = jax.jit(lambda q, k, v: pallas_decode_attention(q, k, v, mask, d**-0.5))
     diff = float(jnp.abs(xla(q, k, v).astype(jnp.float32) - ker(q, k, v).astype(jnp.float32)).max())
-    result = {"device": jax.devices()[0].device_kind, "max_abs_diff_bf16": diff,
-              "xla_ms_per_layer": _time(xla, q, k, v) * 1e3, "kernel_ms_per_layer": _time(ker, q, k, v) * 1e3}
-    print(json.dumps(result), flush=True)
+    return {"max_abs_diff_bf16": diff, "xla_ms_per_layer": _time(xla, q, k, v) * 1e3,
+            "kernel_ms_per_layer": _time(ker, q, k, v) * 1e3}
 
+
+def _generation(decode_attention, rng, mesh_shape):
     import harmjax
     from harmjax.config import ModelConfig
     from harmjax.generate import sampler
@@ -57,7 +68,17 @@ def main():
     config = ModelConfig(model_type="llama", vocab_size=1024, hidden_size=512, intermediate_size=1024,
                          num_layers=4, num_heads=8, num_kv_heads=2, head_dim=64, rms_norm_eps=1e-5,
                          max_position_embeddings=2048)
-    mesh = harmjax.make_mesh(harmjax.MeshConfig())
+    data, fsdp, tensor = mesh_shape or (1, 1, 1)
+    mesh = harmjax.make_mesh(harmjax.MeshConfig(data=data, fsdp=fsdp, tensor=tensor),
+                             jax.devices()[: data * fsdp * tensor])
+    calls = []
+    kernel = decode_attention.pallas_decode_attention
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return kernel(*args, **kwargs)
+
+    decode_attention.pallas_decode_attention = counted
     params = init_params(config, jax.random.key(0), mesh, jnp.bfloat16, std=0.05)
     prompts = [list(rng.integers(3, 1024, n)) for n in (5, 40, 77, 128)]
     outs = {}
@@ -67,6 +88,7 @@ def main():
         sampler.jit_decode.cache_clear()
         outs[flag] = sampler.generate_ids(params, config, mesh, prompts, max_new_tokens=64, batch_size=4,
                                           eos_ids=(), progress=False).tokens
+    result = {"mesh": [data, fsdp, tensor], "kernel_traced": len(calls)}
     pairs = [(a, c) for x, y in zip(outs["1"], outs["0"]) for a, c in zip(x, y)]
     result["greedy_token_agreement"] = float(np.mean([a == c for a, c in pairs]))
     from harmjax.model.decoder import forward
@@ -84,9 +106,12 @@ def main():
         result[f"{name}_margin_max"] = float(margins.max())
         result[f"{name}_margin_p99"] = float(np.quantile(margins, 0.99))
         result[f"{name}_argmax_fraction"] = float(np.mean(margins == 0))
-    print(json.dumps(result), flush=True)
+    return result
 
 
 if __name__ == "__main__":
+    import sys
+
     os.environ["HARMJAX_DECODE_KERNEL"] = "1"
-    main()
+    shape = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--mesh=")), None)
+    main(tuple(int(x) for x in shape.split(",")) if shape else None)
