@@ -61,6 +61,7 @@ def run(cfg) -> dict[str, Any]:
     import harmjax
     import harmjax.generate
     from harmjax.io.jsonl import JsonlWriter, read_jsonl
+    from harmjax.model import fused
     from launch.common import mesh_config, resolve_model_source
 
     start = time.perf_counter()
@@ -84,6 +85,11 @@ def run(cfg) -> dict[str, Any]:
         if cfg.response_key:
             return harmjax.generate.response_prefix(tok, example.response, cfg.prefix_tokens)
         return ""
+
+    # Generation runs in chunks (each written before the next, for resume); fuse the
+    # projections once for all of them rather than in every call.
+    if fused.should_fuse(params, model.config, model.mesh, "auto"):
+        params = fused.fuse_projections(params, model.config, model.mesh)
 
     path = os.path.join(out_dir, "generations.jsonl")
     new_tokens = generated = 0

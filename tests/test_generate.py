@@ -83,6 +83,22 @@ def test_greedy_matches_transformers_generate(family, fuse, tmp_path):
     assert early.finished[row] and len(early.token_ids[row]) <= 6
 
 
+def test_generation_from_an_already_fused_tree(tmp_path):
+    """A caller that generates in chunks fuses once and passes the fused tree; the sampler
+    takes it as it is and still matches transformers."""
+    from harmjax.model import fused
+
+    hf_model = tiny_hf_model("llama")
+    mesh = _one_device()
+    model = harmjax.load(save_tiny_with_tokenizer(hf_model, tmp_path), dtype="float32", mesh=mesh)
+    params = fused.fuse_projections(model.params, model.config, mesh)
+    assert fused.is_fused(params) and not fused.fusible(params, model.config, mesh)
+    res = harmjax.generate(model, PROMPTS, params=params, max_new_tokens=8, batch_size=2, eos_token_ids=[2],
+                           progress=False, fuse_projections=False)
+    assert res.stats["fused_projections"]
+    _assert_same_tokens(res.token_ids, _hf_greedy(hf_model, res.prompt_token_ids, 8, eos=2), eos=2)
+
+
 def test_decode_kernel_sharded_generation_matches_transformers(tmp_path, monkeypatch):
     """Generation through the decode-attention kernel (Pallas' interpreter on the CPU), run
     per shard under shard_map on 8 devices (data 2 x fsdp 2 x tensor 2, the 2 KV heads split

@@ -89,7 +89,7 @@ def _key_valid(prompt_mask: jax.Array, cache_len: int) -> jax.Array:
 def _param_shardings(config: ModelConfig, mesh: Mesh, fused_bias: tuple[bool, bool] | None):
     if fused_bias is None:
         return param_shardings(config, mesh)
-    return fused.fused_shardings(config, mesh, {"qkv_proj": fused_bias[0], "gate_up_proj": fused_bias[1]})
+    return fused.fused_shardings(config, mesh, fused_bias)
 
 
 @functools.lru_cache(maxsize=64)
@@ -223,7 +223,8 @@ def generate_ids(
       progress: show a tqdm bar over batches.
       fuse_projections: run on a copy of the weights with q/k/v and gate/up concatenated
         (`harmjax.model.fused`): True, False, or "auto" (when the devices have the memory).
-        Same results; fewer, larger matmuls per decode step.
+        Same results; fewer, larger matmuls per decode step. `params` may also be an
+        already fused tree (callers that generate in many chunks fuse once).
     """
     n = len(inputs)
     if max_new_tokens < 1:
@@ -261,11 +262,9 @@ def generate_ids(
             )
             break
 
-    fused_bias = None
-    if fused.should_fuse(params, config, mesh, fuse_projections):
+    if not fused.is_fused(params) and fused.should_fuse(params, config, mesh, fuse_projections):
         params = fused.fuse_projections(params, config, mesh)
-        block = params["model"]["layers"]["0"]
-        fused_bias = ("bias" in block["self_attn"]["qkv_proj"], "bias" in block["mlp"]["gate_up_proj"])
+    fused_bias = fused.bias_flags(params) if fused.is_fused(params) else None
 
     tokens_out: list[np.ndarray | None] = [None] * n
     finished: list[bool] = [False] * n

@@ -15,6 +15,7 @@ each device.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -28,19 +29,22 @@ from harmjax.sharding import param_shardings
 GROUPS = (("self_attn", "qkv_proj", ("q_proj", "k_proj", "v_proj")), ("mlp", "gate_up_proj", ("gate_proj", "up_proj")))
 
 
-def split_sizes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Output widths of the fused parts, by fused name."""
-    return {
-        "qkv_proj": (config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim,
-                     config.num_kv_heads * config.head_dim),
-        "gate_up_proj": (config.intermediate_size, config.intermediate_size),
-    }
+def is_fused(params: dict) -> bool:
+    """Whether `params` is already a tree from `fuse_projections`."""
+    return "qkv_proj" in params["model"]["layers"]["0"]["self_attn"]
+
+
+def bias_flags(params: dict) -> tuple[bool, bool]:
+    """(qkv_proj has a bias, gate_up_proj has a bias) of a fused tree: with the config, what
+    fixes its structure and shardings."""
+    block = params["model"]["layers"]["0"]
+    return "bias" in block["self_attn"]["qkv_proj"], "bias" in block["mlp"]["gate_up_proj"]
 
 
 def fusible(params: dict, config: ModelConfig, mesh: Mesh) -> bool:
     """Whether every layer's parts are plain arrays of one dtype on a mesh without tensor
-    parallelism (see the module docstring)."""
-    if mesh.shape.get("tensor", 1) != 1:
+    parallelism (see the module docstring). False for an already fused tree."""
+    if mesh.shape.get("tensor", 1) != 1 or is_fused(params):
         return False
     for layer in params["model"]["layers"].values():
         for block, _, parts in GROUPS:
@@ -59,14 +63,15 @@ def extra_bytes(params: dict) -> int:
     return total
 
 
-def fused_shardings(config: ModelConfig, mesh: Mesh, has_bias: dict[str, bool]) -> dict[str, Any]:
+def fused_shardings(config: ModelConfig, mesh: Mesh, has_bias: tuple[bool, bool]) -> dict[str, Any]:
     """NamedShardings of the fused tree: each fused weight takes its first part's sharding
-    (the output dimension is unsharded when tensor parallelism is off)."""
+    (the output dimension is unsharded when tensor parallelism is off). `has_bias` as
+    `bias_flags` returns it."""
     tree = param_shardings(config, mesh)
     for layer in tree["model"]["layers"].values():
-        for block, fused, parts in GROUPS:
+        for (block, fused, parts), bias in zip(GROUPS, has_bias):
             first = layer[block][parts[0]]
-            layer[block][fused] = {k: first[k] for k in first if k == "weight" or has_bias[fused]}
+            layer[block][fused] = {k: first[k] for k in first if k == "weight" or bias}
             for name in parts:
                 del layer[block][name]
     return tree
@@ -77,16 +82,23 @@ def fuse_projections(params: dict, config: ModelConfig, mesh: Mesh) -> dict:
     (`qkv_proj`, `gate_up_proj`; biases too), sharded like the params. The input tree is
     not modified; unfused leaves are shared, not copied."""
     first = params["model"]["layers"]["0"]
-    has_bias = {fused: "bias" in first[block][parts[0]] for block, fused, parts in GROUPS}
+    has_bias = tuple("bias" in first[block][parts[0]] for block, _, parts in GROUPS)
+    layers = _jit_fuse(config, mesh, has_bias)(params["model"]["layers"])
+    return {**params, "model": {**params["model"], "layers": layers}}
+
+
+@functools.lru_cache(maxsize=16)
+def _jit_fuse(config: ModelConfig, mesh: Mesh, has_bias: tuple[bool, bool]):
+    """The jitted concatenation, compiled once per model shape and mesh."""
 
     def fuse(layers):
         out = {}
         for key, layer in layers.items():
             layer = {block: dict(sub) for block, sub in layer.items()}
-            for block, fused, parts in GROUPS:
+            for (block, fused, parts), bias in zip(GROUPS, has_bias):
                 sub = layer[block]
                 entry = {"weight": jnp.concatenate([sub[n]["weight"] for n in parts], axis=0)}
-                if has_bias[fused]:
+                if bias:
                     entry["bias"] = jnp.concatenate([sub[n]["bias"] for n in parts], axis=0)
                 for n in parts:
                     del sub[n]
@@ -94,9 +106,7 @@ def fuse_projections(params: dict, config: ModelConfig, mesh: Mesh) -> dict:
             out[key] = layer
         return out
 
-    out_sh = fused_shardings(config, mesh, has_bias)["model"]["layers"]
-    layers = jax.jit(fuse, out_shardings=out_sh)(params["model"]["layers"])
-    return {**params, "model": {**params["model"], "layers": layers}}
+    return jax.jit(fuse, out_shardings=fused_shardings(config, mesh, has_bias)["model"]["layers"])
 
 
 def should_fuse(params: dict, config: ModelConfig, mesh: Mesh, setting: bool | str) -> bool:
@@ -120,4 +130,13 @@ def should_fuse(params: dict, config: ModelConfig, mesh: Mesh, setting: bool | s
     return True
 
 
-__all__ = ["GROUPS", "extra_bytes", "fusible", "fuse_projections", "fused_shardings", "should_fuse", "split_sizes"]
+__all__ = [
+    "GROUPS",
+    "bias_flags",
+    "extra_bytes",
+    "fusible",
+    "fuse_projections",
+    "fused_shardings",
+    "is_fused",
+    "should_fuse",
+]
