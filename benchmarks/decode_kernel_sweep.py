@@ -184,9 +184,7 @@ def main(argv):
     result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__}
     if "matmul" in _PARTS.value:
         result["matmul"] = matmul_bandwidth()
-    if "attention" not in _PARTS.value:
-        configs = configs[:0]
-    sweep = attention_sweep(configs) if configs else []
+    sweep = attention_sweep(configs) if "attention" in _PARTS.value else []
     scored = {}
     for row in sweep:
         if row["impl"] == "kernel" and "ms_32_layers" in row and row["max_abs_diff"] < 0.05:

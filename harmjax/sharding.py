@@ -100,7 +100,7 @@ def logical_to_spec(
             )
             mesh_axes = ()
         used.update(mesh_axes)
-        spec.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+        spec.append(spec_entry(mesh_axes))
     return P(*spec)
 
 
@@ -113,11 +113,19 @@ def param_shardings(config: ModelConfig, mesh: Mesh) -> dict[str, Any]:
     return unflatten(flat)
 
 
+def active_axes(logical: str, mesh) -> tuple[str, ...]:
+    """The mesh axes of extent > 1 that a logical axis maps to (a Mesh or AbstractMesh)."""
+    return tuple(a for a in LOGICAL_RULES[logical] if mesh.shape[a] > 1)
+
+
+def spec_entry(mesh_axes: tuple[str, ...]):
+    """One PartitionSpec entry for a dimension split over `mesh_axes`: None, a name, or a tuple."""
+    return None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """Sharding of a (batch, ...) array: batch split over data and fsdp."""
-    batch_axes = tuple(a for a in LOGICAL_RULES["batch"] if mesh.shape[a] > 1)
-    first = None if not batch_axes else batch_axes[0] if len(batch_axes) == 1 else batch_axes
-    return NamedSharding(mesh, P(first, *([None] * (ndim - 1))))
+    return NamedSharding(mesh, P(spec_entry(active_axes("batch", mesh)), *([None] * (ndim - 1))))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -10,6 +10,14 @@ from harmjax.model import layers
 from harmjax.model.decode_attention import KernelConfig, kernel_applicable, pallas_decode_attention, valid_range
 
 
+def _random_qkv(seed, b, kv, g, d, slots, dtype):
+    """One decode query (b, 1, kv*g, d) and a (b, kv, slots, d) key and value cache."""
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.standard_normal((b, 1, kv * g, d)), dtype)
+    k, v = (jnp.asarray(rng.standard_normal((b, kv, slots, d)), dtype) for _ in range(2))
+    return q, k, v
+
+
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
 @pytest.mark.parametrize(
     "config",
@@ -24,10 +32,7 @@ from harmjax.model.decode_attention import KernelConfig, kernel_applicable, pall
 )
 def test_kernel_equals_xla_attention(dtype, tol, config):
     b, kv, g, d, slots = 4, 2, 4, 32, 256
-    rng = np.random.default_rng(0)
-    q = jnp.asarray(rng.standard_normal((b, 1, kv * g, d)), dtype)
-    k = jnp.asarray(rng.standard_normal((b, kv, slots, d)), dtype)
-    v = jnp.asarray(rng.standard_normal((b, kv, slots, d)), dtype)
+    q, k, v = _random_qkv(0, b, kv, g, d, slots, dtype)
     # Left padding and causal prefixes that start and end inside blocks and splits, a row
     # cut by a sliding window, and a row reaching the last slot.
     key_valid = np.zeros((b, slots), bool)
@@ -49,10 +54,7 @@ def test_kernel_equals_xla_attention(dtype, tol, config):
 def test_kernel_pads_an_odd_number_of_query_heads(mma):
     """3 query heads per KV head (SmolLM2-135M's 9 over 3): padded to the tile and cut back."""
     b, kv, g, d, slots = 2, 3, 3, 64, 128
-    rng = np.random.default_rng(1)
-    q = jnp.asarray(rng.standard_normal((b, 1, kv * g, d)), jnp.float32)
-    k = jnp.asarray(rng.standard_normal((b, kv, slots, d)), jnp.float32)
-    v = jnp.asarray(rng.standard_normal((b, kv, slots, d)), jnp.float32)
+    q, k, v = _random_qkv(1, b, kv, g, d, slots, jnp.float32)
     key_valid = np.zeros((b, slots), bool)
     key_valid[0, 5:100] = True
     key_valid[1, :128] = True
@@ -88,10 +90,7 @@ def test_kernel_runs_per_shard_under_a_context_mesh(monkeypatch):
 
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     b, kv, g, d, slots = 8, 4, 2, 32, 128
-    rng = np.random.default_rng(2)
-    q = jnp.asarray(rng.standard_normal((b, 1, kv * g, d)), jnp.float32)
-    k = jnp.asarray(rng.standard_normal((b, kv, slots, d)), jnp.float32)
-    v = jnp.asarray(rng.standard_normal((b, kv, slots, d)), jnp.float32)
+    q, k, v = _random_qkv(2, b, kv, g, d, slots, jnp.float32)
     key_valid = np.zeros((b, slots), bool)
     for row in range(b):
         key_valid[row, row * 7 : 60 + row * 8] = True

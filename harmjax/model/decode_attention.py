@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 
 import jax
@@ -38,7 +39,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jax.sharding import PartitionSpec as P
 
-from harmjax.sharding import LOGICAL_RULES
+from harmjax.sharding import active_axes, spec_entry
 
 HEADS_TILE = 16  # query heads per program, padded: the smallest MMA tile
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -99,19 +100,12 @@ def _shard_specs(q: jax.Array, k: jax.Array):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return None
-    shape = dict(mesh.shape)
-    batch_axes = tuple(a for a in LOGICAL_RULES["batch"] if shape.get(a, 1) > 1)
-    kv_axes = tuple(a for a in LOGICAL_RULES["kv_heads"] if shape.get(a, 1) > 1)
-    batch_extent = 1
-    for a in batch_axes:
-        batch_extent *= shape[a]
-    kv_extent = 1
-    for a in kv_axes:
-        kv_extent *= shape[a]
-    if q.shape[0] % batch_extent or k.shape[1] % kv_extent:
+    batch_axes, kv_axes = active_axes("batch", mesh), active_axes("kv_heads", mesh)
+    if q.shape[0] % math.prod(mesh.shape[a] for a in batch_axes) or k.shape[1] % math.prod(
+        mesh.shape[a] for a in kv_axes
+    ):
         return None
-    spec = lambda axes: None if not axes else axes[0] if len(axes) == 1 else axes  # noqa: E731
-    return mesh, spec(batch_axes), spec(kv_axes)
+    return mesh, spec_entry(batch_axes), spec_entry(kv_axes)
 
 
 def mode() -> str:
@@ -147,7 +141,7 @@ def _kernel(q_ref, k_ref, v_ref, start_ref, end_ref, *out_refs, scale: float, bl
     first = (start - lo) // block_k
     last = jnp.where(end > start, (end - lo + block_k - 1) // block_k, first)
     q = q_ref[...]  # (tile, head_dim), cache dtype
-    q32 = q.astype(jnp.float32)
+    q32 = None if mma else q.astype(jnp.float32)  # the multiply-reduce form's operand
     tile = q.shape[0]
     offsets = jnp.arange(block_k, dtype=jnp.int32)
 
