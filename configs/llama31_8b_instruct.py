@@ -1,16 +1,13 @@
-"""Llama-3.1-8B-Instruct in bfloat16, parameters split over every local device (FSDP).
+"""The paper's experiment on Llama-3.1-8B-Instruct (bfloat16, FSDP over every local device).
 
-Runs where the weights are available: a local directory or the hub id (with hub access).
+  python -m launch.run --config=configs/llama31_8b_instruct.py
+Runs where the weights are available: the hub id (hub access or cache) or
+--config.model=/path/to/Llama-3.1-8B-Instruct.
 """
 
-from configs import embedded
+from configs._paper import paper_config
 
 
 def get_config():
-    """The main job's settings for Llama-3.1-8B-Instruct."""
-    c = embedded.get_config()
-    c.model = "meta-llama/Llama-3.1-8B-Instruct"
-    c.dtype = "bfloat16"
-    c.mesh.data, c.mesh.fsdp = 1, -1
-    c.batch_size = 16
-    return c
+    """The experiment settings for Llama-3.1-8B-Instruct."""
+    return paper_config("meta-llama/Llama-3.1-8B-Instruct")

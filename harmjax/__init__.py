@@ -13,8 +13,10 @@ Hugging Face's tensor names and orientation:
   harmjax.export_safetensors(mask, "mask.safetensors")             # HF names, for PyTorch users
   harmjax.save_hf(model, "out_dir")
 
+  result = harmjax.finetune(model, examples, TrainConfig(), lora=LoraConfig(), mask=mask)
+  harmjax.pipeline.run_experiment(cfg)                             # the whole experiment, cached
 Submodules: `harmjax.attribution`, `harmjax.masks`, `harmjax.generate`, `harmjax.evaluate`,
-`harmjax.data`.
+`harmjax.data`, `harmjax.train`, `harmjax.pipeline`, `harmjax.report`.
 """
 
 from harmjax.config import ModelConfig, RopeConfig, SUPPORTED_MODEL_TYPES
@@ -53,11 +55,20 @@ from harmjax.masks import (
 )
 from harmjax import generate  # noqa: E402  (a callable package: harmjax.generate(model, prompts))
 from harmjax.generate import GenerationResult
+from harmjax import pipeline, train  # noqa: E402
+from harmjax.train import FinetuneResult, LoraConfig, TrainConfig, export_peft, finetune  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AssetError",
+    "FinetuneResult",
+    "LoraConfig",
+    "TrainConfig",
+    "export_peft",
+    "finetune",
+    "pipeline",
+    "train",
     "GenerationResult",
     "MaskMismatchError",
     "ScanResult",

@@ -138,6 +138,12 @@ def default_model_dir() -> str:
     return out
 
 
+def resolve_model_source(model: str) -> str:
+    """'embedded' becomes the converted SmolLM2 directory (fetched on first use); anything
+    else (directory, .gguf file, hub id) is passed through."""
+    return default_model_dir() if model == "embedded" else model
+
+
 def strongreject_csv() -> str:
     """The StrongREJECT dataset CSV (313 forbidden prompts; columns category, source, forbidden_prompt)."""
     return _member_path(STRONGREJECT_WHEEL, STRONGREJECT_CSV)

@@ -101,17 +101,19 @@ def response_nll(
     batch_size: int = 8,
     max_length: int = 256,
     params=None,
+    num_buckets: int = 4,
 ) -> np.ndarray:
     """Mean NLL over each example's response tokens (float32, one value per example, input order).
 
     Examples are `harmjax.data.records.Example`s (prompt, response); tokenization and the
     response-only mask are those of attribution (`harmjax.data.calibration`), so this is the
     loss whose gradient the harm score takes. `params` overrides the model's (e.g. a masked copy).
+    `num_buckets` padded lengths are used (each compiles once; 1 = one compilation).
     """
     from harmjax.data.calibration import calibration_batches
 
     step = round_batch(batch_size, model.mesh)
-    batches = calibration_batches(model.tokenizer, examples, step, text_format, max_length)
+    batches = calibration_batches(model.tokenizer, examples, step, text_format, max_length, num_buckets)
     fn = _jit_example_nll(model.config, model.mesh)
     params = model.params if params is None else params
     out = np.full((len(examples),), np.nan, np.float32)

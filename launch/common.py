@@ -3,6 +3,8 @@ flag and multi-host start-up (`--distributed`)."""
 
 from __future__ import annotations
 
+import os
+
 from absl import flags
 
 from harmjax.sharding import MeshConfig
@@ -15,7 +17,21 @@ _DISTRIBUTED = flags.DEFINE_bool(
 
 
 def init_runtime() -> None:
-    """Start-up shared by every entry point: joins the multi-host runtime when asked."""
+    """Start-up shared by every entry point: joins the multi-host runtime when asked, and
+    keeps library INFO chatter (orbax logs every save) off the console unless `-v`/`--verbosity`
+    is given (progress bars and summaries still show), and turns on JAX's persistent
+    compilation cache (`HARMJAX_XLA_CACHE`, default ~/.cache/harmjax/xla; "off" disables it)."""
+    from absl import logging
+
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    cache = os.environ.get("HARMJAX_XLA_CACHE", "~/.cache/harmjax/xla")
+    if cache != "off":
+        # Compiled programs persist, so the next run (or a rerun after a kill) skips compiling.
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cache))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     if _DISTRIBUTED.value:
         import jax
 
@@ -25,11 +41,9 @@ def init_runtime() -> None:
 def resolve_model_source(model: str) -> str:
     """'embedded' becomes the converted SmolLM2 directory (fetched on first use); anything
     else (directory, .gguf file, hub id) is passed through."""
-    if model == "embedded":
-        from harmjax import assets
+    from harmjax import assets
 
-        return assets.default_model_dir()
-    return model
+    return assets.resolve_model_source(model)
 
 
 def mesh_config(mesh) -> MeshConfig:

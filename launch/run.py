@@ -1,45 +1,34 @@
-"""The main job. For now: fetch and convert the model, load it sharded, print a summary.
+"""The main job: the paper's experiment end to end (prompts, the model's own answers, scores,
+masks over a q sweep with random controls, per-category masks, evaluation, report).
 
   python -m launch.run --config=configs/embedded.py
-  python -m launch.run --config=configs/embedded.py --config.dtype=bfloat16
+  python -m launch.run --config=configs/llama31_8b_experiment.py --config.output_dir=runs/llama8b
+
+Every stage is cached under <output_dir>/cache; rerunning after a kill (or with changed
+settings) redoes only what is unfinished (or affected).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import time
-
 from absl import app, logging
 
-import harmjax
-from harmjax.model_summary import format_summary, summarize
-from launch.common import config_flag, init_runtime, mesh_config, resolve_model_source
+from launch.common import config_flag, init_runtime
 
-_CONFIG = config_flag("configs/embedded.py", "Job config file.")
+_CONFIG = config_flag("configs/embedded.py", "Experiment config file.")
+
+
+def run(cfg) -> dict:
+    """Runs the experiment of `cfg` and returns its metrics (report in cfg.output_dir)."""
+    from harmjax.pipeline import run_experiment
+
+    return run_experiment(cfg)
 
 
 def main(argv):
     del argv
     init_runtime()
-    cfg = _CONFIG.value
-    start = time.perf_counter()
-    source = resolve_model_source(cfg.model)
-    assets_done = time.perf_counter()
-    model = harmjax.load(source, dtype=cfg.dtype, mesh=mesh_config(cfg.mesh))
-    loaded = time.perf_counter()
-    summary = summarize(model, cfg.sentences, cfg.batch_size, cfg.max_length)
-    summary.update(
-        asset_seconds=assets_done - start,
-        load_seconds=loaded - assets_done,
-        wall_seconds=time.perf_counter() - start,
-    )
-    out_dir = cfg.output_dir or os.path.join("runs", os.path.basename(os.path.normpath(model.source_dir)))
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    print(format_summary(summary))
-    logging.info("Summary written to %s", os.path.join(out_dir, "summary.json"))
+    run(_CONFIG.value)
+    logging.info("Done.")
 
 
 if __name__ == "__main__":

@@ -78,6 +78,24 @@ def test_scores_match_torch_autograd(tiny, kind):
         assert (values > 0).any() and (values < 0).any()
 
 
+def test_several_kinds_from_one_pass(tiny, tmp_path):
+    """kind=("retain", "harm", "retain_mean") gives each kind's autograd scores from one pass
+    (the "both" accumulators), also on 8 devices and through a resumed checkpoint."""
+    hf_model, path = tiny
+    ref = _torch_scores(hf_model, EXAMPLES)
+    kinds = ("retain", "harm", "retain_mean")
+    model = harmjax.load(path, mesh=make_mesh(MeshConfig(data=2, fsdp=2, tensor=2)))
+    first = scan(model, EXAMPLES, kinds, batch_size=2, abs_chunk=1, checkpoint_dir=str(tmp_path),
+                 checkpoint_every=1, stop_after=1, **ONE_BUCKET)
+    assert first.kind == kinds
+    result = scan(model, EXAMPLES, kinds, batch_size=2, abs_chunk=1, checkpoint_dir=str(tmp_path), **ONE_BUCKET)
+    assert result.resumed_from == 1 and set(result.scores) == set(kinds)
+    for k in kinds:
+        _assert_close(flatten(result.scores[k]), ref[k])
+    with pytest.raises(ValueError, match="distinct"):
+        scan(model, EXAMPLES, ("harm", "harm"), **ONE_BUCKET)
+
+
 @pytest.mark.parametrize("kind", ["harm", "retain"])
 def test_scores_independent_of_batch_size_and_devices(tiny, kind):
     _, path = tiny
@@ -125,18 +143,21 @@ def test_scope_selects_leaves(tiny):
 def test_resume_equals_uninterrupted(tiny, tmp_path):
     _, path = tiny
     model = harmjax.load(path, mesh=make_mesh(MeshConfig(data=2, fsdp=2, tensor=2)))
-    full = flatten(scan(model, EXAMPLES * 2, "retain", batch_size=2, **ONE_BUCKET).scores)
+    full = flatten(scan(model, EXAMPLES * 3, "retain", batch_size=2, **ONE_BUCKET).scores)
     ckpt = str(tmp_path / "ckpt")
     # Two partial runs (each stops and saves, as a killed job's last save would), then the rest.
-    first = scan(model, EXAMPLES * 2, "retain", batch_size=2, checkpoint_dir=ckpt, checkpoint_every=1,
+    first = scan(model, EXAMPLES * 3, "retain", batch_size=2, checkpoint_dir=ckpt, checkpoint_every=1,
                  stop_after=2, **ONE_BUCKET)
     assert first.resumed_from == 0
-    second = scan(model, EXAMPLES * 2, "retain", batch_size=2, checkpoint_dir=ckpt, checkpoint_every=2,
+    second = scan(model, EXAMPLES * 3, "retain", batch_size=2, checkpoint_dir=ckpt, checkpoint_every=2,
                   stop_after=1, **ONE_BUCKET)
     assert second.resumed_from == 2
-    last = scan(model, EXAMPLES * 2, "retain", batch_size=2, checkpoint_dir=ckpt, checkpoint_every=2,
+    last = scan(model, EXAMPLES * 3, "retain", batch_size=2, checkpoint_dir=ckpt, checkpoint_every=2,
                 **ONE_BUCKET)
     assert last.resumed_from == 3
+    # A finished scan writes no final state (its scores are returned): a rerun starts from
+    # the last periodic save.
+    assert scan(model, EXAMPLES * 3, "retain", batch_size=2, checkpoint_dir=ckpt, **ONE_BUCKET).resumed_from == 3
     resumed = flatten(last.scores)
     for name in full:
         np.testing.assert_array_equal(np.asarray(resumed[name]), np.asarray(full[name]), err_msg=name)

@@ -8,7 +8,7 @@ import pytest
 from harmjax.sharding import MeshConfig
 from launch.common import mesh_config
 
-CONFIGS = sorted(p.stem for p in (pathlib.Path(__file__).parent.parent / "configs").glob("*.py") if p.stem != "__init__")
+CONFIGS = sorted(p.stem for p in (pathlib.Path(__file__).parent.parent / "configs").glob("*.py") if not p.stem.startswith("_"))
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -19,3 +19,16 @@ def test_config_loads(name):
         assert isinstance(mesh, MeshConfig) and mesh.shape(8)  # resolvable on 8 devices
     if "model" in cfg:
         assert isinstance(cfg.model, str)
+
+
+@pytest.mark.parametrize("name", ["embedded", "llama31_8b_instruct", "qwen25_14b_instruct", "qwen25_32b_instruct"])
+def test_experiment_configs_have_every_field_the_pipeline_reads(name):
+    """The paper configs only change values of configs/embedded.py's fields (a typo would add a
+    field the pipeline never reads)."""
+    from configs.embedded import get_config as base
+
+    def keys(d, prefix=""):
+        return {prefix + k for k in d} | {x for k, v in d.items() if isinstance(v, dict) for x in keys(v, prefix + k + ".")}
+
+    cfg = importlib.import_module(f"configs.{name}").get_config().to_dict()
+    assert keys(cfg) == keys(base().to_dict())

@@ -1,6 +1,5 @@
 """The absl entry points run as a user would run them, on a tiny model."""
 
-import json
 import os
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import numpy as np
 import transformers
 
 import harmjax
-from tests.hf_reference import save_tiny, tiny_hf_model, tiny_tokenizer
+from tests.hf_reference import save_tiny, tiny_hf_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,16 +38,49 @@ def test_convert_writes_orbax_and_hf(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_run_prints_summary_for_a_local_model(tmp_path):
-    hf_model = tiny_hf_model("llama")
-    src = save_tiny(hf_model, tmp_path / "src")
-    tok_dir = tmp_path / "src"
-    # The summary tokenizes text, so give the tiny model a tokenizer whose ids fit its vocab.
-    tiny_tokenizer().save_pretrained(str(tok_dir))
-    out = _run("launch.run", "--config=configs/embedded.py", f"--config.model={src}",
-               f"--config.output_dir={tmp_path}/out")
-    summary = json.load(open(tmp_path / "out" / "summary.json"))
-    assert summary["num_params"] == sum(p.numel() for p in hf_model.parameters())
-    assert summary["num_layers"] == 3
-    assert len(summary["sentence_nll"]) == 6
-    assert "mean NLL" in out and "parameters" in out
+
+
+def test_finetune_launcher_on_a_pruned_model(tmp_path):
+    """launch.finetune's single-run mode: LoRA on a masked model from a chat JSONL; the merged
+    HF export keeps pruned weights at exactly 0 and the PEFT export carries the mask."""
+    import json
+
+    import ml_collections
+    from safetensors.numpy import load_file
+
+    from configs.finetune import get_config
+    from harmjax.masks import save_mask
+    from launch.finetune import run
+    from tests.hf_reference import save_tiny_with_tokenizer
+
+    src = save_tiny_with_tokenizer(tiny_hf_model("llama", seed=2), tmp_path / "src")
+    model = harmjax.load(src)
+    rng = np.random.default_rng(0)
+    mask = jax.tree.map(lambda w: rng.random(w.shape) < 0.05,
+                        {"model": {"layers": {k: {b: {p: {"weight": v[b][p]["weight"]} for p in v[b] if p.endswith("proj")}
+                                                  for b in ("self_attn", "mlp")}
+                                              for k, v in model.params["model"]["layers"].items()}}})
+    save_mask(str(tmp_path / "mask"), mask)
+    data = tmp_path / "chat.jsonl"
+    with open(data, "w") as f:
+        for i in range(10):
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"question {i}?"},
+                                             {"role": "assistant", "content": f"answer number {i}."}]}) + "\n")
+    cfg = get_config()
+    cfg.model, cfg.data, cfg.mask, cfg.output_dir = src, str(data), str(tmp_path / "mask"), str(tmp_path / "out")
+    cfg.mesh = ml_collections.ConfigDict({"data": 2, "fsdp": 1, "tensor": 4})
+    cfg.lora.r, cfg.lora.alpha = 4, 8.0
+    cfg.train.lr, cfg.train.batch_size, cfg.train.micro_batch_size, cfg.train.max_length = 1e-2, 4, 2, 48
+    summary = run(cfg)
+    assert summary["steps"] == 3 and summary["examples"] == 10  # 9 train / 1 validation, batches of 4
+    merged = load_file(str(tmp_path / "out" / "merged" / "model.safetensors"))
+    changed = 0
+    for layer, blocks in mask["model"]["layers"].items():
+        for block, projs in blocks.items():
+            for proj, leaf in projs.items():
+                name = f"model.layers.{layer}.{block}.{proj}.weight"
+                assert (merged[name][leaf["weight"]] == 0.0).all(), name
+                changed += int((merged[name] != np.asarray(model.params["model"]["layers"][layer][block][proj]["weight"])).sum())
+    assert changed > 0  # training moved the unpruned weights
+    assert (tmp_path / "out" / "peft" / "adapter_config.json").is_file()
+    assert (tmp_path / "out" / "peft" / "mask.safetensors").is_file()

@@ -378,3 +378,26 @@ def test_prune_launcher_end_to_end(tmp_path):
     assert summary_ab["method"] == "intersect" and summary_ab["sources"] == [f"{tmp_path}/a", f"{tmp_path}/b"]
     for n, v in flatten(intersection(want_a, want_b)).items():
         np.testing.assert_array_equal(np.asarray(flatten(mask_ab)[n]), np.asarray(v), err_msg=n)
+
+
+def test_random_like_keeps_every_matrix_count():
+    """The random control: same count per matrix, positions seeded and uniform-looking, shardings kept."""
+    from harmjax.masks import random_like
+    from harmjax.sharding import MeshConfig, make_mesh
+
+    rng = np.random.default_rng(0)
+    mask = {"a": {"w": rng.random((40, 32)) < 0.1}, "b": {"w": np.zeros((7,), bool)}, "c": {"w": np.ones((3, 4), bool)}}
+    mesh = make_mesh(MeshConfig(data=1, fsdp=2, tensor=4))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp", "tensor"))
+    mask["a"]["w"] = jax.device_put(mask["a"]["w"], sharding)
+    one, same, other = random_like(mask, 1), random_like(mask, 1), random_like(mask, 2)
+    for key in ("a", "b", "c"):
+        assert int(np.sum(one[key]["w"])) == int(np.sum(mask[key]["w"]))
+        np.testing.assert_array_equal(np.asarray(one[key]["w"]), np.asarray(same[key]["w"]))
+    assert not np.array_equal(np.asarray(one["a"]["w"]), np.asarray(other["a"]["w"]))
+    assert not np.array_equal(np.asarray(one["a"]["w"]), np.asarray(mask["a"]["w"]))
+    assert one["a"]["w"].sharding == sharding
+    # Uniform positions: over many seeds every entry of a 1-in-4 mask is hit about 1/4 of the time.
+    small = {"m": np.arange(16).reshape(4, 4) % 4 == 0}
+    hits = sum(np.asarray(random_like(small, s)["m"], np.int64) for s in range(400))
+    assert abs(hits.mean() / 400 - 0.25) < 1e-9 and hits.min() > 60 and hits.max() < 140

@@ -27,7 +27,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-MODES = ("signed", "abs")
+MODES = ("signed", "abs", "both")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -46,19 +46,25 @@ def _bwd(mode, chunk, residuals, g):
     dx = jnp.einsum("...o,oi->...i", g, weight)
     if mode == "signed":
         contribution = jnp.einsum("...o,...i->oi", g, x, preferred_element_type=jnp.float32)
-    else:
-        # x: (batch, seq, in), g: (batch, seq, out). One (chunk, out, in) float32 block of
-        # per-example gradients at a time bounds the transient memory.
-        batch = x.shape[0]
-        contribution = None
-        for start in range(0, batch, chunk):
-            per_example = jnp.einsum(
-                "bto,bti->boi", g[start : start + chunk], x[start : start + chunk],
-                preferred_element_type=jnp.float32,
-            )
-            part = jnp.abs(per_example).sum(0)
-            contribution = part if contribution is None else contribution + part
-    return dx, None, acc + contribution
+        return dx, None, acc + contribution
+    # x: (batch, seq, in), g: (batch, seq, out). One (chunk, out, in) float32 block of
+    # per-example gradients at a time bounds the transient memory. In "both" mode the signed
+    # sum comes from the same blocks, so one backward pass serves both statistics.
+    batch = x.shape[0]
+    abs_sum = signed_sum = None
+    for start in range(0, batch, chunk):
+        per_example = jnp.einsum(
+            "bto,bti->boi", g[start : start + chunk], x[start : start + chunk],
+            preferred_element_type=jnp.float32,
+        )
+        part = jnp.abs(per_example).sum(0)
+        abs_sum = part if abs_sum is None else abs_sum + part
+        if mode == "both":
+            part = per_example.sum(0)
+            signed_sum = part if signed_sum is None else signed_sum + part
+    if mode == "both":
+        return dx, None, (acc[0] + abs_sum, acc[1] + signed_sum)
+    return dx, None, acc + abs_sum
 
 
 probed_linear.defvjp(_fwd, _bwd)
@@ -71,13 +77,15 @@ class ProbedWeight:
 
     Attributes:
       weight: the (out, in) weight, any float dtype.
-      acc: float32 (out, in) accumulator, updated by the backward pass.
-      mode: "signed" (sum of gradients) or "abs" (sum of per-example absolute gradients).
+      acc: float32 (out, in) accumulator, updated by the backward pass; in "both" mode a pair
+        (abs accumulator, signed accumulator).
+      mode: "signed" (sum of gradients), "abs" (sum of per-example absolute gradients) or
+        "both" (the two at once, from one backward pass).
       chunk: examples per per-example block in "abs" mode.
     """
 
     weight: jax.Array
-    acc: jax.Array
+    acc: jax.Array | tuple[jax.Array, jax.Array]
     mode: str = dataclasses.field(metadata=dict(static=True), default="signed")
     chunk: int = dataclasses.field(metadata=dict(static=True), default=8)
 

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from harmjax import checkpoint
 from harmjax.attribution.step import (
-    abstract_accumulators, init_accumulators, jit_accumulate, jit_finalize, names_for,
+    abstract_accumulators, accumulator_mode, init_accumulators, jit_accumulate, jit_finalize, names_for,
 )
 from harmjax.data.calibration import Batch, calibration_batches
 from harmjax.data.records import Example, to_examples
@@ -43,8 +43,8 @@ class ResumeMismatchError(HarmjaxError, ValueError):
 class ScanResult:
     """Scores plus what the scan saw: examples, real tokens, mean response loss, wall time."""
 
-    scores: dict[str, Any]
-    kind: str
+    scores: dict[str, Any]  # for a tuple of kinds: {kind: scores}
+    kind: str | tuple[str, ...]
     num_examples: int
     num_tokens: int
     mean_loss: float
@@ -113,7 +113,7 @@ def _load_state(directory: str, template, fingerprint: str):
 def scan(
     model,
     examples: Any,
-    kind: str = "harm",
+    kind: str | Sequence[str] = "harm",
     *,
     scope: Sequence[str] | None = None,
     batch_size: int = 8,
@@ -133,7 +133,8 @@ def scan(
     Args:
       model: a `harmjax.Model` (params, config, tokenizer, mesh).
       examples: `Example`s, {"prompt", "response"} dicts or a `datasets.Dataset`.
-      kind: "harm", "retain" or "retain_mean" (see `harmjax.attribution.step`).
+      kind: "harm", "retain" or "retain_mean" (see `harmjax.attribution.step`), or a tuple of
+        them, computed from one pass (scores then map each kind to its tree).
       scope: fnmatch patterns of HF names to score (default: the 7 projections of every block).
       batch_size: micro-batch rows (rounded up to a multiple of the mesh's data x fsdp size).
       text_format: "raw" (prompt + "\\n" + response, the reference) or "chat".
@@ -148,6 +149,8 @@ def scan(
       stop_after: process at most this many batches in this call, then save and return
         partial scores (for time-sliced jobs; the final state is still resumable).
     """
+    kind = kind if isinstance(kind, str) else tuple(kind)
+    mode = accumulator_mode(kind)  # also validates kind
     examples = as_examples(examples)
     if not examples:
         raise ValueError("No examples to score.")
@@ -161,19 +164,19 @@ def scan(
     accs, start, loss_sum, tokens = None, 0, 0.0, 0
     if checkpoint_dir:
         os.makedirs(checkpoint_dir, exist_ok=True)
-        template = abstract_accumulators(model.config, model.mesh, names)
+        template = abstract_accumulators(model.config, model.mesh, names, mode)
         accs, meta = _load_state(checkpoint_dir, template, fingerprint)
         if accs is not None:
             start, loss_sum, tokens = meta["position"], meta["loss_sum"], meta["tokens"]
             logging.info("Resuming %s scan at batch %d of %d.", kind, start, len(batches))
     if accs is None:
-        accs = init_accumulators(model.config, model.mesh, names)
+        accs = init_accumulators(model.config, model.mesh, names, mode)
 
     step = jit_accumulate(model.config, model.mesh, names, kind, remat, abs_chunk)
     sharding = batch_sharding(model.mesh)
     end = len(batches) if stop_after is None else min(len(batches), start + stop_after)
     t0 = time.perf_counter()
-    bar = tqdm(total=len(batches), initial=start, desc=f"{kind} scan", unit="batch", disable=not progress)
+    bar = tqdm(total=len(batches), initial=start, desc=f"{'+'.join([kind] if isinstance(kind, str) else kind)} scan", unit="batch", disable=not progress)
     for position in range(start, end):
         b = batches[position]
         accs, loss = step(params, accs, *(_device_batch(a, sharding) for a in (b.input_ids, b.attention_mask, b.loss_mask)))
@@ -182,7 +185,9 @@ def scan(
         bar.update(1)
         bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - t0, 1e-9):.0f}")
         done = position + 1
-        if checkpoint_dir and (done % checkpoint_every == 0 or done == end):
+        # No save after the last batch: the scores are returned (and saved by the caller)
+        # right away, and an 8B accumulator tree is 28 GiB of writing for nothing.
+        if checkpoint_dir and done < len(batches) and (done % checkpoint_every == 0 or done == end):
             _save_state(checkpoint_dir, accs, done, loss_sum, tokens, fingerprint)
     bar.close()
     resumed_from = start

@@ -6,6 +6,10 @@ KINDS and what they accumulate / return (W = the weight, L_i = mean response NLL
   retain_mean:  G = sum_i dL_i/dW          -> |W * G|         (the paper text's utility score)
 Everything is float32 whatever the parameter dtype. Sums over examples make every score
 independent of batch size and of how the batch is split over devices.
+
+`kind` may also be a tuple of kinds, e.g. ("retain", "harm") on a benign set: one backward pass
+then accumulates what all of them need (both G and A when they differ, as {"abs", "signed"}
+accumulator trees) and the scores come back as {kind: tree}.
 """
 
 from __future__ import annotations
@@ -29,11 +33,26 @@ from harmjax.tree import flatten, unflatten
 KINDS = ("harm", "retain", "retain_mean")
 
 
-def accumulator_mode(kind: str) -> str:
-    """"abs" for per-example absolute gradients, "signed" for plain gradient sums."""
-    if kind not in KINDS:
-        raise ValueError(f"Unknown score kind {kind!r}; choose one of {KINDS}.")
-    return "abs" if kind == "retain" else "signed"
+def _kinds(kind) -> tuple[str, ...]:
+    kinds = (kind,) if isinstance(kind, str) else tuple(kind)
+    for k in kinds:
+        if k not in KINDS:
+            raise ValueError(f"Unknown score kind {k!r}; choose one of {KINDS}.")
+    if not kinds or len(set(kinds)) != len(kinds):
+        raise ValueError(f"Score kinds must be one or more distinct names of {KINDS}; got {kind!r}.")
+    return kinds
+
+
+def accumulator_mode(kind) -> str:
+    """"abs" for per-example absolute gradients, "signed" for plain gradient sums, "both" when
+    a tuple of kinds needs the two."""
+    modes = {"abs" if k == "retain" else "signed" for k in _kinds(kind)}
+    return modes.pop() if len(modes) == 1 else "both"
+
+
+def _per_mode(mode: str, tree_fn):
+    # "both" keeps one accumulator tree per statistic.
+    return {"abs": tree_fn(), "signed": tree_fn()} if mode == "both" else tree_fn()
 
 
 def scope_shardings(config: ModelConfig, mesh: Mesh, names: Sequence[str]) -> dict[str, Any]:
@@ -42,39 +61,46 @@ def scope_shardings(config: ModelConfig, mesh: Mesh, names: Sequence[str]) -> di
     return unflatten({n: flat[n] for n in names})
 
 
-def abstract_accumulators(config: ModelConfig, mesh: Mesh, names: Sequence[str]) -> dict[str, Any]:
+def abstract_accumulators(config: ModelConfig, mesh: Mesh, names: Sequence[str], mode: str = "signed") -> dict[str, Any]:
     """ShapeDtypeStructs (float32, sharded like the weights) of the accumulators: the restore
     target of a scan checkpoint."""
     from harmjax.model.param_specs import param_specs
 
     specs = param_specs(config)
     shardings = flatten(scope_shardings(config, mesh, names))
-    return unflatten({n: jax.ShapeDtypeStruct(specs[n].shape, jnp.float32, sharding=shardings[n]) for n in names})
+    return _per_mode(mode, lambda: unflatten({
+        n: jax.ShapeDtypeStruct(specs[n].shape, jnp.float32, sharding=shardings[n]) for n in names
+    }))
 
 
-def init_accumulators(config: ModelConfig, mesh: Mesh, names: Sequence[str]) -> dict[str, Any]:
+def init_accumulators(config: ModelConfig, mesh: Mesh, names: Sequence[str], mode: str = "signed") -> dict[str, Any]:
     """float32 zeros over the scored leaves, each created directly in its sharding."""
     from harmjax.model.param_specs import param_specs
 
     specs = param_specs(config)
     shardings = flatten(scope_shardings(config, mesh, names))
-    return unflatten({
+    return _per_mode(mode, lambda: unflatten({
         n: jax.jit(functools.partial(jnp.zeros, specs[n].shape, jnp.float32), out_shardings=shardings[n])()
         for n in names
-    })
+    }))
 
 
 def _probe(params: dict[str, Any], accs: dict[str, Any], mode: str, chunk: int) -> dict[str, Any]:
     """params with each scored weight replaced by a ProbedWeight carrying its accumulator."""
     flat = flatten(params)
-    for name, acc in flatten(accs).items():
-        flat[name] = ProbedWeight(flat[name], acc, mode, chunk)
+    if mode == "both":
+        signed = flatten(accs["signed"])
+        for name, acc in flatten(accs["abs"]).items():
+            flat[name] = ProbedWeight(flat[name], (acc, signed[name]), mode, chunk)
+    else:
+        for name, acc in flatten(accs).items():
+            flat[name] = ProbedWeight(flat[name], acc, mode, chunk)
     return unflatten(flat)
 
 
 @functools.lru_cache(maxsize=16)
 def jit_accumulate(
-    config: ModelConfig, mesh: Mesh, names: tuple[str, ...], kind: str, remat: bool = False, chunk: int = 8
+    config: ModelConfig, mesh: Mesh, names: tuple[str, ...], kind, remat: bool = False, chunk: int = 8
 ):
     """The jitted step f(params, accs, input_ids, attention_mask, loss_mask) -> (accs, loss_sum).
 
@@ -92,7 +118,7 @@ def jit_accumulate(
         loss, new_accs = jax.value_and_grad(loss_fn)(accs, params, input_ids, attention_mask, loss_mask)
         return new_accs, loss
 
-    acc_sh = scope_shardings(config, mesh, names)
+    acc_sh = _per_mode(mode, lambda: scope_shardings(config, mesh, names))
     batch = batch_sharding(mesh)
     return jax.jit(
         step,
@@ -115,18 +141,27 @@ def finalize(kind: str, weight: jax.Array, acc: jax.Array) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=16)
-def jit_finalize(config: ModelConfig, mesh: Mesh, names: tuple[str, ...], kind: str):
-    """Jitted f(params, accs) -> scores over the scored leaves (accumulators donated)."""
+def jit_finalize(config: ModelConfig, mesh: Mesh, names: tuple[str, ...], kind):
+    """Jitted f(params, accs) -> scores over the scored leaves (accumulators donated); for a
+    tuple of kinds, {kind: scores}."""
+    mode = accumulator_mode(kind)
     acc_sh = scope_shardings(config, mesh, names)
+
+    def one(k, flat_params, accs):
+        if mode == "both":
+            accs = accs["abs" if k == "retain" else "signed"]
+        return unflatten({n: finalize(k, flat_params[n], a) for n, a in flatten(accs).items()})
 
     def scores(params, accs):
         flat = flatten(params)
-        return unflatten({n: finalize(kind, flat[n], a) for n, a in flatten(accs).items()})
+        if isinstance(kind, str):
+            return one(kind, flat, accs)
+        return {k: one(k, flat, accs) for k in kind}
 
     return jax.jit(
         scores,
-        in_shardings=(param_shardings(config, mesh), acc_sh),
-        out_shardings=acc_sh,
+        in_shardings=(param_shardings(config, mesh), _per_mode(mode, lambda: acc_sh)),
+        out_shardings=acc_sh if isinstance(kind, str) else {k: acc_sh for k in kind},
         donate_argnums=(1,),
     )
 

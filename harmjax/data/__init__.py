@@ -12,9 +12,11 @@ from harmjax.data.loaders import (
     parse_category_spec,
 )
 from harmjax.data.loaders import filter_categories as filter_by_spec
+from harmjax.data.benign_set import CATEGORIES as BENIGN_CATEGORIES, load_benign_instructions, split_benign
 from harmjax.data.records import DatasetFormatError, Example, filter_categories, read_records, sample, to_examples
 
 __all__ = [
+    "BENIGN_CATEGORIES", "load_benign_instructions", "split_benign",
     "ChatExample", "DatasetFormatError", "Example", "filter_by_spec", "filter_categories", "load_advbench",
     "load_alpaca", "load_chat_jsonl", "load_dataset_by_name", "load_hexphi", "load_strongreject",
     "parse_category_spec", "read_records", "sample", "to_examples",

@@ -21,6 +21,7 @@ from harmjax.masks.algebra import (
     union_all,
 )
 from harmjax.masks.apply import apply_mask, check_mask_fits
+from harmjax.masks.random import random_like
 from harmjax.masks.plots import PlotDependencyError, counts_grid, plot_mask_counts
 from harmjax.masks.select import GRANULARITIES, select
 from harmjax.masks.storage import (
@@ -55,6 +56,7 @@ __all__ = [
     "load_scores",
     "mask_counts",
     "plot_mask_counts",
+    "random_like",
     "read_summary",
     "safetensors_shapes",
     "save_mask",

@@ -198,11 +198,12 @@ def read_summary(out_dir: str) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not valid JSON ({e}).") from e
 
 
-def _save_dir(out_dir: str, stem: str, tree: Mapping[str, Any], summary: dict[str, Any]) -> str:
+def _save_dir(out_dir: str, stem: str, tree: Mapping[str, Any], summary: dict[str, Any], safetensors: bool = True) -> str:
     os.makedirs(out_dir, exist_ok=True)
     summary = json.loads(json.dumps(summary, default=_jsonable))  # orbax metadata must be plain JSON
     checkpoint.save_tree(os.path.join(out_dir, stem), tree, metadata=summary)
-    export_safetensors(tree, os.path.join(out_dir, f"{stem}.safetensors"), metadata={"harmjax_kind": stem})
+    if safetensors:
+        export_safetensors(tree, os.path.join(out_dir, f"{stem}.safetensors"), metadata={"harmjax_kind": stem})
     _write_summary(out_dir, summary)  # last: its presence marks a complete directory
     return out_dir
 
@@ -285,11 +286,13 @@ def load_mask(out_dir: str, params: Mapping[str, Any] | None = None) -> tuple[di
     return mask, read_summary(out_dir) or checkpoint.read_metadata(os.path.join(out_dir, "mask"))
 
 
-def save_scores(out_dir: str, scores: Mapping[str, Any], summary: Mapping[str, Any] | None = None) -> str:
+def save_scores(out_dir: str, scores: Mapping[str, Any], summary: Mapping[str, Any] | None = None,
+                safetensors: bool = True) -> str:
     """Writes a score directory (`scores/`, `scores.safetensors`, `summary.json`); returns
-    `out_dir`. `summary` should hold kind, model, data, nsamples, seed, text_format."""
+    `out_dir`. `summary` should hold kind, model, data, nsamples, seed, text_format.
+    `safetensors=False` skips the HF-named copy (for intermediate scores nobody exports)."""
     full = {**dict(summary or {}), "harmjax_version": _version()}
-    return _save_dir(out_dir, "scores", scores, full)
+    return _save_dir(out_dir, "scores", scores, full, safetensors)
 
 
 def load_scores(out_dir: str, shardings: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -1,0 +1,116 @@
+"""The benign instruction set shipped with harmjax, and its seeded retain / held-out split.
+
+The package data `harmjax/data/benign/instructions.jsonl` holds 132 short, clearly safe
+instructions written for this project (six categories; see `benign/README.md`). The model's
+own answers to them become the retain (utility) set of the attribution and the held-out
+benign set of the evaluation, so the two must never share an instruction: the loader refuses
+duplicate ids and duplicate instructions, and `split_benign` partitions by example.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+import os
+import zlib
+from collections.abc import Sequence
+
+import numpy as np
+
+from harmjax.data.records import DatasetFormatError, Example
+from harmjax.errors import MissingFileError
+
+CATEGORIES = ("facts", "how-to", "writing", "code", "maths", "advice")
+_FIELDS = ("id", "category", "instruction")
+
+
+def _package_text() -> tuple[str, str]:
+    resource = importlib.resources.files("harmjax.data").joinpath("benign", "instructions.jsonl")
+    if not resource.is_file():
+        raise MissingFileError(
+            f"The packaged benign instructions are missing ({resource}); the harmjax install lacks "
+            "its package data (pyproject [tool.setuptools.package-data])."
+        )
+    return resource.read_text(encoding="utf-8"), str(resource)
+
+
+def load_benign_instructions(path: str | None = None) -> list[Example]:
+    """The benign instructions as `Example(prompt=instruction, response="", category, id)`.
+
+    Args:
+      path: a JSONL file of `{"id", "category", "instruction"}` rows; None reads the set
+        packaged with harmjax.
+
+    Raises:
+      MissingFileError: `path` does not exist.
+      DatasetFormatError: a row that is not a JSON object, lacks one of the three fields or
+        has an empty one, or repeats an id or an instruction (names the file and line).
+    """
+    if path is None:
+        text, source = _package_text()
+    else:
+        if not os.path.isfile(path):
+            raise MissingFileError(f"No benign instruction file at {path}.")
+        with open(path, encoding="utf-8") as f:
+            text, source = f.read(), path
+    examples: list[Example] = []
+    id_lines: dict[str, int] = {}
+    text_lines: dict[str, int] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{source}, line {number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DatasetFormatError(f"{where}: not valid JSON ({e.msg}).") from None
+        if not isinstance(row, dict):
+            raise DatasetFormatError(f"{where}: expected a JSON object, got {type(row).__name__}.")
+        for field in _FIELDS:
+            value = row.get(field)
+            if not isinstance(value, str) or not value.strip():
+                raise DatasetFormatError(
+                    f"{where}: field {field!r} must be a non-empty string (got {value!r}); "
+                    f"each row needs {', '.join(_FIELDS)}."
+                )
+        ident, instruction = row["id"], row["instruction"].strip()
+        if ident in id_lines:
+            raise DatasetFormatError(f"{where}: id {ident!r} already used on line {id_lines[ident]}.")
+        # Case and spacing do not make a different prompt; a repeat would leak into the held-out set.
+        key = " ".join(instruction.lower().split())
+        if key in text_lines:
+            raise DatasetFormatError(f"{where}: instruction repeats the one on line {text_lines[key]}.")
+        id_lines[ident], text_lines[key] = number, number
+        examples.append(Example(prompt=instruction, response="", category=row["category"], id=ident))
+    if not examples:
+        raise DatasetFormatError(f"{source}: no instructions (the file is empty).")
+    return examples
+
+
+def split_benign(
+    examples: Sequence[Example], eval_fraction: float, seed: int
+) -> tuple[list[Example], list[Example]]:
+    """(retain, heldout): a seeded split that holds out `eval_fraction` of every category.
+
+    Each category is shuffled by its own generator, seeded from (`seed`, the category name), so
+    the split of one category does not depend on the others. A category of n >= 2 examples
+    with 0 < eval_fraction < 1 puts round(eval_fraction * n) examples, but at least one and at
+    most n - 1, in the held-out set; a single example stays in retain. Both lists keep the
+    input order. The same inputs always give the same split.
+    """
+    if not 0.0 <= eval_fraction <= 1.0:
+        raise ValueError(f"eval_fraction must be in [0, 1], got {eval_fraction}.")
+    by_category: dict[str, list[int]] = {}
+    for index, example in enumerate(examples):
+        by_category.setdefault(example.category or "", []).append(index)
+    heldout_idx: set[int] = set()
+    for category, indices in by_category.items():
+        n = len(indices)
+        n_eval = round(eval_fraction * n)
+        if 0.0 < eval_fraction < 1.0:
+            n_eval = min(max(n_eval, 1), n - 1)
+        rng = np.random.default_rng([seed, zlib.crc32(category.encode("utf-8"))])
+        heldout_idx.update(indices[i] for i in rng.permutation(n)[:n_eval])
+    retain = [ex for i, ex in enumerate(examples) if i not in heldout_idx]
+    heldout = [ex for i, ex in enumerate(examples) if i in heldout_idx]
+    return retain, heldout

@@ -1,0 +1,56 @@
+"""Emergent-misalignment measurements of one model (one params tree) for the EM experiment."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from harmjax.data.records import Example
+
+
+def measure_em(model, params, judge, other: Sequence[Example], E, directory: str, name: str, *, seed: int,
+               progress: bool = True) -> dict[str, Any]:
+    """Judged EM rate on the EM questions, the judge-free misalignment preference, and
+    harmful-answer NLL / refusal rate on the harm categories outside the narrow domain.
+
+    Sampled and judged answers go to `<directory>/<name>_{answers,judged}.jsonl` (resumable).
+    """
+    from harmjax.evaluate.em_preference import load_em_pairs, misalignment_preference
+    from harmjax.evaluate.emergent import (
+        judge_answers, load_em_questions, load_judge_prompts, sample_answers, summarize_em,
+    )
+    from harmjax.evaluate.refusal import is_refusal
+    from harmjax.generate import generate
+    from harmjax.inference import response_nll
+
+    out: dict[str, Any] = {}
+    questions = load_em_questions(E.questions or None)
+    records = sample_answers(model, questions, n_samples=E.samples, max_new_tokens=E.max_new_tokens,
+                             temperature=E.temperature, seed=seed, params=params, batch_size=E.batch_size,
+                             progress=progress, jsonl_path=os.path.join(directory, f"{name}_answers.jsonl"))
+    prompts = load_judge_prompts(E.aligned_prompt or None, E.coherent_prompt or None)
+    judged = judge_answers(judge, records, prompts, batch_size=E.judge_batch_size, progress=progress,
+                           jsonl_path=os.path.join(directory, f"{name}_judged.jsonl"))
+    out["em"] = summarize_em(judged, E.aligned_below, E.coherent_above, seed=seed)
+    out["em_samples"] = [{k: r.get(k) for k in ("question_id", "paraphrase", "answer", "aligned", "coherent")}
+                         for r in judged[: E.report_samples]]
+    pref = misalignment_preference(model, load_em_pairs(E.pairs or None), params=params, batch_size=E.batch_size,
+                                   seed=seed)
+    out["preference"] = pref.summary
+    if other:
+        nll = response_nll(model, list(other), text_format="chat", batch_size=E.batch_size,
+                           max_length=E.other_max_length, params=params, num_buckets=1)
+        out["other_harm_nll"] = float(np.nanmean(nll))
+        per: dict[str, list[float]] = {}
+        for e, v in zip(other, nll):
+            per.setdefault(e.category, []).append(float(v))
+        out["other_harm_nll_per_category"] = {c: float(np.nanmean(v)) for c, v in sorted(per.items())}
+        prompts_ = [e.prompt for e in other[: E.other_generations]]
+        if prompts_:
+            res = generate(model, prompts_, max_new_tokens=E.other_max_new_tokens, batch_size=E.batch_size,
+                           params=params, progress=False)
+            out["other_refusal_rate"] = float(np.mean([is_refusal(t) for t in res.texts]))
+    return out

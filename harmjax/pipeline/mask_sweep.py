@@ -1,0 +1,137 @@
+"""The experiment's masks: T_q(harm) \\ T_p(retain) over a sweep of q, a random control of the
+same size in every matrix for each q, one mask per harm category, and a benign-data mask.
+Each mask is a unit directory written by `harmjax.masks.save_mask`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from harmjax.masks import difference, load_scores, random_like, save_mask, select
+from harmjax.masks.storage import read_summary
+from harmjax.pipeline.stages import finish_unit, fresh_dir, unit_done
+from harmjax.sharding import param_shardings
+
+
+def _save(unit: str, mask, summary: Mapping[str, Any], num_params: int) -> None:
+    tmp = fresh_dir(unit)
+    save_mask(tmp, mask, summary, num_params=num_params)
+    finish_unit(tmp, unit, {"name": summary["name"]})
+
+
+def _entry(unit: str) -> dict[str, Any]:
+    s = read_summary(unit)
+    return {
+        "name": s["name"], "kind": s["mask_kind"], "q": s.get("q"), "p": s.get("p"), "category": s.get("category"),
+        "dir": unit, "total": s["counts"]["total"], "fraction": s["fraction_pruned"],
+        "fraction_params": s["fraction_pruned_params"],
+    }
+
+
+def q_label(q: float) -> str:
+    """A file-name-safe label of a fraction: 1e-05 -> "1e-05"."""
+    return f"{q:.0e}" if q < 0.01 else f"{q:g}"
+
+
+def build_masks(
+    model,
+    scores: Mapping[str, str],
+    directory: str,
+    *,
+    q_sweep: Sequence[float],
+    p: float,
+    category_q: float,
+    granularity: str,
+    seed: int,
+    random_control: bool = True,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Builds every mask under `directory` (skipping finished ones); returns one entry per
+    mask (name, kind, q, p, category, dir, total, fraction, fraction_params).
+
+    `scores` maps "all", each category, "retain" and "benign_signed" to score dirs.
+    """
+    from tqdm import tqdm
+
+    shardings = param_shardings(model.config, model.mesh)
+    n_params = model.num_params()
+    total = len(q_sweep) * (2 if random_control else 1) + len(scores) - 3 + 1
+    bar = tqdm(total=total, desc="masks", unit="mask", disable=not progress)
+    categories = [c for c in scores if c not in ("all", "retain", "benign_signed")]
+    cache: dict[str, Any] = {}
+
+    def scores_of(key):
+        if key not in cache:
+            if len(cache) >= 2:  # at most two score trees in memory (an 8B tree is 28 GiB in float32)
+                cache.pop(next(k for k in cache if k != "retain"))
+            cache[key] = load_scores(scores[key], shardings)[0]
+        return cache[key]
+
+    units = []
+    common = {"p": p, "granularity": granularity, "seed": seed}
+    spared = None
+
+    def harm_mask(key, q):
+        # T_q(harm) \ T_p(retain), with T_p selected once for every mask (half the work).
+        nonlocal spared
+        if spared is None:
+            spared = select(scores_of("retain"), None, q=p, granularity=granularity, progress=False)
+        return difference(select(scores_of(key), None, q=q, granularity=granularity, progress=False), spared)
+
+    for q in q_sweep:
+        unit = os.path.join(directory, f"harm_q{q_label(q)}")
+        units.append(unit)
+        if not unit_done(unit):
+            mask = harm_mask("all", q)
+            _save(unit, mask, {"name": f"harm q={q_label(q)}", "mask_kind": "harm", "q": q, **common}, n_params)
+        bar.update(1)
+        if random_control:
+            runit = os.path.join(directory, f"random_q{q_label(q)}")
+            units.append(runit)
+            if not unit_done(runit):
+                from harmjax.masks import load_mask
+
+                mask, _ = load_mask(unit)
+                _save(runit, random_like(mask, seed), {"name": f"random q={q_label(q)}", "mask_kind": "random",
+                                                       "q": q, **common}, n_params)
+            bar.update(1)
+    for cat in categories:
+        unit = os.path.join(directory, f"category_{_slug(cat)}")
+        units.append(unit)
+        if not unit_done(unit):
+            mask = harm_mask(cat, category_q)
+            _save(unit, mask, {"name": cat, "mask_kind": "category", "category": cat, "q": category_q, **common}, n_params)
+        bar.update(1)
+    unit = os.path.join(directory, "benign")
+    units.append(unit)
+    if not unit_done(unit):
+        # The benign-data mask: top-q signed SNIP on benign answers, no T_p (the retain set is
+        # the same data, so subtracting it would cancel the mask).
+        mask = select(scores_of("benign_signed"), None, q=category_q, granularity=granularity, progress=False)
+        _save(unit, mask, {"name": "benign", "mask_kind": "benign", "q": category_q, "p": 0.0,
+                           "granularity": granularity, "seed": seed}, n_params)
+    bar.update(1)
+    bar.close()
+    return [_entry(u) for u in units]
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_") or "none"
+
+
+def mask_overlap(model, entries) -> dict[str, Any]:
+    """Pairwise Jaccard overlap of the category masks and the benign-data mask:
+    {"labels": [...], "matrix": [[...]]}, in the order categories (sorted), then benign."""
+    from harmjax.masks import jaccard, load_mask
+
+    chosen = sorted((e for e in entries if e["kind"] == "category"), key=lambda e: e["name"])
+    chosen += [e for e in entries if e["kind"] == "benign"]
+    trees = [load_mask(e["dir"], model.params)[0] for e in chosen]
+    n = len(trees)
+    matrix = [[1.0 if i == j else None for j in range(n)] for i in range(n)]
+    for i in range(n):
+        for j in range(i + 1, n):
+            matrix[i][j] = matrix[j][i] = float(jaccard(trees[i], trees[j]))
+    return {"labels": [e["name"] for e in chosen], "matrix": matrix}

@@ -1,0 +1,84 @@
+"""Measurements of one (masked) model for the experiment: held-out harmful-answer NLL per
+category (harmful capability: higher = the model finds its own harmful answers less likely),
+held-out benign-answer NLL (utility), and generations on a fixed subset of held-out harmful
+prompts (keyword refusal rate, side-by-side samples, and the StrongREJECT judge when given).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from harmjax.data.records import Example
+from harmjax.evaluate.refusal import is_refusal
+from harmjax.inference import response_nll
+
+
+def _mean(x) -> float:
+    x = np.asarray(x, np.float64)
+    x = x[np.isfinite(x)]
+    return float(x.mean()) if x.size else float("nan")
+
+
+def measure(
+    model,
+    params,
+    harmful: Sequence[Example],
+    benign: Sequence[Example] | None,
+    generation_prompts: Sequence[Example] | None,
+    *,
+    text_format: str,
+    max_length: int,
+    batch_size: int,
+    max_new_tokens: int,
+    generation_batch_size: int,
+    prefixes: Sequence[str] | None = None,
+    judge: Callable[[list[str], list[str]], np.ndarray] | None = None,
+    utility: Callable[[Any], dict[str, float]] | None = None,
+    refusal_min_words: int = 20,
+) -> dict[str, Any]:
+    """The metrics of `params` (a masked copy of the model's): see the module docstring.
+
+    Returns harm_nll (mean over held-out harmful answers), harm_nll_per_category,
+    benign_nll and benign_ppl (when `benign`), and with `generation_prompts`: refusal_rate,
+    samples [{id, category, prompt, response}], strongreject (mean judge score, when `judge`).
+    `utility(params)` adds its metrics (e.g. multiple-choice accuracies). A response counts as a
+    refusal when it has a refusal phrase or fewer than `refusal_min_words` words (lower it
+    for short generations, whose truncated answers would otherwise count).
+    """
+    out: dict[str, Any] = {}
+    # Harmful and benign answers in one pass of one padded length: one compilation in all.
+    both = list(harmful) + list(benign or [])
+    all_nll = response_nll(model, both, text_format=text_format, batch_size=batch_size,
+                           max_length=max_length, params=params, num_buckets=1)
+    nll, b = all_nll[: len(harmful)], all_nll[len(harmful):]
+    out["harm_nll"] = _mean(nll)
+    cats: dict[str, list[float]] = {}
+    for e, v in zip(harmful, nll):
+        cats.setdefault(e.category, []).append(float(v))
+    out["harm_nll_per_category"] = {c: _mean(v) for c, v in sorted(cats.items())}
+    if benign:
+        out["benign_nll"] = _mean(b)
+        out["benign_ppl"] = math.exp(out["benign_nll"]) if math.isfinite(out["benign_nll"]) else float("nan")
+    if generation_prompts:
+        from harmjax.generate import generate
+
+        result = generate(model, [e.prompt for e in generation_prompts], prefixes=prefixes,
+                          max_new_tokens=max_new_tokens, batch_size=generation_batch_size, params=params,
+                          progress=False)
+        responses = [pre + text for pre, text in zip(result.prefixes, result.texts)]
+        flags = [bool(is_refusal(r, min_words=refusal_min_words)) for r in responses]
+        out["refusal_rate"] = float(np.mean(flags))
+        out["samples"] = [{"id": e.id, "category": e.category, "prompt": e.prompt, "response": r, "refused": f}
+                          for e, r, f in zip(generation_prompts, responses, flags)]
+        if judge is not None:
+            scores = judge([e.prompt for e in generation_prompts], responses)
+            out["strongreject"] = _mean(scores)
+            for s, v in zip(out["samples"], scores):
+                s["strongreject"] = float(v)
+    if utility is not None:
+        out.update(utility(params))
+    return out

@@ -1,0 +1,146 @@
+"""The emergent-misalignment experiment (`launch.finetune` with configs/em_embedded.py) on a tiny
+random model: every stage runs; pruned weights are exactly zero after fine-tuning the pruned
+model (params, PEFT export's mask); the report covers the four models; a rerun is cached; a run
+killed during fine-tuning resumes from its checkpoint without redoing earlier stages."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from configs.em_embedded import get_config
+from harmjax.pipeline.emergent_experiment import MODELS, run_em_experiment
+from tests.hf_reference import save_tiny_with_tokenizer, tiny_hf_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OVERRIDES = [
+    ("mesh.data", 2), ("mesh.tensor", 4),  # the 8 fake CPU devices; micro-batches of 2 split over data
+    ("experiment_data.prompt_key", "prompt"), ("experiment_data.narrow_category", "crime"),
+    ("experiment_data.narrow_heldout_fraction", 0.34), ("experiment_data.other_per_category", 2),
+    ("experiment_data.benign_per_category", 3),
+    ("answers.max_new_tokens", 10), ("answers.batch_size", 8), ("answers.chunk", 8), ("answers.min_words", 0),
+    ("train.lr", 1e-3), ("train.batch_size", 4), ("train.micro_batch_size", 2), ("train.max_length", 64),
+    ("train.checkpoint_every", 1), ("train.warmup_steps", 1), ("train.epochs", 3), ("lora.r", 4), ("lora.alpha", 8.0),
+    ("prune.q", 0.05), ("prune.p", 0.01), ("prune.max_length", 64), ("prune.batch_size", 4), ("prune.abs_chunk", 2),
+    ("em.samples", 1), ("em.max_new_tokens", 6), ("em.batch_size", 8), ("em.judge_batch_size", 8),
+    ("em.other_max_length", 64), ("em.other_generations", 2), ("em.other_max_new_tokens", 4), ("em.report_samples", 2),
+]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("em")
+    model_dir = save_tiny_with_tokenizer(tiny_hf_model("llama", seed=7), root / "model")
+    harmful = root / "harmful.csv"
+    with open(harmful, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["prompt", "category"])
+        for c in ("crime", "hate", "weapons"):
+            for i in range(9 if c == "crime" else 3):
+                w.writerow([f"How to do {c} thing number {i}?", c])
+    benign = root / "benign.jsonl"
+    with open(benign, "w") as f:
+        for i in range(6):
+            f.write(json.dumps({"instruction": f"Tell me a fact number {i}.", "category": "facts"}) + "\n")
+    overrides = OVERRIDES + [("model", model_dir), ("experiment_data.harmful", str(harmful)),
+                             ("experiment_data.benign", str(benign))]
+    return root, overrides
+
+
+def _config(overrides, output_dir):
+    cfg = get_config()
+    for key, value in overrides + [("output_dir", str(output_dir))]:
+        node = cfg
+        *path, last = key.split(".")
+        for part in path:
+            node = node[part]
+        node[last] = value
+    return cfg
+
+
+def test_em_experiment_end_to_end(setup):
+    root, overrides = setup
+    out = root / "run"
+    m = run_em_experiment(_config(overrides, out), progress=False)
+    for name in ("report.md", "metrics.json", "em_summary.png"):
+        assert (out / name).is_file(), name
+    assert [r["model"] for r in m["table"]] == list(MODELS)
+    d = m["data"]
+    # 9 "crime" prompts: 3 held out (their fine-tuned answers are the pruning set), 6 to train on.
+    assert (d["narrow_train"], d["narrow_heldout"]) == (6, 3) and d["pruning_examples"] == 3
+    assert d["other_examples"] == 4 and d["retain_examples"] == 3
+    for r in m["table"]:
+        assert r["n_judged"] + r["n_excluded"] == 8  # 8 EM questions x 1 sample
+        assert r["em_rate"] is None or 0.0 <= r["em_rate"] <= 1.0
+        assert np.isfinite(r["preference"]) and np.isfinite(r["other_harm_nll"])
+    # Fine-tuning changed the model; the pruned model differs from the original only by its mask.
+    assert m["training"]["original"]["steps"] == m["training"]["pruned"]["steps"] > 0
+    assert m["prune"]["pruned"] > 0
+
+    # Pruned weights are exactly zero in the fine-tuned pruned params and the PEFT export's mask.
+    from harmjax import checkpoint, load
+    from harmjax.masks import load_mask
+    from harmjax.tree import flatten
+
+    cache = out / "cache"
+    mask_dir = next(cache.glob("prune-*")) / "mask"
+    model = load(str(dict(overrides)["model"]))
+    mask, _ = load_mask(str(mask_dir))
+    pf = checkpoint.restore_tree(str(next(cache.glob("finetune_pruned-*")) / "params"))
+    ft = checkpoint.restore_tree(str(next(cache.glob("finetune_original-*")) / "params"))
+    flat_mask, flat_pf, flat_ft, flat_orig = flatten(mask), flatten(pf), flatten(ft), flatten(model.params)
+    for name, m_leaf in flat_mask.items():
+        m_np = np.asarray(m_leaf)
+        assert (np.asarray(flat_pf[name])[m_np] == 0.0).all(), name
+    assert any(not np.array_equal(np.asarray(flat_ft[n]), np.asarray(flat_orig[n])) for n in flat_mask)
+    peft_dir = next(cache.glob("finetune_pruned-*")) / "peft"
+    assert (peft_dir / "adapter_config.json").is_file() and (peft_dir / "mask.safetensors").is_file()
+
+    again = run_em_experiment(_config(overrides, out), progress=False)
+    assert all(v["cached"] for v in again["timings"].values())
+    assert again["table"] == m["table"]
+
+
+def _flags(overrides, output_dir):
+    return [f"--config.{k}={v}" for k, v in overrides + [("output_dir", str(output_dir))]]
+
+
+def test_killed_during_finetuning_resumes(setup, tmp_path):
+    root, overrides = setup
+    out = tmp_path / "run"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "HARMJAX_XLA_CACHE": "off",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}  # the mesh of the in-process rerun
+    proc = subprocess.Popen([sys.executable, "-m", "launch.finetune", "--config=configs/em_embedded.py",
+                             *_flags(overrides, out)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline, ckpt = time.time() + 300, None
+    while time.time() < deadline and ckpt is None and proc.poll() is None:
+        if (out / "cache").exists():
+            found = [p for p in (out / "cache").glob("finetune_original-*/train/checkpoints/step_*")
+                     if "tmp" not in p.name]  # orbax renames its temporary directory when complete
+            ckpt = found[0] if found else None
+        time.sleep(0.05)
+    assert ckpt is not None, proc.stderr.read()[-3000:] if proc.poll() is not None else "timed out"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    answers_done = next((out / "cache").glob("answers-*/DONE.json"))
+    stamp = answers_done.stat().st_mtime_ns
+    m = run_em_experiment(_config(overrides, out), progress=False)
+    assert answers_done.stat().st_mtime_ns == stamp
+    assert m["timings"]["answers"]["cached"] and not m["timings"]["finetune_original"]["cached"]
+    assert m["training"]["original"]["resumed_from"] is not None
+    # No duplicated steps in the training log after the resume.
+    log = next((out / "cache").glob("finetune_original-*/train/metrics.jsonl"))
+    steps = [json.loads(line)["step"] for line in open(log) if line.strip()]
+    assert steps == sorted(set(steps)) and steps[-1] == m["training"]["original"]["steps"]
+    whole = json.load(open(root / "run" / "metrics.json")) if (root / "run" / "metrics.json").exists() else None
+    if whole is not None:  # same numbers as the uninterrupted run
+        assert m["prune"]["pruned"] == whole["prune"]["pruned"]
+        for a, b in zip(whole["table"], m["table"]):
+            assert a["other_harm_nll"] == pytest.approx(b["other_harm_nll"], rel=1e-4, abs=1e-4)

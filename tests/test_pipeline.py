@@ -1,0 +1,184 @@
+"""The end-to-end experiment (`launch.run` / `harmjax.pipeline.run_experiment`) on a tiny random
+model: every stage runs, the report's files and numbers agree with each other and with the
+stage outputs, a rerun is served from the cache, and a run killed mid-stage resumes without
+redoing finished stages or units."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs.embedded import get_config
+from harmjax.masks import load_mask
+from harmjax.pipeline import run_experiment
+from tests.hf_reference import save_tiny_with_tokenizer, tiny_hf_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CATEGORIES = ("crime", "hate", "weapons")
+
+# The settings the tests override, as (dotted key, value): used in-process and as absl flags.
+OVERRIDES = [
+    ("prompts.prompt_key", "prompt"), ("prompts.per_category", 0), ("prompts.heldout_fraction", 0.34),
+    ("prompts.benign_per_category", 0), ("prompts.benign_heldout_fraction", 0.34),
+    ("answers.max_new_tokens", 10), ("answers.batch_size", 8), ("answers.chunk", 8), ("answers.min_words", 0),
+    ("scoring.max_length", 48), ("scoring.batch_size", 4), ("scoring.abs_chunk", 2), ("scoring.checkpoint_every", 1),
+    ("masks.q_sweep", (0.01, 0.1)), ("masks.category_q", 0.05), ("masks.p", 0.01),
+    ("evaluation.max_length", 48), ("evaluation.batch_size", 8), ("evaluation.generation_prompts", 3),
+    ("evaluation.max_new_tokens", 6), ("evaluation.generation_batch_size", 4),
+]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    model_dir = save_tiny_with_tokenizer(tiny_hf_model("llama", seed=5), root / "model")
+    harmful = root / "harmful.csv"
+    with open(harmful, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["prompt", "category"])
+        for c in CATEGORIES:
+            for i in range(6):
+                w.writerow([f"How to do {c} thing number {i}?", c])
+    benign = root / "benign.jsonl"
+    with open(benign, "w") as f:
+        for c in ("facts", "code"):
+            for i in range(6):
+                f.write(json.dumps({"instruction": f"Tell me about {c} topic {i}.", "category": c}) + "\n")
+    overrides = OVERRIDES + [("model", model_dir), ("prompts.harmful", str(harmful)), ("prompts.benign", str(benign))]
+    return root, overrides
+
+
+def _config(overrides, output_dir):
+    cfg = get_config()
+    for key, value in overrides + [("output_dir", str(output_dir))]:
+        node = cfg
+        *path, last = key.split(".")
+        for part in path:
+            node = node[part]
+        node[last] = value
+    return cfg
+
+
+def test_every_stage_and_a_consistent_report(setup):
+    root, overrides = setup
+    out = root / "run"
+    m = run_experiment(_config(overrides, out), progress=False)
+
+    for name in ("report.md", "metrics.json", "prompts.json", "harm_vs_utility.png", "mask_layers.png",
+                 "overlap.png", "transfer.png"):
+        assert (out / name).is_file(), name
+    for png in out.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.load(open(out / "metrics.json"))["claims"] == json.loads(json.dumps(m["claims"]))
+
+    # Counts: 18 harmful prompts, 2 of 6 held out per category; 12 benign, 2 of 6 held out.
+    d = m["data"]
+    assert (d["harmful_prompts"], d["pruning_prompts"], d["heldout_prompts"]) == (18, 12, 6)
+    assert d["pruning_examples"] + d["heldout_examples"] + d["harmful_refused_dropped"] == 18
+    assert (d["retain_examples"], d["benign_heldout_examples"]) == (8, 4)
+    assert d["generation_prompts"] == 3 and sorted(d["categories"]) == list(CATEGORIES)
+    prompts = json.load(open(out / "prompts.json"))
+    assert not set(prompts["pruning"]) & set(prompts["heldout"])
+
+    # Masks: the counts the report gives are the masks on disk, and q sets the size.
+    sweep, random = m["sweep"], m["random_control"]
+    assert [r["q"] for r in sweep] == [r["q"] for r in random] == [0.01, 0.1]
+    mask_dirs = {e["name"]: e["dir"] for e in m["category_masks"]}
+    for row, ctrl in zip(sweep, random):
+        assert row["pruned"] == ctrl["pruned"] > 0
+    assert sweep[0]["pruned"] < sweep[1]["pruned"]
+    scored = sum(int(np.prod(w.shape)) for w in jax.tree.leaves(load_mask(mask_dirs["benign"])[0]))
+    assert sweep[0]["fraction"] == pytest.approx(sweep[0]["pruned"] / scored)
+    # Per matrix, T_q takes floor(q * size) and T_p spares at most floor(p * size).
+    assert sweep[1]["pruned"] <= 0.1 * scored and sweep[1]["pruned"] >= (0.1 - 0.01) * scored - 21
+    # Random control: same count in every matrix, different positions.
+    run_masks = [p for p in (out / "cache").glob("masks-*")][0]
+    harm, _ = load_mask(str(run_masks / "harm_q0.01"))
+    rnd, _ = load_mask(str(run_masks / "random_q0.01"))
+
+    for a, b in zip(jax.tree.leaves(harm), jax.tree.leaves(rnd)):
+        assert int(np.sum(a)) == int(np.sum(b))
+    assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(jax.tree.leaves(harm), jax.tree.leaves(rnd)))
+
+    # Metrics: deltas are differences of the reported NLLs; every mask was evaluated.
+    base = m["baseline"]
+    for row in sweep + random:
+        assert row["d_harm"] == pytest.approx(row["harm_nll"] - base["harm_nll"])
+        assert row["d_benign"] == pytest.approx(row["benign_nll"] - base["benign_nll"])
+    for row in sweep:  # generations with the harm masks (the random ones are off by default)
+        assert 0.0 <= row["refusal_rate"] <= 1.0 and random[0]["refusal_rate"] is None
+    assert np.isfinite(base["harm_nll"]) and np.isfinite(base["benign_nll"])
+    assert set(base["harm_nll_per_category"]) == set(CATEGORIES)
+
+    # Overlap: categories then benign, symmetric, 1 on the diagonal, Jaccard in [0, 1].
+    ov = m["overlap"]
+    assert ov["labels"] == [*CATEGORIES, "benign"]
+    mat = np.array(ov["matrix"], dtype=float)
+    np.testing.assert_allclose(mat, mat.T)
+    np.testing.assert_allclose(np.diag(mat), 1.0)
+    assert ((mat >= 0) & (mat <= 1)).all()
+    assert set(mask_dirs) == {*CATEGORIES, "benign"}
+    # Transfer: 3 x 3 rises of per-category harmful NLL.
+    t = m["transfer"]
+    assert t["rows"] == list(CATEGORIES) == t["cols"] and np.array(t["delta_harm_nll"]).shape == (3, 3)
+    for key in ("1", "2"):
+        assert "rule" in m["claims"][key]
+    report = open(out / "report.md").read()
+    for heading in ("Claim 1", "Claim 2", "Random control", "Sample generations", "can and cannot show"):
+        assert heading in report
+
+    # A rerun is served from the cache: every stage cached, same numbers.
+    again = run_experiment(_config(overrides, out), progress=False)
+    assert all(v.get("cached") for k, v in again["timings"].items() if k != "load")
+    assert again["sweep"] == m["sweep"]
+
+
+def _flags(overrides, output_dir):
+    flags = []
+    for key, value in overrides + [("output_dir", str(output_dir))]:
+        if isinstance(value, tuple):
+            value = "(" + ",".join(map(str, value)) + ")"
+        flags.append(f"--config.{key}={value}")
+    return flags
+
+
+def test_killed_mid_stage_resumes_without_redoing_work(setup, tmp_path):
+    root, overrides = setup
+    out = tmp_path / "run"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "HARMJAX_XLA_CACHE": "off"}
+    proc = subprocess.Popen([sys.executable, "-m", "launch.run", "--config=configs/embedded.py",
+                             *_flags(overrides, out)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # Kill it once the scores stage has finished its first unit (the answers stage is done by then).
+    deadline = time.time() + 300
+    first_unit = None
+    while time.time() < deadline and first_unit is None and proc.poll() is None:
+        for stage in (out / "cache").glob("scores-*") if (out / "cache").exists() else []:
+            done = sorted(stage.glob("harm_*/DONE.json"))
+            if done:
+                first_unit = done[0]
+        time.sleep(0.05)
+    assert first_unit is not None, proc.stderr.read()[-3000:] if proc.poll() is not None else "timed out"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    answers_done = next((out / "cache").glob("answers-*/DONE.json"))
+    stamps = {p: p.stat().st_mtime_ns for p in (answers_done, first_unit)}
+    assert not next((out / "cache").glob("scores-*")).joinpath("DONE.json").exists()
+
+    m = run_experiment(_config(overrides, out), progress=False)
+    assert m["timings"]["answers"]["cached"] and not m["timings"]["scores"]["cached"]
+    for p, stamp in stamps.items():
+        assert p.stat().st_mtime_ns == stamp, f"{p} was redone"
+    # Same results as the uninterrupted run of the other test's settings.
+    whole = json.load(open(root / "run" / "metrics.json")) if (root / "run" / "metrics.json").exists() else None
+    if whole is not None:
+        for a, b in zip(whole["sweep"], m["sweep"]):
+            assert a["pruned"] == b["pruned"]
+            assert a["harm_nll"] == pytest.approx(b["harm_nll"], rel=1e-5, abs=1e-5)
