@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from harmjax.errors import AssetError
-from harmjax.io.gguf import CONVERSION_FILE, CONVERTER_VERSION, gguf_to_hf_dir
 
 try:
     import fcntl
@@ -134,6 +133,8 @@ def default_model_dir() -> str:
         _remove_leftovers(os.path.dirname(out), f".{DEFAULT_MODEL_NAME}.")
         gguf_path = default_gguf_path()
         logger.info("Converting %s to a %s checkpoint in %s.", gguf_path, DEFAULT_MODEL_DTYPE, out)
+        from harmjax.io.gguf import gguf_to_hf_dir  # the gguf package is needed only to convert
+
         gguf_to_hf_dir(gguf_path, out, dtype=DEFAULT_MODEL_DTYPE)
     return out
 
@@ -347,6 +348,8 @@ def _write_verified(src: BinaryIO, dest: str, expected: str, origin: str) -> Non
 
 def _model_is_current(out: str) -> bool:
     """Whether `out` holds a complete conversion of the pinned GGUF by the current converter."""
+    from harmjax.io.gguf import CONVERSION_FILE, CONVERTER_VERSION
+
     try:
         with open(os.path.join(out, CONVERSION_FILE)) as f:
             record = json.load(f)

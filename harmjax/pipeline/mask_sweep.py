@@ -123,15 +123,19 @@ def _slug(text: str) -> str:
 
 def mask_overlap(model, entries) -> dict[str, Any]:
     """Pairwise Jaccard overlap of the category masks and the benign-data mask:
-    {"labels": [...], "matrix": [[...]]}, in the order categories (sorted), then benign."""
-    from harmjax.masks import jaccard, load_mask
+    {"labels": [...], "matrix": [[...]]}, in the order categories (sorted), then benign. Pairs
+    with an empty mask (q too small for the matrices: floor(q * size) = 0) are None."""
+    from harmjax.masks import count, jaccard, load_mask
 
     chosen = sorted((e for e in entries if e["kind"] == "category"), key=lambda e: e["name"])
     chosen += [e for e in entries if e["kind"] == "benign"]
     trees = [load_mask(e["dir"], model.params)[0] for e in chosen]
     n = len(trees)
     matrix = [[1.0 if i == j else None for j in range(n)] for i in range(n)]
+    empty = [count(t) == 0 for t in trees]
     for i in range(n):
         for j in range(i + 1, n):
-            matrix[i][j] = matrix[j][i] = float(jaccard(trees[i], trees[j]))
+            # Two empty masks are equal sets (jaccard 1.0), but that says nothing about overlap.
+            value = None if empty[i] or empty[j] else float(jaccard(trees[i], trees[j]))
+            matrix[i][j] = matrix[j][i] = value
     return {"labels": [e["name"] for e in chosen], "matrix": matrix}
