@@ -242,8 +242,10 @@ def save_mask(
     summary: Mapping[str, Any] | None = None,
     params: Mapping[str, Any] | None = None,
     num_params: int | None = None,
+    safetensors: bool = True,
 ) -> str:
     """Writes a mask directory (`mask/`, `mask.safetensors`, `summary.json`); returns `out_dir`.
+    `safetensors=False` skips the HF-named copy (controls nobody exports).
 
     `summary` (model, data, nsamples, seed, p, q, granularity, ...) is completed with
     `kind` ("mask" unless given), `counts` (`mask_counts`), `fraction_pruned` (of scored
@@ -259,7 +261,7 @@ def save_mask(
         "fraction_pruned_params": counts["fraction_params"],
         "harmjax_version": _version(),
     }
-    return _save_dir(out_dir, "mask", mask, full)
+    return _save_dir(out_dir, "mask", mask, full, safetensors)
 
 
 def load_mask(out_dir: str, params: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -17,7 +17,9 @@ from harmjax.sharding import param_shardings
 
 def _save(unit: str, mask, summary: Mapping[str, Any], num_params: int) -> None:
     tmp = fresh_dir(unit)
-    save_mask(tmp, mask, summary, num_params=num_params)
+    # Harm masks get the HF-named safetensors copy users export; controls and category masks
+    # stay orbax-only (a dense 8B mask is 7 GiB per copy).
+    save_mask(tmp, mask, summary, num_params=num_params, safetensors=summary["mask_kind"] == "harm")
     finish_unit(tmp, unit, {"name": summary["name"]})
 
 
