@@ -16,6 +16,7 @@ import pytest
 
 from configs.em_embedded import get_config
 from harmjax.pipeline.emergent_experiment import MODELS, run_em_experiment
+from tests.config_overrides import as_flags, with_overrides
 from tests.hf_reference import save_tiny_with_tokenizer, tiny_hf_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,14 +55,7 @@ def setup(tmp_path_factory):
 
 
 def _config(overrides, output_dir):
-    cfg = get_config()
-    for key, value in overrides + [("output_dir", str(output_dir))]:
-        node = cfg
-        *path, last = key.split(".")
-        for part in path:
-            node = node[part]
-        node[last] = value
-    return cfg
+    return with_overrides(get_config(), overrides, output_dir)
 
 
 def test_em_experiment_end_to_end(setup):
@@ -107,17 +101,13 @@ def test_em_experiment_end_to_end(setup):
     assert again["table"] == m["table"]
 
 
-def _flags(overrides, output_dir):
-    return [f"--config.{k}={v}" for k, v in overrides + [("output_dir", str(output_dir))]]
-
-
 def test_killed_during_finetuning_resumes(setup, tmp_path):
     root, overrides = setup
     out = tmp_path / "run"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "HARMJAX_XLA_CACHE": "off",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}  # the mesh of the in-process rerun
     proc = subprocess.Popen([sys.executable, "-m", "launch.finetune", "--config=configs/em_embedded.py",
-                             *_flags(overrides, out)], cwd=REPO, env=env,
+                             *as_flags(overrides, out)], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline, ckpt = time.time() + 300, None
     while time.time() < deadline and ckpt is None and proc.poll() is None:

@@ -18,6 +18,7 @@ import pytest
 from configs.embedded import get_config
 from harmjax.masks import load_mask
 from harmjax.pipeline import run_experiment
+from tests.config_overrides import as_flags, with_overrides
 from tests.hf_reference import save_tiny_with_tokenizer, tiny_hf_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,14 +57,7 @@ def setup(tmp_path_factory):
 
 
 def _config(overrides, output_dir):
-    cfg = get_config()
-    for key, value in overrides + [("output_dir", str(output_dir))]:
-        node = cfg
-        *path, last = key.split(".")
-        for part in path:
-            node = node[part]
-        node[last] = value
-    return cfg
+    return with_overrides(get_config(), overrides, output_dir)
 
 
 def test_every_stage_and_a_consistent_report(setup):
@@ -140,21 +134,12 @@ def test_every_stage_and_a_consistent_report(setup):
     assert again["sweep"] == m["sweep"]
 
 
-def _flags(overrides, output_dir):
-    flags = []
-    for key, value in overrides + [("output_dir", str(output_dir))]:
-        if isinstance(value, tuple):
-            value = "(" + ",".join(map(str, value)) + ")"
-        flags.append(f"--config.{key}={value}")
-    return flags
-
-
 def test_killed_mid_stage_resumes_without_redoing_work(setup, tmp_path):
     root, overrides = setup
     out = tmp_path / "run"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "HARMJAX_XLA_CACHE": "off"}
     proc = subprocess.Popen([sys.executable, "-m", "launch.run", "--config=configs/embedded.py",
-                             *_flags(overrides, out)], cwd=REPO, env=env,
+                             *as_flags(overrides, out)], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     # Kill it once the scores stage has finished its first unit (the answers stage is done by then).
     deadline = time.time() + 300

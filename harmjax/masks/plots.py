@@ -32,9 +32,8 @@ def counts_grid(mask_or_counts: Mapping[str, Any]) -> tuple[list[str], list[str]
     return layers, projections, grid
 
 
-def plot_mask_counts(mask_or_counts: Mapping[str, Any], path: str, title: str | None = None) -> str:
-    """Saves a heatmap (rows: layers, columns: projections, cells: pruned weights) as a PNG
-    at `path` and returns `path`. Accepts a mask tree or `mask_counts` output."""
+def pyplot(what: str):
+    """matplotlib.pyplot on the file-only Agg backend, or PlotDependencyError naming `what`."""
     try:
         import matplotlib
 
@@ -42,9 +41,16 @@ def plot_mask_counts(mask_or_counts: Mapping[str, Any], path: str, title: str | 
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise PlotDependencyError(
-            "plot_mask_counts needs matplotlib, which is not installed: "
+            f"{what} needs matplotlib, which is not installed: "
             "pip install 'harmjax[plots]' (or pip install matplotlib)."
         ) from e
+    return plt
+
+
+def plot_mask_counts(mask_or_counts: Mapping[str, Any], path: str, title: str | None = None) -> str:
+    """Saves a heatmap (rows: layers, columns: projections, cells: pruned weights) as a PNG
+    at `path` and returns `path`. Accepts a mask tree or `mask_counts` output."""
+    plt = pyplot("plot_mask_counts")
     layers, projections, grid = counts_grid(mask_or_counts)
     fig, ax = plt.subplots(figsize=(1.1 * len(projections) + 2.5, 0.28 * len(layers) + 1.8))
     image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")

@@ -23,15 +23,9 @@ import numpy as np
 from harmjax.data.records import Example
 from harmjax.pipeline import answers as answers_mod
 from harmjax.pipeline.prompt_sets import load_benign_prompts, load_harmful_prompts, split_per_category
-from harmjax.pipeline.stages import StageCache, read_json, settings_key, write_json_atomic
+from harmjax.pipeline.stages import StageCache, as_config, read_json, settings_key, write_json_atomic
 
 MODELS = ("original", "finetuned", "pruned", "pruned_finetuned")
-
-
-def _cfg(cfg):
-    import ml_collections
-
-    return cfg if isinstance(cfg, ml_collections.ConfigDict) else ml_collections.ConfigDict(cfg)
 
 
 def train_config(T):
@@ -86,7 +80,7 @@ def run_em_experiment(cfg, progress: bool = True) -> dict[str, Any]:
     from harmjax.masks import apply_mask, load_mask
     from harmjax.sharding import MeshConfig
 
-    cfg = _cfg(cfg)
+    cfg = as_config(cfg)
     t_start = time.perf_counter()
     source = resolve_model_source(cfg.model)
     run_dir = cfg.output_dir or os.path.join("runs", f"em-{os.path.basename(os.path.normpath(source))}")
@@ -175,7 +169,7 @@ def run_em_experiment(cfg, progress: bool = True) -> dict[str, Any]:
                    **{k: P[k] for k in scan_keys}}
 
     def score_stage(d):
-        from harmjax.pipeline.scoring import _scan_to_unit
+        from harmjax.pipeline.scoring import scan_to_units
         from harmjax.pipeline.stages import unit_done
 
         scan_kw = dict(batch_size=P.batch_size, text_format=P.text_format, max_length=P.max_length,
@@ -185,7 +179,7 @@ def run_em_experiment(cfg, progress: bool = True) -> dict[str, Any]:
         for unit, examples_, kind in ((os.path.join(d, "harm"), pruning_examples, "harm"),
                                       (os.path.join(d, "retain"), retain_examples, P.retain_kind)):
             if not unit_done(unit):
-                _scan_to_unit(model, examples_, kind, unit, scan_kw, summary)
+                scan_to_units(model, examples_, kind, unit, scan_kw, summary)
         return {"harm": "harm", "retain": "retain"}
 
     stages.run("prune_scores", sc_settings, score_stage)
@@ -194,15 +188,16 @@ def run_em_experiment(cfg, progress: bool = True) -> dict[str, Any]:
     pr_settings = {"scores": settings_key(sc_settings), "q": P.q, "p": P.p, "granularity": P.granularity}
 
     def prune_stage(d):
-        from harmjax.masks import difference, load_scores, save_mask, select
+        from harmjax.masks import load_scores, save_mask, select
         from harmjax.masks.storage import read_summary
+        from harmjax.pipeline.mask_sweep import harm_minus_spared
         from harmjax.sharding import param_shardings
 
         sh = param_shardings(model.config, model.mesh)
         harm = load_scores(os.path.join(sc_dir, "harm"), sh)[0]
         spared = select(load_scores(os.path.join(sc_dir, "retain"), sh)[0], None, q=P.p, granularity=P.granularity,
                         progress=False)
-        mask = difference(select(harm, None, q=P.q, granularity=P.granularity, progress=False), spared)
+        mask = harm_minus_spared(harm, spared, P.q, P.granularity)
         save_mask(os.path.join(d, "mask"), mask, {"q": P.q, "p": P.p, "granularity": P.granularity,
                                                   "data": "fine-tuned model's held-out narrow answers"},
                   num_params=model.num_params())

@@ -26,13 +26,7 @@ from harmjax.pipeline.prompt_sets import (
     load_benign_prompts, load_harmful_prompts, load_pruning_prompts, split_per_category,
 )
 from harmjax.pipeline.scoring import benign_scores, harm_scores_per_category
-from harmjax.pipeline.stages import StageCache, read_json, settings_key, write_json_atomic
-
-
-def _cfg(cfg):
-    import ml_collections
-
-    return cfg if isinstance(cfg, ml_collections.ConfigDict) else ml_collections.ConfigDict(cfg)
+from harmjax.pipeline.stages import StageCache, as_config, read_json, settings_key, write_json_atomic
 
 
 def _digest(examples) -> str:
@@ -54,7 +48,7 @@ def run_experiment(cfg, progress: bool = True) -> dict[str, Any]:
     from harmjax.assets import resolve_model_source
     from harmjax.sharding import MeshConfig
 
-    cfg = _cfg(cfg)
+    cfg = as_config(cfg)
     t_start = time.perf_counter()
     source = resolve_model_source(cfg.model)
     run_dir = cfg.output_dir or default_run_dir(source)

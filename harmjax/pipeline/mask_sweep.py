@@ -11,7 +11,7 @@ from typing import Any
 
 from harmjax.masks import difference, load_scores, random_like, save_mask, select
 from harmjax.masks.storage import read_summary
-from harmjax.pipeline.stages import finish_unit, fresh_dir, unit_done
+from harmjax.pipeline.stages import finish_unit, fresh_dir, slug, unit_done
 from harmjax.sharding import param_shardings
 
 
@@ -30,6 +30,11 @@ def _entry(unit: str) -> dict[str, Any]:
         "dir": unit, "total": s["counts"]["total"], "fraction": s["fraction_pruned"],
         "fraction_params": s["fraction_pruned_params"],
     }
+
+
+def harm_minus_spared(harm, spared, q: float, granularity: str):
+    """T_q(harm) \\ spared, where `spared` = T_p(retain) was selected once for all masks."""
+    return difference(select(harm, None, q=q, granularity=granularity, progress=False), spared)
 
 
 def q_label(q: float) -> str:
@@ -80,7 +85,7 @@ def build_masks(
         nonlocal spared
         if spared is None:
             spared = select(scores_of("retain"), None, q=p, granularity=granularity, progress=False)
-        return difference(select(scores_of(key), None, q=q, granularity=granularity, progress=False), spared)
+        return harm_minus_spared(scores_of(key), spared, q, granularity)
 
     for q in q_sweep:
         unit = os.path.join(directory, f"harm_q{q_label(q)}")
@@ -100,7 +105,7 @@ def build_masks(
                                                        "q": q, **common}, n_params)
             bar.update(1)
     for cat in categories:
-        unit = os.path.join(directory, f"category_{_slug(cat)}")
+        unit = os.path.join(directory, f"category_{slug(cat)}")
         units.append(unit)
         if not unit_done(unit):
             mask = harm_mask(cat, category_q)
@@ -117,10 +122,6 @@ def build_masks(
     bar.update(1)
     bar.close()
     return [_entry(u) for u in units]
-
-
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_") or "none"
 
 
 def mask_overlap(model, entries) -> dict[str, Any]:

@@ -19,13 +19,14 @@ import jax
 from harmjax.attribution import scan
 from harmjax.data.records import Example
 from harmjax.masks.storage import load_scores, save_scores
-from harmjax.pipeline.stages import finish_unit, fresh_dir, unit_done
+from harmjax.pipeline.stages import finish_unit, fresh_dir, slug, unit_done
 from harmjax.sharding import param_shardings
 
 
-def _scan_to_unit(model, examples, kind, unit: str, scan_kwargs: Mapping[str, Any], summary: Mapping[str, Any],
+def scan_to_units(model, examples, kind, unit: str, scan_kwargs: Mapping[str, Any], summary: Mapping[str, Any],
                   names: Mapping[str, str] | None = None) -> None:
-    """Scans `examples` and writes each score tree to its unit dir (kind -> unit path)."""
+    """Scans `examples` and writes each score tree to its unit dir (`names` maps a kind to its
+    dir; a single kind goes to `unit`), checkpointing the scan beside it."""
     ckpt = unit + ".ckpt"
     result = scan(model, examples, kind, checkpoint_dir=ckpt, **scan_kwargs)
     trees = result.scores if isinstance(kind, tuple) else {kind: result.scores}
@@ -47,11 +48,11 @@ def harm_scores_per_category(
     cats = sorted({e.category for e in examples})
     units = {}
     for cat in cats:
-        unit = os.path.join(directory, f"harm_{_slug(cat)}")
+        unit = os.path.join(directory, f"harm_{slug(cat)}")
         units[cat] = unit
         if not unit_done(unit):
             subset = [e for e in examples if e.category == cat]
-            _scan_to_unit(model, subset, "harm", unit, scan_kwargs, {**summary, "category": cat, "nsamples": len(subset)})
+            scan_to_units(model, subset, "harm", unit, scan_kwargs, {**summary, "category": cat, "nsamples": len(subset)})
     total = os.path.join(directory, "harm_all")
     if not unit_done(total):
         shardings = param_shardings(model.config, model.mesh)
@@ -76,13 +77,6 @@ def benign_scores(
     units = {"retain": os.path.join(directory, "retain"), "benign_signed": os.path.join(directory, "benign_signed")}
     if not all(unit_done(u) for u in units.values()):
         kinds = (retain_kind, "harm")
-        _scan_to_unit(model, examples, kinds, units["retain"], scan_kwargs, {**summary, "nsamples": len(examples)},
+        scan_to_units(model, examples, kinds, units["retain"], scan_kwargs, {**summary, "nsamples": len(examples)},
                       names={retain_kind: units["retain"], "harm": units["benign_signed"]})
     return units
-
-
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_") or "none"
-
-
-slug = _slug

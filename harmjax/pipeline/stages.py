@@ -53,6 +53,18 @@ def _jsonable(x: Any) -> Any:
     return str(x)
 
 
+def as_config(cfg):
+    """An ml_collections ConfigDict from a ConfigDict or a nested dict of the same fields."""
+    import ml_collections
+
+    return cfg if isinstance(cfg, ml_collections.ConfigDict) else ml_collections.ConfigDict(cfg)
+
+
+def slug(text: str) -> str:
+    """A file-name-safe, lower-case form of a label (e.g. a harm category)."""
+    return "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_") or "none"
+
+
 class StageCache:
     """The stage directories of one run (see the module docstring)."""
 

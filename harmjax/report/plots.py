@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from harmjax.masks.plots import PlotDependencyError
+from harmjax.masks.plots import pyplot
 
 DEFAULT_LABELS = {
     "fraction": "pruned fraction of scored weights",
@@ -28,17 +28,7 @@ DEFAULT_LABELS = {
 
 
 def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # files only; never needs a display
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise PlotDependencyError(
-            "harmjax.report.plots needs matplotlib, which is not installed: "
-            "pip install 'harmjax[plots]' (or pip install matplotlib)."
-        ) from e
-    return plt
+    return pyplot("harmjax.report.plots")
 
 
 def _number(value: Any, where: str) -> float:
