@@ -32,3 +32,7 @@ class HubUnavailableError(HarmjaxError, ConnectionError):
 
 class AssetError(HarmjaxError, RuntimeError):
     """An embedded asset (default model, prompt set) cannot be fetched or fails its checksum."""
+
+
+class DiskSpaceError(HarmjaxError, OSError):
+    """A write of known size would not fit on the disk it is going to; raised before it starts."""

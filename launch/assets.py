@@ -15,6 +15,7 @@ import os
 from absl import app, flags
 
 from harmjax import assets
+from launch.common import run_app
 
 _CACHE_DIR = flags.DEFINE_string(
     "cache_dir", None, "Asset cache directory (default: $HARMJAX_CACHE or ~/.cache/harmjax)."
@@ -39,4 +40,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_app(main)

@@ -4,8 +4,9 @@ flag and multi-host start-up (`--distributed`)."""
 from __future__ import annotations
 
 import os
+import sys
 
-from absl import flags
+from absl import app, flags
 
 from harmjax.sharding import MeshConfig
 
@@ -36,6 +37,21 @@ def init_runtime() -> None:
         import jax
 
         jax.distributed.initialize()
+
+
+def run_app(main) -> None:
+    """`absl.app.run(main)`, with harmjax's input errors (missing file, bad dataset, disk too
+    small, ...) printed as one `error:` line and exit status 1 instead of a traceback: the
+    message already names the problem and the fix, and finished stages stay on disk."""
+    from harmjax.errors import HarmjaxError
+
+    def guarded(argv):
+        try:
+            return main(argv)
+        except HarmjaxError as e:
+            sys.exit(f"error: {type(e).__name__}: {e}")
+
+    app.run(guarded)
 
 
 def resolve_model_source(model: str) -> str:

@@ -11,7 +11,7 @@ from absl import app, flags
 
 import harmjax
 from harmjax.sharding import MeshConfig
-from launch.common import init_runtime, resolve_model_source
+from launch.common import init_runtime, resolve_model_source, run_app
 
 _SOURCE = flags.DEFINE_string("source", None, "HF directory, .gguf file, hub id, or 'embedded'.", required=True)
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "Parameter dtype (default: the checkpoint's).")
@@ -35,4 +35,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_app(main)

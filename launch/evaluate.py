@@ -34,9 +34,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from absl import app, logging
+from absl import logging
 
-from launch.common import config_flag, init_runtime
+from launch.common import config_flag, init_runtime, run_app
 
 _CONFIG = config_flag("configs/evaluate_embedded.py", "Job config file.")
 
@@ -395,4 +395,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_app(main)

@@ -14,9 +14,9 @@ from __future__ import annotations
 import json
 import os
 
-from absl import app, logging
+from absl import logging
 
-from launch.common import config_flag, init_runtime, mesh_config, resolve_model_source
+from launch.common import config_flag, init_runtime, mesh_config, resolve_model_source, run_app
 
 _CONFIG = config_flag("configs/finetune.py", "Fine-tuning or EM-experiment config file.")
 
@@ -83,4 +83,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_app(main)

@@ -20,9 +20,9 @@ import time
 import zlib
 from typing import Any
 
-from absl import app, logging
+from absl import logging
 
-from launch.common import config_flag, init_runtime
+from launch.common import config_flag, init_runtime, run_app
 
 _CONFIG = config_flag("configs/generate_embedded.py", "Job config file.")
 
@@ -144,4 +144,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_app(main)

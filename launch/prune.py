@@ -14,7 +14,7 @@ from absl import app, logging
 
 from harmjax.errors import HarmjaxError
 from harmjax.masks import format_counts, intersect_all, load_mask, load_scores, read_summary, save_mask, select
-from launch.common import config_flag, init_runtime, mesh_config, resolve_model_source
+from launch.common import config_flag, init_runtime, mesh_config, resolve_model_source, run_app
 
 _CONFIG = config_flag("configs/prune.py", "Prune job config file.")
 
@@ -101,4 +101,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_app(main)

@@ -10,9 +10,9 @@ settings) redoes only what is unfinished (or affected).
 
 from __future__ import annotations
 
-from absl import app, logging
+from absl import logging
 
-from launch.common import config_flag, init_runtime
+from launch.common import config_flag, init_runtime, run_app
 
 _CONFIG = config_flag("configs/embedded.py", "Experiment config file.")
 
@@ -32,4 +32,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_app(main)

@@ -17,7 +17,7 @@ import harmjax
 from harmjax.attribution import scan
 from harmjax.data.records import filter_categories, read_records, sample, to_examples
 from harmjax.masks.storage import save_scores
-from launch.common import config_flag, init_runtime, mesh_config, resolve_model_source
+from launch.common import config_flag, init_runtime, mesh_config, resolve_model_source, run_app
 
 _CONFIG = config_flag("configs/score.py", "Scan config file.")
 
@@ -74,4 +74,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_app(main)

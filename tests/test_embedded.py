@@ -14,17 +14,20 @@ from harmjax.sharding import MeshConfig, make_mesh
 
 
 @pytest.fixture(scope="module")
-def gguf_path(tmp_path_factory):
-    cache = os.environ.get(assets.CACHE_ENV) or str(tmp_path_factory.mktemp("harmjax_cache"))
+def gguf_path(harmjax_cache):
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(assets.CACHE_ENV, cache)
+        mp.setenv(assets.CACHE_ENV, harmjax_cache)
         yield assets.default_gguf_path()
 
 
 @pytest.mark.slow
-def test_gguf_logits_match_transformers_gguf_loading(gguf_path):
+def test_gguf_logits_match_transformers_gguf_loading(gguf_path, tmp_path, monkeypatch):
     import torch
     from transformers import AutoModelForCausalLM
+
+    # harmjax.load converts the GGUF into <cache>/gguf/: a 0.5 GB directory kept only for this
+    # test (pytest removes a passing test's tmp_path), not for the rest of the run.
+    monkeypatch.setenv(assets.CACHE_ENV, str(tmp_path / "cache"))
 
     model = harmjax.load(gguf_path, dtype="float32", mesh=make_mesh(MeshConfig(data=1), jax.devices()[:1]))
     assert (model.config.num_layers, model.config.hidden_size, model.config.vocab_size) == (30, 576, 49152)

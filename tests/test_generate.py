@@ -149,12 +149,13 @@ def test_prefilling_attack_formatting(tmp_path):
         harmjax.generate.prompt_token_ids(tok, "a")
 
 
-def test_embedded_smollm2_greedy_matches_transformers():
+def test_embedded_smollm2_greedy_matches_transformers(harmjax_cache, monkeypatch):
     """The real SmolLM2-135M-Instruct: 3 short chat prompts, 16 greedy tokens, identical ids."""
     import transformers
 
     from harmjax import assets
 
+    monkeypatch.setenv(assets.CACHE_ENV, harmjax_cache)
     directory = assets.default_model_dir()
     model = harmjax.load(directory, dtype="float32", mesh=_one_device())
     prompts = ["What is the capital of France?", "Write a haiku about rain.", "How do I bake bread?"]

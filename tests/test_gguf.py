@@ -22,6 +22,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from harmjax.errors import (
     CheckpointError,
+    DiskSpaceError,
     MissingFileError,
     UnsupportedArchitectureError,
     UnsupportedDtypeError,
@@ -423,3 +424,25 @@ def test_unsupported_tensor_type_leaves_nothing(tmp_path):
         gguf_to_hf_dir(str(path), str(tmp_path / "out"))
     # The failed conversion removed its partial output.
     assert sorted(os.listdir(tmp_path)) == ["f64.gguf"]
+
+
+def test_too_small_disk_fails_before_writing(tiny, tmp_path, monkeypatch):
+    """A conversion that cannot fit fails at once, names the bytes, and touches nothing."""
+    import shutil
+
+    from harmjax.io import disk_space
+
+    gguf_dir, name, out, _ = tiny
+    size = os.path.getsize(os.path.join(out, "model.safetensors"))
+    target = tmp_path / "hf"
+    gguf_to_hf_dir(os.path.join(gguf_dir, name), str(target))  # an earlier, complete conversion
+    before = {f: os.path.getmtime(target / f) for f in os.listdir(target)}
+    real = shutil.disk_usage
+    monkeypatch.setattr(disk_space.shutil, "disk_usage", lambda p: real(p)._replace(free=size // 2))
+    with pytest.raises(DiskSpaceError, match=r"Converting .*tiny\.gguf needs about .* in .*, but its disk has only") as e:
+        gguf_to_hf_dir(os.path.join(gguf_dir, name), str(target))
+    assert isinstance(e.value, OSError) and "$HARMJAX_CACHE" in str(e.value)
+    assert {f: os.path.getmtime(target / f) for f in os.listdir(target)} == before
+    assert sorted(os.listdir(tmp_path)) == ["hf"]  # no partial directory left behind
+    monkeypatch.setattr(disk_space.shutil, "disk_usage", lambda p: real(p)._replace(free=2 * size))
+    gguf_to_hf_dir(os.path.join(gguf_dir, name), str(target))

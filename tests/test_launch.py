@@ -84,3 +84,17 @@ def test_finetune_launcher_on_a_pruned_model(tmp_path):
     assert changed > 0  # training moved the unpruned weights
     assert (tmp_path / "out" / "peft" / "adapter_config.json").is_file()
     assert (tmp_path / "out" / "peft" / "mask.safetensors").is_file()
+
+
+def test_bad_input_is_one_error_line_not_a_traceback(tmp_path):
+    """Entry points print harmjax's input errors as one named line and exit with status 1."""
+    missing = tmp_path / "no_such_model"
+    result = subprocess.run(
+        [sys.executable, "-m", "launch.convert", f"--source={missing}", f"--out_hf={tmp_path}/hf"],
+        cwd=REPO, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300,
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: MissingFileError: ") and str(missing) in last, result.stderr[-2000:]
+    assert not (tmp_path / "hf").exists()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 
 import pytest
 
@@ -73,10 +72,9 @@ def test_hexphi(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def strongreject_cache(tmp_path_factory):
-    """(cache dir, embedded CSV path): $HARMJAX_CACHE when the environment sets it (as
-    test_assets does), else a fresh cache that pip fills."""
-    cache = os.environ.get(assets.CACHE_ENV) or str(tmp_path_factory.mktemp("harmjax_cache"))
+def strongreject_cache(harmjax_cache):
+    """(cache dir, embedded CSV path), in the run's shared cache (conftest.py)."""
+    cache = harmjax_cache
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(assets.CACHE_ENV, cache)
         return cache, assets.strongreject_csv()

@@ -157,6 +157,18 @@ def test_killed_mid_stage_resumes_without_redoing_work(setup, tmp_path):
     stamps = {p: p.stat().st_mtime_ns for p in (answers_done, first_unit)}
     assert not next((out / "cache").glob("scores-*")).joinpath("DONE.json").exists()
 
+    # A disk too small for the score trees still to write fails at once, naming what it needs
+    # (3 categories + their sum + retain + benign = 6 trees, 1 already written), and keeps
+    # everything finished.
+    from harmjax.errors import DiskSpaceError
+    from harmjax.io import disk_space
+
+    real = disk_space.shutil.disk_usage
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(disk_space.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+        with pytest.raises(DiskSpaceError, match=r"scores stage \(5 float32 score trees .* only 1000 B free"):
+            run_experiment(_config(overrides, out), progress=False)
+
     m = run_experiment(_config(overrides, out), progress=False)
     assert m["timings"]["answers"]["cached"] and not m["timings"]["scores"]["cached"]
     for p, stamp in stamps.items():

@@ -36,6 +36,7 @@ from harmjax.errors import (
     UnsupportedArchitectureError,
     UnsupportedDtypeError,
 )
+from harmjax.io.disk_space import require_free_space
 from harmjax.io.safetensors_io import write_tensors
 from harmjax.model.param_specs import param_specs
 
@@ -100,6 +101,10 @@ def gguf_to_hf_dir(gguf_path: str, out_dir: str, dtype: str = "float32") -> str:
     tokenizer = build_tokenizer(metadata, gguf_path)
     out_dir = os.path.abspath(out_dir)
     _check_replaceable(out_dir)
+    require_free_space(
+        os.path.dirname(out_dir), _converted_bytes(reader, np_dtype), f"Converting {gguf_path}",
+        "Free some space, or convert to another directory (for harmjax's cache: set $HARMJAX_CACHE).",
+    )
 
     parent, name = os.path.split(out_dir)
     os.makedirs(parent, exist_ok=True)
@@ -118,6 +123,15 @@ def gguf_to_hf_dir(gguf_path: str, out_dir: str, dtype: str = "float32") -> str:
         raise
     logger.info("Converted %s to %s (%s).", gguf_path, out_dir, dtype)
     return out_dir
+
+
+def _converted_bytes(reader: GGUFReader, np_dtype: np.dtype) -> int:
+    """Bytes of model.safetensors once every tensor harmjax keeps is dequantized to `np_dtype`."""
+    return sum(
+        int(t.n_elements) * np.dtype(np_dtype).itemsize
+        for t in reader.tensors
+        if hf_tensor_name(t.name) is not None
+    )
 
 
 def open_gguf(gguf_path: str) -> GGUFReader:

@@ -25,7 +25,7 @@ from harmjax.pipeline.measure import measure
 from harmjax.pipeline.prompt_sets import (
     load_benign_prompts, load_harmful_prompts, load_pruning_prompts, split_per_category,
 )
-from harmjax.pipeline.scoring import benign_scores, harm_scores_per_category
+from harmjax.pipeline.scoring import benign_scores, check_score_disk, harm_scores_per_category
 from harmjax.pipeline.stages import StageCache, as_config, read_json, settings_key, write_json_atomic
 
 
@@ -113,6 +113,7 @@ def run_experiment(cfg, progress: bool = True) -> dict[str, Any]:
     summary = {"model": source, "seed": cfg.seed, "text_format": S.text_format}
 
     def score_stage(d):
+        check_score_disk(model, ex_prune, d)
         harm_units = harm_scores_per_category(model, ex_prune, d, scan_kw, summary)
         ben_units = benign_scores(model, ex_retain, d, S.retain_kind, scan_kw, summary)
         return {"units": {k: os.path.basename(v) for k, v in {**harm_units, **ben_units}.items()}}

@@ -15,10 +15,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 
 from harmjax.attribution import scan
+from harmjax.attribution.scope import scored_names
 from harmjax.data.records import Example
+from harmjax.io.disk_space import require_free_space
 from harmjax.masks.storage import load_scores, save_scores
+from harmjax.model.param_specs import param_specs
 from harmjax.pipeline.stages import finish_unit, fresh_dir, slug, unit_done
 from harmjax.sharding import param_shardings
 
@@ -38,6 +42,31 @@ def scan_to_units(model, examples, kind, unit: str, scan_kwargs: Mapping[str, An
         save_scores(tmp, tree, {**summary, "kind": k, **stats}, safetensors=False)
         finish_unit(tmp, target, {"kind": k, **stats})
     shutil.rmtree(ckpt, ignore_errors=True)
+
+
+def score_tree_bytes(config) -> int:
+    """Bytes of one float32 score tree over the default scope (the seven projections)."""
+    specs = param_specs(config)
+    return 4 * sum(int(np.prod(specs[n].shape)) for n in scored_names(config))
+
+
+def check_score_disk(model, examples: Sequence[Example], directory: str) -> None:
+    """Fails at once, before any scan, when the score trees still to write cannot fit.
+
+    The stage writes one tree per harm category, their sum, and the retain and benign trees;
+    the scan checkpoint beside the last pass holds two more. Finished units are not counted.
+    """
+    cats = {slug(e.category) for e in examples}
+    units = [f"harm_{c}" for c in cats] + ["harm_all", "retain", "benign_signed"]
+    remaining = sum(not unit_done(os.path.join(directory, u)) for u in units)
+    if remaining:
+        tree = score_tree_bytes(model.config)
+        require_free_space(
+            directory, (remaining + 2) * tree,
+            f"The scores stage ({remaining} float32 score trees of {tree / 2**30:.2f} GiB, plus a scan checkpoint)",
+            "Free some space or set output_dir to a larger disk; finished stages and units are kept, "
+            "and the rerun resumes where this one stopped.",
+        )
 
 
 def harm_scores_per_category(
