@@ -169,8 +169,10 @@ def run_em_experiment(cfg, progress: bool = True) -> dict[str, Any]:
                    **{k: P[k] for k in scan_keys}}
 
     def score_stage(d):
-        from harmjax.pipeline.scoring import scan_to_units
+        from harmjax.pipeline.scoring import check_score_disk, scan_to_units
         from harmjax.pipeline.stages import unit_done
+
+        check_score_disk(model, d, ["harm", "retain"])
 
         scan_kw = dict(batch_size=P.batch_size, text_format=P.text_format, max_length=P.max_length,
                        num_buckets=P.num_buckets, remat=P.remat, abs_chunk=P.abs_chunk,

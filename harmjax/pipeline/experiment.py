@@ -25,7 +25,9 @@ from harmjax.pipeline.measure import measure
 from harmjax.pipeline.prompt_sets import (
     load_benign_prompts, load_harmful_prompts, load_pruning_prompts, split_per_category,
 )
-from harmjax.pipeline.scoring import benign_scores, check_score_disk, harm_scores_per_category
+from harmjax.pipeline.scoring import (
+    benign_scores, check_score_disk, experiment_score_units, harm_scores_per_category,
+)
 from harmjax.pipeline.stages import StageCache, as_config, read_json, settings_key, write_json_atomic
 
 
@@ -113,7 +115,8 @@ def run_experiment(cfg, progress: bool = True) -> dict[str, Any]:
     summary = {"model": source, "seed": cfg.seed, "text_format": S.text_format}
 
     def score_stage(d):
-        check_score_disk(model, ex_prune, d)
+        # The retain pass scores two kinds at once: its checkpoint holds two trees.
+        check_score_disk(model, d, experiment_score_units(ex_prune), checkpoint_trees=2)
         harm_units = harm_scores_per_category(model, ex_prune, d, scan_kw, summary)
         ben_units = benign_scores(model, ex_retain, d, S.retain_kind, scan_kw, summary)
         return {"units": {k: os.path.basename(v) for k, v in {**harm_units, **ben_units}.items()}}

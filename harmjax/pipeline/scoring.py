@@ -50,23 +50,28 @@ def score_tree_bytes(config) -> int:
     return 4 * sum(int(np.prod(specs[n].shape)) for n in scored_names(config))
 
 
-def check_score_disk(model, examples: Sequence[Example], directory: str) -> None:
+def check_score_disk(model, directory: str, units: Sequence[str], checkpoint_trees: int = 1) -> None:
     """Fails at once, before any scan, when the score trees still to write cannot fit.
 
-    The stage writes one tree per harm category, their sum, and the retain and benign trees;
-    the scan checkpoint beside the last pass holds two more. Finished units are not counted.
+    `units` are the unit names the stage writes under `directory`, one float32 tree each;
+    finished ones are not counted. `checkpoint_trees`: the trees a scan checkpoint holds
+    beside the last units (2 for a two-kind pass).
     """
-    cats = {slug(e.category) for e in examples}
-    units = [f"harm_{c}" for c in cats] + ["harm_all", "retain", "benign_signed"]
     remaining = sum(not unit_done(os.path.join(directory, u)) for u in units)
     if remaining:
         tree = score_tree_bytes(model.config)
         require_free_space(
-            directory, (remaining + 2) * tree,
+            directory, (remaining + checkpoint_trees) * tree,
             f"The scores stage ({remaining} float32 score trees of {tree / 2**30:.2f} GiB, plus a scan checkpoint)",
             "Free some space or set output_dir to a larger disk; finished stages and units are kept, "
             "and the rerun resumes where this one stopped.",
         )
+
+
+def experiment_score_units(examples: Sequence[Example]) -> list[str]:
+    """The units `harm_scores_per_category` and `benign_scores` write for these examples."""
+    cats = sorted({slug(e.category) for e in examples})
+    return [f"harm_{c}" for c in cats] + ["harm_all", "retain", "benign_signed"]
 
 
 def harm_scores_per_category(
