@@ -1,6 +1,10 @@
 """Attribution scores equal PyTorch autograd run one example at a time, for every score kind;
 they do not depend on batch size or device count; a resumed scan equals an uninterrupted one."""
 
+import glob
+import os
+import shutil
+
 import jax
 import numpy as np
 import pytest
@@ -149,9 +153,16 @@ def test_resume_equals_uninterrupted(tiny, tmp_path):
     first = scan(model, EXAMPLES * 3, "retain", batch_size=2, checkpoint_dir=ckpt, checkpoint_every=1,
                  stop_after=2, **ONE_BUCKET)
     assert first.resumed_from == 0
+    # The state a kill during a save's clean-up leaves: `state` plus a half-deleted
+    # `state.old`. The next save must not trip over it.
+    shutil.copytree(os.path.join(ckpt, "state"), os.path.join(ckpt, "state.old"))
+    leftover = sorted(p for p in glob.glob(os.path.join(ckpt, "state.old", "**"), recursive=True) if os.path.isfile(p))
+    os.remove(leftover[-1])
     second = scan(model, EXAMPLES * 3, "retain", batch_size=2, checkpoint_dir=ckpt, checkpoint_every=2,
                   stop_after=1, **ONE_BUCKET)
     assert second.resumed_from == 2
+    # A kill between the save's two renames leaves only `state.old`: the scan resumes from it.
+    os.replace(os.path.join(ckpt, "state"), os.path.join(ckpt, "state.old"))
     last = scan(model, EXAMPLES * 3, "retain", batch_size=2, checkpoint_dir=ckpt, checkpoint_every=2,
                 **ONE_BUCKET)
     assert last.resumed_from == 3

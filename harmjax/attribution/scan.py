@@ -90,6 +90,10 @@ def _save_state(directory: str, accs, position: int, loss_sum: float, tokens: in
     })
     old = os.path.join(directory, "state.old")
     if os.path.exists(target):
+        if os.path.exists(old):
+            # A kill during the last save's clean-up left it, perhaps half deleted; `state`
+            # is the valid one (`_load_state` reads it first).
+            shutil.rmtree(old)
         os.replace(target, old)
     os.replace(staging, target)
     if os.path.exists(old):
