@@ -5,6 +5,7 @@ A functional and timing check of every stage on an accelerator (answers with the
 kernel, scans, selection, evaluation, report), for machines without hub access:
 
   python benchmarks/pipeline_gpu_check.py --tokenizer_dir=DIR --harmful=strongreject.csv --out=OUT
+  python benchmarks/pipeline_gpu_check.py ... --mesh=1,-1,1   # FSDP, as the paper configs
 Random weights mean the numbers in the report carry no science; the stage times do.
 """
 
@@ -24,6 +25,8 @@ _WORK = flags.DEFINE_string("work", "/tmp/pipeline_gpu_work", "Model and stage c
 _HIDDEN = flags.DEFINE_integer("hidden", 2048, "Hidden size.")
 _LAYERS = flags.DEFINE_integer("layers", 16, "Layers.")
 _PER_CATEGORY = flags.DEFINE_integer("per_category", 20, "Prompts per category.")
+_MESH = flags.DEFINE_list("mesh", ["-1", "1", "1"], "Mesh sizes data,fsdp,tensor (-1 = the rest); "
+                          "the paper configs use 1,-1,1 (FSDP over every local device).")
 
 
 def build_model(directory: str) -> str:
@@ -57,6 +60,7 @@ def main(argv):
     cfg = get_config()
     cfg.model, cfg.dtype, cfg.output_dir = model_dir, "bfloat16", os.path.join(_WORK.value, "run")
     cfg.prompts.harmful = _HARMFUL.value
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = (int(x) for x in _MESH.value)
     cfg.prompts.per_category = _PER_CATEGORY.value
     cfg.prompts.benign_per_category = 0  # all 132
     cfg.answers.max_new_tokens, cfg.answers.batch_size, cfg.answers.chunk = 128, 128, 256
@@ -70,7 +74,8 @@ def main(argv):
     metrics = run_experiment(cfg)
     import jax
 
-    result = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "build_model_s": build,
+    result = {"device": str(jax.devices()[0].device_kind), "devices": jax.device_count(),
+              "mesh": [int(x) for x in _MESH.value], "jax": jax.__version__, "build_model_s": build,
               "wall_s": metrics["wall_seconds"], "timings": metrics["timings"], "data": metrics["data"],
               "hidden": _HIDDEN.value, "layers": _LAYERS.value, "parameters": metrics["model"]["parameters"]}
     for name in os.listdir(cfg.output_dir):
