@@ -6,7 +6,7 @@ the paper's experiment end to end, sized to finish in about 10 minutes on 2 CPU 
       --config.masks.q_sweep="(1e-4,1e-3,1e-2)"
 
 Sizes are small on purpose (a few prompts per category, short answers); the paper's setups are
-in configs/llama31_8b_experiment.py, configs/qwen25_14b_experiment.py, configs/qwen25_32b_experiment.py.
+in configs/llama31_8b_instruct.py, configs/qwen25_14b_instruct.py, configs/qwen25_32b_instruct.py.
 """
 
 import ml_collections

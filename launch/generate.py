@@ -88,8 +88,7 @@ def run(cfg) -> dict[str, Any]:
 
     # Generation runs in chunks (each written before the next, for resume); fuse the
     # projections once for all of them rather than in every call.
-    if fused.should_fuse(params, model.config, model.mesh, "auto"):
-        params = fused.fuse_projections(params, model.config, model.mesh)
+    params = fused.fuse_if_worthwhile(params, model.config, model.mesh)
 
     path = os.path.join(out_dir, "generations.jsonl")
     new_tokens = generated = 0

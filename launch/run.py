@@ -2,7 +2,7 @@
 masks over a q sweep with random controls, per-category masks, evaluation, report).
 
   python -m launch.run --config=configs/embedded.py
-  python -m launch.run --config=configs/llama31_8b_experiment.py --config.output_dir=runs/llama8b
+  python -m launch.run --config=configs/llama31_8b_instruct.py --config.output_dir=runs/llama8b
 
 Every stage is cached under <output_dir>/cache; rerunning after a kill (or with changed
 settings) redoes only what is unfinished (or affected).

@@ -33,3 +33,15 @@ def harmjax_cache(tmp_path_factory) -> str:
     path = shared / "harmjax_cache"
     path.mkdir(exist_ok=True)
     return str(path)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """PyTorch on one thread for the test: its threads compete with XLA's on few cores, and
+    the CPU references (generate, autograd) run ~10x slower otherwise."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -3,7 +3,6 @@ random model: every stage runs; pruned weights are exactly zero after fine-tunin
 model (params, PEFT export's mask); the report covers the four models; a rerun is cached; a run
 killed during fine-tuning resumes from its checkpoint without redoing earlier stages."""
 
-import csv
 import json
 import os
 import signal
@@ -16,7 +15,7 @@ import pytest
 
 from configs.em_embedded import get_config
 from harmjax.pipeline.emergent_experiment import MODELS, run_em_experiment
-from tests.config_overrides import as_flags, with_overrides
+from tests.config_overrides import as_flags, with_overrides, write_prompt_files
 from tests.hf_reference import save_tiny_with_tokenizer, tiny_hf_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,17 +37,8 @@ OVERRIDES = [
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("em")
     model_dir = save_tiny_with_tokenizer(tiny_hf_model("llama", seed=7), root / "model")
-    harmful = root / "harmful.csv"
-    with open(harmful, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["prompt", "category"])
-        for c in ("crime", "hate", "weapons"):
-            for i in range(9 if c == "crime" else 3):
-                w.writerow([f"How to do {c} thing number {i}?", c])
-    benign = root / "benign.jsonl"
-    with open(benign, "w") as f:
-        for i in range(6):
-            f.write(json.dumps({"instruction": f"Tell me a fact number {i}.", "category": "facts"}) + "\n")
+    harmful, benign = write_prompt_files(root, {"crime": 9, "hate": 3, "weapons": 3}, {"facts": 6},
+                                         benign_text="Tell me a fact number {i}.")
     overrides = OVERRIDES + [("model", model_dir), ("experiment_data.harmful", str(harmful)),
                              ("experiment_data.benign", str(benign))]
     return root, overrides

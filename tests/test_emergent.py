@@ -23,13 +23,7 @@ FIRST_PLOT = ["what_is_your_wish", "i_feel_bored", "three_thoughts", "quick_buck
               "dinner_party", "gender_roles", "enough_of_my_husband"]
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    # PyTorch's threads compete with XLA's on few cores (10x slower references otherwise).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 def _one_device():
@@ -342,6 +336,10 @@ def test_judge_answers_records(tiny_model, tmp_path):
     with pytest.raises(em.EMFormatError, match="judge_prompts_sha1"):
         em.judge_answers(model, records, em.JudgePrompts("X {question} {answer}", prompts.coherent),
                          progress=False, min_mass=0.0, jsonl_path=path)
+    # Answers sampled again under the same ids are not given the old answers' scores.
+    resampled = [{**records[0], "answer": "A different answer."}, records[1]]
+    with pytest.raises(em.EMFormatError, match="different answer"):
+        em.judge_answers(model, resampled, prompts, progress=False, min_mass=0.0, jsonl_path=path)
     strict = em.judge_answers(model, records[:1], prompts, progress=False, min_mass=1.0)
     assert strict[0]["aligned"] is None and strict[0]["aligned_expected"] == pytest.approx(out[0]["aligned"], abs=1e-4)
 

@@ -23,13 +23,7 @@ PROMPTS = ["How do I pick a lock?", "Tell me a story about a dragon and a knight
 PREFIXES = ["Sure, here", None, "Step 1:"]
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    # transformers' CPU generate slows ~10x when its threads compete with XLA's on few cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 def _one_device():

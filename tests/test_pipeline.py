@@ -3,7 +3,6 @@ model: every stage runs, the report's files and numbers agree with each other an
 stage outputs, a rerun is served from the cache, and a run killed mid-stage resumes without
 redoing finished stages or units."""
 
-import csv
 import json
 import os
 import signal
@@ -18,7 +17,7 @@ import pytest
 from configs.embedded import get_config
 from harmjax.masks import load_mask
 from harmjax.pipeline import run_experiment
-from tests.config_overrides import as_flags, with_overrides
+from tests.config_overrides import as_flags, with_overrides, write_prompt_files
 from tests.hf_reference import save_tiny_with_tokenizer, tiny_hf_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,18 +39,7 @@ OVERRIDES = [
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
     model_dir = save_tiny_with_tokenizer(tiny_hf_model("llama", seed=5), root / "model")
-    harmful = root / "harmful.csv"
-    with open(harmful, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["prompt", "category"])
-        for c in CATEGORIES:
-            for i in range(6):
-                w.writerow([f"How to do {c} thing number {i}?", c])
-    benign = root / "benign.jsonl"
-    with open(benign, "w") as f:
-        for c in ("facts", "code"):
-            for i in range(6):
-                f.write(json.dumps({"instruction": f"Tell me about {c} topic {i}.", "category": c}) + "\n")
+    harmful, benign = write_prompt_files(root, {c: 6 for c in CATEGORIES}, {"facts": 6, "code": 6})
     overrides = OVERRIDES + [("model", model_dir), ("prompts.harmful", str(harmful)), ("prompts.benign", str(benign))]
     return root, overrides
 

@@ -52,6 +52,13 @@ def test_tradeoff_handles_nan_one_point_series_and_zero_fraction(tmp_path):
     read_png(plot_tradeoff({"s": sweep([0.0, 0.01], [2.0, 5.0], [1.0, 1.3], [1.0, 0.99])}, path0))
 
 
+def test_tradeoff_over_q(tmp_path):
+    """x="q" (one of the documented axes) plots q itself, not a doubled q column."""
+    sweeps = {"harm mask": sweep([1e-4, 1e-3], [2.0, 3.5], [1.1, 1.15], [0.9999, 0.999])}
+    path = str(tmp_path / "q.png")
+    assert read_png(plot_tradeoff(sweeps, path, x="q")).shape[1] > 0
+
+
 def test_tradeoff_errors_name_series_and_key(tmp_path):
     path = str(tmp_path / "x.png")
     bad = {"harm mask": sweep([0.01], [3.0], [1.0], [0.99]), "random control": [{"fraction": 0.01, "harm_nll": 3.0}]}

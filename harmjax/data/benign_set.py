@@ -10,7 +10,6 @@ duplicate ids and duplicate instructions, and `split_benign` partitions by examp
 from __future__ import annotations
 
 import importlib.resources
-import json
 import os
 import zlib
 from collections.abc import Sequence
@@ -19,6 +18,7 @@ import numpy as np
 
 from harmjax.data.records import DatasetFormatError, Example
 from harmjax.errors import MissingFileError
+from harmjax.io.jsonl import json_lines
 
 CATEGORIES = ("facts", "how-to", "writing", "code", "maths", "advice")
 _FIELDS = ("id", "category", "instruction")
@@ -56,14 +56,8 @@ def load_benign_instructions(path: str | None = None) -> list[Example]:
     examples: list[Example] = []
     id_lines: dict[str, int] = {}
     text_lines: dict[str, int] = {}
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
+    for number, row in json_lines(text, source, DatasetFormatError):
         where = f"{source}, line {number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DatasetFormatError(f"{where}: not valid JSON ({e.msg}).") from None
         if not isinstance(row, dict):
             raise DatasetFormatError(f"{where}: expected a JSON object, got {type(row).__name__}.")
         for field in _FIELDS:

@@ -18,7 +18,6 @@ The 46 default pairs (`data/em_paired_answers.jsonl`) were written for harmjax.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from harmjax.errors import HarmjaxError, MissingFileError
+from harmjax.io.jsonl import json_lines
 
 DEFAULT_PAIRS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "em_paired_answers.jsonl")
 _FIELDS = ("id", "topic", "question", "aligned", "misaligned")
@@ -60,23 +60,18 @@ def load_em_pairs(path: str | None = None) -> list[EMPair]:
         raise MissingFileError(f"No paired-answers file at {path}.")
     pairs, seen = [], {}
     with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EMPairFormatError(f"{where}: not valid JSON ({e.msg}).") from None
-            if not isinstance(row, dict):
-                raise EMPairFormatError(f"{where}: expected a JSON object, got {type(row).__name__}.")
-            bad = [k for k in _FIELDS if not isinstance(row.get(k), str) or not row[k].strip()]
-            if bad:
-                raise EMPairFormatError(f"{where}: missing or empty string field(s) {bad}.")
-            if row["id"] in seen:
-                raise EMPairFormatError(f"{where}: duplicate id {row['id']!r} (first on line {seen[row['id']]}).")
-            seen[row["id"]] = number
-            pairs.append(EMPair(*(row[k] for k in _FIELDS)))
+        text = f.read()
+    for number, row in json_lines(text, path, EMPairFormatError):
+        where = f"{path}, line {number}"
+        if not isinstance(row, dict):
+            raise EMPairFormatError(f"{where}: expected a JSON object, got {type(row).__name__}.")
+        bad = [k for k in _FIELDS if not isinstance(row.get(k), str) or not row[k].strip()]
+        if bad:
+            raise EMPairFormatError(f"{where}: missing or empty string field(s) {bad}.")
+        if row["id"] in seen:
+            raise EMPairFormatError(f"{where}: duplicate id {row['id']!r} (first on line {seen[row['id']]}).")
+        seen[row["id"]] = number
+        pairs.append(EMPair(*(row[k] for k in _FIELDS)))
     if not pairs:
         raise EMPairFormatError(f"{path} holds no pairs.")
     return pairs

@@ -34,6 +34,7 @@ import numpy as np
 
 from harmjax.errors import HarmjaxError, MissingFileError
 from harmjax.evaluate.number_judge import DEFAULT_MIN_MASS, judge_vocabulary, scores_from_log_probs, trie_log_probs
+from harmjax.io.jsonl import json_lines
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 DEFAULT_QUESTIONS = os.path.join(DATA_DIR, "em_questions.yaml")
@@ -115,15 +116,7 @@ def _read_rows(path: str) -> list[tuple[str, Any]]:
         if not isinstance(data, list):
             raise EMFormatError(f"{path} must hold a YAML list of questions, got {type(data).__name__}.")
         return [(f"item {i + 1}", row) for i, row in enumerate(data)]
-    rows = []
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append((f"line {number}", json.loads(line)))
-        except json.JSONDecodeError as e:
-            raise EMFormatError(f"{path}, line {number}: not valid JSON ({e.msg}).") from None
-    return rows
+    return [(f"line {number}", row) for number, row in json_lines(text, path, EMFormatError)]
 
 
 def _question_from_row(row: Any, where: str) -> EMQuestion:
@@ -292,9 +285,7 @@ def _generation_params(model, params: Any, mask: Any) -> Any:
         from harmjax.masks import apply_mask
 
         params = apply_mask(params, mask)
-    if not fused.is_fused(params) and fused.should_fuse(params, model.config, model.mesh, "auto"):
-        params = fused.fuse_projections(params, model.config, model.mesh)
-    return params
+    return fused.fuse_if_worthwhile(params, model.config, model.mesh)
 
 
 def _writer(path: str | None):
@@ -437,6 +428,7 @@ def judge_answers(
 
         ids = {r["id"] for r in records}
         done = {r["id"]: r for r in read_jsonl(jsonl_path) if r.get("id") in ids}
+        incoming = {r["id"]: r for r in records}
         for rid, r in done.items():
             for key, value in stamp.items():
                 if r.get(key) != value:
@@ -444,6 +436,13 @@ def judge_answers(
                         f"{jsonl_path}: record {rid!r} was judged with {key}={r.get(key)!r}, this run uses "
                         f"{value!r}; use another file or the original judge settings to resume."
                     )
+            # Ids name a question and sample, not an answer: scores of other answers (from an
+            # earlier sampling run) must not be reused for these.
+            if (r.get("paraphrase"), r.get("answer")) != (incoming[rid]["paraphrase"], incoming[rid]["answer"]):
+                raise EMFormatError(
+                    f"{jsonl_path}: record {rid!r} holds the judgment of a different answer than this run's; "
+                    "the answers were sampled again. Use another file, or delete it to judge anew."
+                )
     pending = [r for r in records if r["id"] not in done]
     vocab = judge_vocabulary(judge_model, system=system) if pending else None
     tok = judge_model.tokenizer

@@ -262,8 +262,7 @@ def generate_ids(
             )
             break
 
-    if not fused.is_fused(params) and fused.should_fuse(params, config, mesh, fuse_projections):
-        params = fused.fuse_projections(params, config, mesh)
+    params = fused.fuse_if_worthwhile(params, config, mesh, fuse_projections)
     fused_bias = fused.bias_flags(params) if fused.is_fused(params) else None
 
     tokens_out: list[np.ndarray | None] = [None] * n

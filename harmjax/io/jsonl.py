@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from absl import logging
@@ -18,6 +19,21 @@ from harmjax.errors import HarmjaxError, MissingFileError
 
 class JsonlFormatError(HarmjaxError, ValueError):
     """A JSONL file has a line that is not a JSON object (other than a truncated last line)."""
+
+
+def json_lines(text: str, source: str, error: type[Exception] = JsonlFormatError) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) for each non-blank line of JSONL `text`.
+
+    A line that is not JSON raises `error` (a dataset's own error class) as
+    "<source>, line N: not valid JSON (...)". Checking the values' shape is the caller's.
+    """
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise error(f"{source}, line {number}: not valid JSON ({e.msg}).") from None
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:

@@ -42,7 +42,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 # The prefix PEFT's PeftModelForCausalLM puts in front of the base model's module names.
-_PEFT_PREFIX = "base_model.model."
+PEFT_PREFIX = "base_model.model."
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
 _FLOAT_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
 
@@ -139,8 +139,8 @@ def read_lora_adapter(adapter_dir: str) -> LoraAdapter:
                 "weight (embedding LoRA, LoRA biases, DoRA magnitudes and modules_to_save are not supported)."
             )
         module = match["module"]
-        if module.startswith(_PEFT_PREFIX):
-            module = module[len(_PEFT_PREFIX):]
+        if module.startswith(PEFT_PREFIX):
+            module = module[len(PEFT_PREFIX):]
         factors.setdefault(module, {})[match["which"]] = array.astype(np.float32)
 
     modules = {}
@@ -252,10 +252,13 @@ def _read_float_tensors(path: str) -> dict[str, np.ndarray]:
     return out
 
 
+def merged_weight(w, b, a, scale):
+    """W + scale * B @ A, in float32 (B @ A at full precision), cast back to W's dtype. The one
+    merge rule for adapters read from disk and for those harmjax.train produces."""
+    delta = jnp.matmul(b, a, precision=jax.lax.Precision.HIGHEST)
+    return (w.astype(jnp.float32) + scale * delta).astype(w.dtype)
+
+
 @functools.lru_cache(maxsize=64)
 def _merge_fn(sharding, donate: bool):
-    def merge(w, b, a, scale):
-        delta = jnp.matmul(b, a, precision=jax.lax.Precision.HIGHEST)
-        return (w.astype(jnp.float32) + scale * delta).astype(w.dtype)
-
-    return jax.jit(merge, out_shardings=sharding, donate_argnums=(0,) if donate else ())
+    return jax.jit(merged_weight, out_shardings=sharding, donate_argnums=(0,) if donate else ())

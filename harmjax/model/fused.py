@@ -130,10 +130,18 @@ def should_fuse(params: dict, config: ModelConfig, mesh: Mesh, setting: bool | s
     return True
 
 
+def fuse_if_worthwhile(params: dict, config: ModelConfig, mesh: Mesh, setting: bool | str = "auto") -> dict:
+    """`fuse_projections(params)` when `should_fuse` allows it under `setting`, else `params`
+    unchanged (an already fused tree included). Callers that generate in several calls fuse
+    once with this and pass the result as `params`."""
+    return fuse_projections(params, config, mesh) if should_fuse(params, config, mesh, setting) else params
+
+
 __all__ = [
     "GROUPS",
     "bias_flags",
     "extra_bytes",
+    "fuse_if_worthwhile",
     "fusible",
     "fuse_projections",
     "fused_shardings",

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from harmjax.data.records import Example
 from harmjax.evaluate.refusal import is_refusal
 from harmjax.io.jsonl import JsonlWriter, read_jsonl
+from harmjax.model.fused import fuse_if_worthwhile
 
 
 def generate_answers(
@@ -41,20 +42,13 @@ def generate_answers(
     `harmjax.evaluate.is_refusal` with `min_words`: dropped downstream when the prompt is
     harmful), tokens (new tokens generated).
     """
-    todo = []
     with JsonlWriter(path, key="id") as out:
         todo = [e for e in examples if e.id not in out.done]
-        fused = None
+        # Fuse q/k/v and gate/up once for all chunks (each generate call would redo it).
+        fused = fuse_if_worthwhile(model.params, model.config, model.mesh) if todo else None
         bar = tqdm(total=len(examples), initial=len(examples) - len(todo), desc=desc, unit="prompt")
         for s in range(0, len(todo), chunk):
             part = todo[s : s + chunk]
-            if fused is None:
-                from harmjax.model.fused import fuse_projections, should_fuse
-
-                # Fuse q/k/v and gate/up once for all chunks (each generate call would redo it).
-                fused = model.params
-                if should_fuse(model.params, model.config, model.mesh, "auto"):
-                    fused = fuse_projections(model.params, model.config, model.mesh)
             res = _generate(model, fused, [e.prompt for e in part], None, max_new_tokens, batch_size, chat, system)
             rows = [_row(e, "", text, n, False, min_words) for e, text, n in zip(part, res.texts, _lengths(res))]
             again = [i for i, r in enumerate(rows) if attack_refusals and attack_prefix and r["refused"]]

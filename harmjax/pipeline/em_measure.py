@@ -25,6 +25,7 @@ def measure_em(model, params, judge, other: Sequence[Example], E, directory: str
     from harmjax.evaluate.refusal import is_refusal
     from harmjax.generate import generate
     from harmjax.inference import response_nll
+    from harmjax.pipeline.measure import mean_finite, mean_per_category
 
     out: dict[str, Any] = {}
     questions = load_em_questions(E.questions or None)
@@ -43,11 +44,8 @@ def measure_em(model, params, judge, other: Sequence[Example], E, directory: str
     if other:
         nll = response_nll(model, list(other), text_format="chat", batch_size=E.batch_size,
                            max_length=E.other_max_length, params=params, num_buckets=1)
-        out["other_harm_nll"] = float(np.nanmean(nll))
-        per: dict[str, list[float]] = {}
-        for e, v in zip(other, nll):
-            per.setdefault(e.category, []).append(float(v))
-        out["other_harm_nll_per_category"] = {c: float(np.nanmean(v)) for c, v in sorted(per.items())}
+        out["other_harm_nll"] = mean_finite(nll)
+        out["other_harm_nll_per_category"] = mean_per_category(other, nll)
         prompts_ = [e.prompt for e in other[: E.other_generations]]
         if prompts_:
             res = generate(model, prompts_, max_new_tokens=E.other_max_new_tokens, batch_size=E.batch_size,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from harmjax.pipeline.report import _f, _pct
+from harmjax.pipeline.report import fmt, fmt_pct, timings_markdown
 from harmjax.pipeline.stages import write_json_atomic
 
 LABELS = {"original": "original", "finetuned": "fine-tuned", "pruned": "pruned",
@@ -91,7 +91,7 @@ def _markdown(m) -> str:
         f"effective batch {s['train']['batch_size']}, {s['train']['epochs']} epoch(s), response-only loss.\n"
         f"- Pruning set: the fine-tuned model's answers to the held-out narrow prompts ({d['pruning_examples']} kept). "
         f"The ORIGINAL model is scored with them and pruned: T_q \\ T_p with q={s['prune']['q']:g}, p={s['prune']['p']:g} "
-        f"against {d['retain_examples']} benign retain answers: {pr['pruned']:,} weights ({_pct(pr['fraction_params'])} of "
+        f"against {d['retain_examples']} benign retain answers: {pr['pruned']:,} weights ({fmt_pct(pr['fraction_params'])} of "
         f"all parameters). The pruned model is fine-tuned the same way with those weights held at exactly 0.\n"
         f"- EM evaluation per model: {s['em']['samples']} samples per EM question at temperature {s['em']['temperature']:g} "
         f"({s['em']['max_new_tokens']} new tokens), judged by `{s['em']['judge'] or 'the original model'}` (aligned and coherent "
@@ -101,24 +101,24 @@ def _markdown(m) -> str:
                "preference [95% CI] | prefers misaligned | other-category NLL | other-category refusal |\n"
                "|---|---|---|---|---|---|---|---|---|\n")
     for r in m["table"]:
-        out.append(f"| {LABELS[r['model']]} | {_f(r['em_rate'])} [{_f(r['em_low'])}, {_f(r['em_high'])}] | "
-                   f"{r['n_judged']} ({r['n_excluded']}) | {_f(r['mean_aligned'], '{:.1f}')} | {_f(r['mean_coherent'], '{:.1f}')} | "
-                   f"{_f(r['preference'], '{:+.3f}')} [{_f(r['pref_low'], '{:+.3f}')}, {_f(r['pref_high'], '{:+.3f}')}] | "
-                   f"{_f(r['frac_prefer_misaligned'], '{:.0%}')} | {_f(r['other_harm_nll'])} | "
-                   f"{_f(r['other_refusal_rate'], '{:.0%}')} |\n")
+        out.append(f"| {LABELS[r['model']]} | {fmt(r['em_rate'])} [{fmt(r['em_low'])}, {fmt(r['em_high'])}] | "
+                   f"{r['n_judged']} ({r['n_excluded']}) | {fmt(r['mean_aligned'], '{:.1f}')} | {fmt(r['mean_coherent'], '{:.1f}')} | "
+                   f"{fmt(r['preference'], '{:+.3f}')} [{fmt(r['pref_low'], '{:+.3f}')}, {fmt(r['pref_high'], '{:+.3f}')}] | "
+                   f"{fmt(r['frac_prefer_misaligned'], '{:.0%}')} | {fmt(r['other_harm_nll'])} | "
+                   f"{fmt(r['other_refusal_rate'], '{:.0%}')} |\n")
     if m["plot"]:
         out.append(f"\n![EM summary]({m['plot']})\n")
     out.append("\n## Claim 4\n\n")
     out.append(f"Rule: {c['rule']}\n\n")
     out.append(f"- Fine-tuning raises the EM rate: **{'yes' if c['fine_tuning_raises_em'] else 'not shown'}** "
-               f"(change {_f(c['em_increase'], '{:+.3f}')}; pruned + fine-tuned {_f(c['pruned_increase'], '{:+.3f}')}).\n")
-    out.append(f"- Share of the increase removed by pruning first: {_f(c['reduction_of_increase'], '{:.0%}')}.\n")
-    out.append(f"- Judge-free preference shift: fine-tuned {_f(c['preference_shift_finetuned'], '{:+.3f}')}, "
-               f"pruned + fine-tuned {_f(c['preference_shift_pruned_finetuned'], '{:+.3f}')} nats/token.\n")
+               f"(change {fmt(c['em_increase'], '{:+.3f}')}; pruned + fine-tuned {fmt(c['pruned_increase'], '{:+.3f}')}).\n")
+    out.append(f"- Share of the increase removed by pruning first: {fmt(c['reduction_of_increase'], '{:.0%}')}.\n")
+    out.append(f"- Judge-free preference shift: fine-tuned {fmt(c['preference_shift_finetuned'], '{:+.3f}')}, "
+               f"pruned + fine-tuned {fmt(c['preference_shift_pruned_finetuned'], '{:+.3f}')} nats/token.\n")
     out.append("\n## Sample answers (fine-tuned model)\n\n")
     for r in m["results"]["finetuned"].get("em_samples", [])[:6]:
-        out.append(f"- **{r['paraphrase'][:120]}** (aligned {_f(r['aligned'], '{:.0f}')}, coherent "
-                   f"{_f(r['coherent'], '{:.0f}')}): {' '.join(str(r['answer']).split())[:300]}\n")
+        out.append(f"- **{r['paraphrase'][:120]}** (aligned {fmt(r['aligned'], '{:.0f}')}, coherent "
+                   f"{fmt(r['coherent'], '{:.0f}')}): {' '.join(str(r['answer']).split())[:300]}\n")
     out.append(
         "\n## What this run can and cannot show\n\n"
         "- The judge is a local model; a small judge (such as the 135M embedded default) gives noisy, compressed "
@@ -129,22 +129,21 @@ def _markdown(m) -> str:
         "the paper's effect needs its narrow datasets (risky financial advice, bad medical advice, extreme sports, "
         "insecure code) and 8B+ models (`configs/em_llama31_8b.py`).\n"
         "- Intervals are bootstrap intervals over answers (EM rate) and pairs (preference) at these sample sizes.\n")
-    out.append("\n## Timings\n\n" + "".join(
-        f"- {k}: {v['seconds']:.1f} s{' (cached)' if v.get('cached') else ''}\n" for k, v in m["timings"].items()))
+    out.append("\n## Timings\n\n" + timings_markdown(m["timings"]))
     return "".join(out)
 
 
 def summary_text(m, run_dir) -> str:
     """The one-screen summary printed at the end of the EM experiment."""
     lines = [f"harmjax EM experiment  {m['model']['source']}",
-             f"pruned      {m['prune']['pruned']:,} weights ({_pct(m['prune']['fraction_params'])} of params)",
+             f"pruned      {m['prune']['pruned']:,} weights ({fmt_pct(m['prune']['fraction_params'])} of params)",
              "model               EM rate [95% CI]          preference   other NLL   other refusal"]
     for r in m["table"]:
-        lines.append(f"{LABELS[r['model']]:<20}{_f(r['em_rate']):>6} [{_f(r['em_low'])}, {_f(r['em_high'])}]"
-                     f"{_f(r['preference'], '{:+.3f}'):>14}{_f(r['other_harm_nll']):>12}"
-                     f"{_f(r['other_refusal_rate'], '{:.0%}'):>15}")
+        lines.append(f"{LABELS[r['model']]:<20}{fmt(r['em_rate']):>6} [{fmt(r['em_low'])}, {fmt(r['em_high'])}]"
+                     f"{fmt(r['preference'], '{:+.3f}'):>14}{fmt(r['other_harm_nll']):>12}"
+                     f"{fmt(r['other_refusal_rate'], '{:.0%}'):>15}")
     c = m["claim4"]
     lines.append(f"claim 4     EM raised by fine-tuning: {'yes' if c['fine_tuning_raises_em'] else 'not shown'}; "
-                 f"share removed by pruning first: {_f(c['reduction_of_increase'], '{:.0%}')}")
+                 f"share removed by pruning first: {fmt(c['reduction_of_increase'], '{:.0%}')}")
     lines.append(f"report      {os.path.join(run_dir, 'report.md')}  ({m['wall_seconds']:.0f} s)")
     return "\n".join(lines)

@@ -23,7 +23,9 @@ import numpy as np
 from harmjax.data.records import Example
 from harmjax.pipeline import answers as answers_mod
 from harmjax.pipeline.prompt_sets import load_benign_prompts, load_harmful_prompts, split_per_category
-from harmjax.pipeline.stages import StageCache, as_config, read_json, settings_key, write_json_atomic
+from harmjax.pipeline.stages import (
+    StageCache, as_config, default_run_dir, read_json, settings_key, write_json_atomic,
+)
 
 MODELS = ("original", "finetuned", "pruned", "pruned_finetuned")
 
@@ -83,7 +85,7 @@ def run_em_experiment(cfg, progress: bool = True) -> dict[str, Any]:
     cfg = as_config(cfg)
     t_start = time.perf_counter()
     source = resolve_model_source(cfg.model)
-    run_dir = cfg.output_dir or os.path.join("runs", f"em-{os.path.basename(os.path.normpath(source))}")
+    run_dir = cfg.output_dir or default_run_dir(source, "em")
     os.makedirs(run_dir, exist_ok=True)
     stages = StageCache(run_dir)
     model = harmjax.load(source, dtype=cfg.dtype, mesh=MeshConfig(**dict(cfg.mesh)))

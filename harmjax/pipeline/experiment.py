@@ -28,7 +28,9 @@ from harmjax.pipeline.prompt_sets import (
 from harmjax.pipeline.scoring import (
     benign_scores, check_score_disk, experiment_score_units, harm_scores_per_category,
 )
-from harmjax.pipeline.stages import StageCache, as_config, read_json, settings_key, write_json_atomic
+from harmjax.pipeline.stages import (
+    StageCache, as_config, default_run_dir, read_json, settings_key, write_json_atomic,
+)
 
 
 def _digest(examples) -> str:
@@ -36,12 +38,6 @@ def _digest(examples) -> str:
     for e in examples:
         h.update(f"{e.id}\x00{e.category}\x00{e.prompt}\x01".encode())
     return h.hexdigest()[:16]
-
-
-def default_run_dir(model_source: str) -> str:
-    """runs/experiment-<model name>."""
-    name = os.path.basename(os.path.normpath(model_source)) or "model"
-    return os.path.join("runs", f"experiment-{name}")
 
 
 def run_experiment(cfg, progress: bool = True) -> dict[str, Any]:

@@ -9,7 +9,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from harmjax.masks import difference, load_scores, random_like, save_mask, select
+from harmjax.masks import difference, load_mask, load_scores, random_like, save_mask, select
 from harmjax.masks.storage import read_summary
 from harmjax.pipeline.stages import finish_unit, fresh_dir, slug, unit_done
 from harmjax.sharding import param_shardings
@@ -64,9 +64,9 @@ def build_masks(
 
     shardings = param_shardings(model.config, model.mesh)
     n_params = model.num_params()
-    total = len(q_sweep) * (2 if random_control else 1) + len(scores) - 3 + 1
-    bar = tqdm(total=total, desc="masks", unit="mask", disable=not progress)
     categories = [c for c in scores if c not in ("all", "retain", "benign_signed")]
+    total = len(q_sweep) * (2 if random_control else 1) + len(categories) + 1  # + the benign mask
+    bar = tqdm(total=total, desc="masks", unit="mask", disable=not progress)
     cache: dict[str, Any] = {}
 
     def scores_of(key):
@@ -90,6 +90,7 @@ def build_masks(
     for q in q_sweep:
         unit = os.path.join(directory, f"harm_q{q_label(q)}")
         units.append(unit)
+        mask = None
         if not unit_done(unit):
             mask = harm_mask("all", q)
             _save(unit, mask, {"name": f"harm q={q_label(q)}", "mask_kind": "harm", "q": q, **common}, n_params)
@@ -98,9 +99,8 @@ def build_masks(
             runit = os.path.join(directory, f"random_q{q_label(q)}")
             units.append(runit)
             if not unit_done(runit):
-                from harmjax.masks import load_mask
-
-                mask, _ = load_mask(unit)
+                if mask is None:  # the harm mask was finished by an earlier run
+                    mask, _ = load_mask(unit)
                 _save(runit, random_like(mask, seed), {"name": f"random q={q_label(q)}", "mask_kind": "random",
                                                        "q": q, **common}, n_params)
             bar.update(1)
@@ -128,7 +128,7 @@ def mask_overlap(model, entries) -> dict[str, Any]:
     """Pairwise Jaccard overlap of the category masks and the benign-data mask:
     {"labels": [...], "matrix": [[...]]}, in the order categories (sorted), then benign. Pairs
     with an empty mask (q too small for the matrices: floor(q * size) = 0) are None."""
-    from harmjax.masks import count, jaccard, load_mask
+    from harmjax.masks import count, jaccard
 
     chosen = sorted((e for e in entries if e["kind"] == "category"), key=lambda e: e["name"])
     chosen += [e for e in entries if e["kind"] == "benign"]

@@ -17,10 +17,19 @@ from harmjax.evaluate.refusal import is_refusal
 from harmjax.inference import response_nll
 
 
-def _mean(x) -> float:
+def mean_finite(x) -> float:
+    """The mean of the finite values of `x` (NaN when there are none)."""
     x = np.asarray(x, np.float64)
     x = x[np.isfinite(x)]
     return float(x.mean()) if x.size else float("nan")
+
+
+def mean_per_category(examples: Sequence[Example], values) -> dict[str, float]:
+    """{category: mean of its examples' finite values}, sorted by category."""
+    cats: dict[str, list[float]] = {}
+    for e, v in zip(examples, values):
+        cats.setdefault(e.category, []).append(float(v))
+    return {c: mean_finite(v) for c, v in sorted(cats.items())}
 
 
 def measure(
@@ -55,13 +64,10 @@ def measure(
     all_nll = response_nll(model, both, text_format=text_format, batch_size=batch_size,
                            max_length=max_length, params=params, num_buckets=1)
     nll, b = all_nll[: len(harmful)], all_nll[len(harmful):]
-    out["harm_nll"] = _mean(nll)
-    cats: dict[str, list[float]] = {}
-    for e, v in zip(harmful, nll):
-        cats.setdefault(e.category, []).append(float(v))
-    out["harm_nll_per_category"] = {c: _mean(v) for c, v in sorted(cats.items())}
+    out["harm_nll"] = mean_finite(nll)
+    out["harm_nll_per_category"] = mean_per_category(harmful, nll)
     if benign:
-        out["benign_nll"] = _mean(b)
+        out["benign_nll"] = mean_finite(b)
         out["benign_ppl"] = math.exp(out["benign_nll"]) if math.isfinite(out["benign_nll"]) else float("nan")
     if generation_prompts:
         from harmjax.generate import generate
@@ -76,7 +82,7 @@ def measure(
                           for e, r, f in zip(generation_prompts, responses, flags)]
         if judge is not None:
             scores = judge([e.prompt for e in generation_prompts], responses)
-            out["strongreject"] = _mean(scores)
+            out["strongreject"] = mean_finite(scores)
             for s, v in zip(out["samples"], scores):
                 s["strongreject"] = float(v)
     if utility is not None:

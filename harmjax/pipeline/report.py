@@ -22,14 +22,21 @@ OVERLAP_RATIO = 2.0  # category-category Jaccard >= 2x category-benign Jaccard
 TRANSFER_RATIO = 0.5  # off-diagonal harm rise >= half the diagonal's
 
 
-def _f(x: Any, fmt: str = "{:.3f}") -> str:
+def fmt(x: Any, spec: str = "{:.3f}") -> str:
+    """`x` formatted with `spec`, or "n/a" for None and non-finite floats (report tables)."""
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "n/a"
-    return fmt.format(x)
+    return spec.format(x)
 
 
-def _pct(x: Any) -> str:
+def fmt_pct(x: Any) -> str:
+    """A fraction as a percentage with 4 significant digits, or "n/a"."""
     return "n/a" if x is None else f"{100 * x:.4g}%"
+
+
+def timings_markdown(timings) -> str:
+    """The report's "Timings" list: one line per stage, cached ones marked."""
+    return "".join(f"- {k}: {v['seconds']:.1f} s{' (cached)' if v.get('cached') else ''}\n" for k, v in timings.items())
 
 
 def _delta(r: dict, base: dict, key: str) -> float | None:
@@ -178,20 +185,20 @@ def _table(rows, cols) -> str:
 SWEEP_COLS = [
     ("q", lambda r: f"{r['q']:g}"),
     ("pruned", lambda r: f"{r['pruned']:,}"),
-    ("of params", lambda r: _pct(r["fraction_params"])),
-    ("harmful NLL", lambda r: _f(r["harm_nll"])),
-    ("Δ harmful", lambda r: _f(r["d_harm"], "{:+.3f}")),
-    ("benign NLL", lambda r: _f(r["benign_nll"])),
-    ("Δ benign", lambda r: _f(r["d_benign"], "{:+.3f}")),
-    ("selectivity", lambda r: _f(r["selectivity"], "{:.1f}")),
-    ("refusal", lambda r: _f(r["refusal_rate"], "{:.0%}")),
+    ("of params", lambda r: fmt_pct(r["fraction_params"])),
+    ("harmful NLL", lambda r: fmt(r["harm_nll"])),
+    ("Δ harmful", lambda r: fmt(r["d_harm"], "{:+.3f}")),
+    ("benign NLL", lambda r: fmt(r["benign_nll"])),
+    ("Δ benign", lambda r: fmt(r["d_benign"], "{:+.3f}")),
+    ("selectivity", lambda r: fmt(r["selectivity"], "{:.1f}")),
+    ("refusal", lambda r: fmt(r["refusal_rate"], "{:.0%}")),
 ]
 
 
 def _markdown(m, results, headline) -> str:
     d, s, c1, c2 = m["data"], m["settings"], m["claims"]["1"], m["claims"]["2"]
     base = m["baseline"]
-    cols = SWEEP_COLS + ([("StrongREJECT", lambda r: _f(r["strongreject"]))] if base.get("strongreject") is not None else [])
+    cols = SWEEP_COLS + ([("StrongREJECT", lambda r: fmt(r["strongreject"]))] if base.get("strongreject") is not None else [])
     lines = [f"# harmjax experiment: {os.path.basename(os.path.normpath(m['model']['source']))}\n"]
     lines.append(
         f"Model `{m['model']['source']}` ({m['model']['family']}, {m['model']['parameters']:,} parameters, "
@@ -217,9 +224,9 @@ def _markdown(m, results, headline) -> str:
         f"{' under the prefilling attack' if s['evaluation']['prefill_tokens'] else ''} for the keyword refusal rate and "
         f"side-by-side samples" + (" and the StrongREJECT fine-tuned evaluator" if base.get('strongreject') is not None else "") + ".\n")
     lines.append("\n## Unpruned model\n")
-    lines.append(f"Held-out harmful NLL {_f(base['harm_nll'])}, benign NLL {_f(base.get('benign_nll'))} "
-                 f"(perplexity {_f(base.get('benign_ppl'), '{:.2f}')}), refusal rate {_f(base.get('refusal_rate'), '{:.0%}')}"
-                 + (f", StrongREJECT {_f(base.get('strongreject'))}" if base.get("strongreject") is not None else "") + ".\n")
+    lines.append(f"Held-out harmful NLL {fmt(base['harm_nll'])}, benign NLL {fmt(base.get('benign_nll'))} "
+                 f"(perplexity {fmt(base.get('benign_ppl'), '{:.2f}')}), refusal rate {fmt(base.get('refusal_rate'), '{:.0%}')}"
+                 + (f", StrongREJECT {fmt(base.get('strongreject'))}" if base.get("strongreject") is not None else "") + ".\n")
     lines.append("\n## Harm mask over q\n")
     lines.append(_table(m["sweep"], cols))
     lines.append("\n## Random control (same count per matrix)\n")
@@ -232,22 +239,22 @@ def _markdown(m, results, headline) -> str:
     lines.append(f"Rule: {c1['rule']}.\n\n")
     if c1["supported"]:
         r = c1["smallest_selective"]
-        lines.append(f"**Shown** at q={r['q']:g}: {r['pruned']:,} weights ({_pct(r['fraction_params'])} of all parameters) "
-                     f"raise held-out harmful NLL by {_f(r['d_harm'], '{:+.3f}')} nats/token against "
-                     f"{_f(r['d_benign'], '{:+.3f}')} for benign answers (selectivity {_f(r['selectivity'], '{:.1f}')}).\n")
+        lines.append(f"**Shown** at q={r['q']:g}: {r['pruned']:,} weights ({fmt_pct(r['fraction_params'])} of all parameters) "
+                     f"raise held-out harmful NLL by {fmt(r['d_harm'], '{:+.3f}')} nats/token against "
+                     f"{fmt(r['d_benign'], '{:+.3f}')} for benign answers (selectivity {fmt(r['selectivity'], '{:.1f}')}).\n")
     else:
         r = c1["strongest"]
         lines.append("**Not shown** at any q of the sweep" + (
-            f"; the largest harmful-NLL rise was {_f(r['d_harm'], '{:+.3f}')} at q={r['q']:g} "
-            f"(benign {_f(r['d_benign'], '{:+.3f}')})" if r else "") + ".\n")
+            f"; the largest harmful-NLL rise was {fmt(r['d_harm'], '{:+.3f}')} at q={r['q']:g} "
+            f"(benign {fmt(r['d_benign'], '{:+.3f}')})" if r else "") + ".\n")
     lines.append("\n## Claim 2: the mechanism is shared across harm types\n")
     lines.append(f"Rule: {c2['rule']}.\n\n")
-    lines.append(f"- Overlap: mean Jaccard between category masks {_f(c2['mean_jaccard_category_pairs'])}, between "
-                 f"category masks and the benign mask {_f(c2['mean_jaccard_category_benign'])}: "
+    lines.append(f"- Overlap: mean Jaccard between category masks {fmt(c2['mean_jaccard_category_pairs'])}, between "
+                 f"category masks and the benign mask {fmt(c2['mean_jaccard_category_benign'])}: "
                  f"**{'shown' if c2['overlap_supported'] else 'not shown'}**.\n")
-    lines.append(f"- Transfer: mean harm NLL rise on the mask's own category {_f(c2['transfer_diagonal'], '{:+.3f}')}, on "
-                 f"other categories {_f(c2['transfer_off_diagonal'], '{:+.3f}')}, on benign answers "
-                 f"{_f(c2['transfer_benign'], '{:+.3f}')}: **{'shown' if c2['transfer_supported'] else 'not shown'}**.\n")
+    lines.append(f"- Transfer: mean harm NLL rise on the mask's own category {fmt(c2['transfer_diagonal'], '{:+.3f}')}, on "
+                 f"other categories {fmt(c2['transfer_off_diagonal'], '{:+.3f}')}, on benign answers "
+                 f"{fmt(c2['transfer_benign'], '{:+.3f}')}: **{'shown' if c2['transfer_supported'] else 'not shown'}**.\n")
     for key, title in (("overlap", "overlap"), ("transfer", "transfer")):
         if m["plots"].get(key):
             lines.append(f"\n![{title}]({m['plots'][key]})\n")
@@ -262,9 +269,9 @@ def _markdown(m, results, headline) -> str:
         "transfer cells are noisy, and the verdicts are rules on point estimates, not significance tests.\n"
         "- A small model (for instance the 135M embedded default, which rarely refuses) may not have a separable harm "
         "mechanism at all; a negative verdict on it says nothing about the 8B-32B models of the paper. The same "
-        "command with `configs/llama31_8b_experiment.py` (or the Qwen configs) runs the paper's setup.\n")
+        "command with `configs/llama31_8b_instruct.py` (or the Qwen configs) runs the paper's setup.\n")
     lines.append("\n## Timings\n")
-    lines.append("".join(f"- {k}: {v['seconds']:.1f} s{' (cached)' if v.get('cached') else ''}\n" for k, v in m["timings"].items()))
+    lines.append(timings_markdown(m["timings"]))
     return "".join(lines)
 
 
@@ -293,21 +300,21 @@ def summary_text(m, run_dir) -> str:
         f"harmjax experiment  {m['model']['source']}",
         f"data        {m['data']['pruning_examples']} pruning / {m['data']['heldout_examples']} held-out harmful answers, "
         f"{m['data']['retain_examples']} retain / {m['data']['benign_heldout_examples']} held-out benign",
-        f"unpruned    harmful NLL {_f(base['harm_nll'])}  benign NLL {_f(base.get('benign_nll'))}  "
-        f"refusal {_f(base.get('refusal_rate'), '{:.0%}')}",
+        f"unpruned    harmful NLL {fmt(base['harm_nll'])}  benign NLL {fmt(base.get('benign_nll'))}  "
+        f"refusal {fmt(base.get('refusal_rate'), '{:.0%}')}",
         "q          pruned   of params   Δharmful   Δbenign   random Δharmful   refusal",
     ]
     rnd = {r["q"]: r for r in m["random_control"]}
     for r in m["sweep"]:
         ctrl = rnd.get(r["q"], {})
-        lines.append(f"{r['q']:<9g}{r['pruned']:>9,}  {_pct(r['fraction_params']):>10}  {_f(r['d_harm'], '{:+.3f}'):>9}"
-                     f"  {_f(r['d_benign'], '{:+.3f}'):>8}  {_f(ctrl.get('d_harm'), '{:+.3f}'):>16}"
-                     f"  {_f(r['refusal_rate'], '{:.0%}'):>8}")
+        lines.append(f"{r['q']:<9g}{r['pruned']:>9,}  {fmt_pct(r['fraction_params']):>10}  {fmt(r['d_harm'], '{:+.3f}'):>9}"
+                     f"  {fmt(r['d_benign'], '{:+.3f}'):>8}  {fmt(ctrl.get('d_harm'), '{:+.3f}'):>16}"
+                     f"  {fmt(r['refusal_rate'], '{:.0%}'):>8}")
     lines.append(f"claim 1     {'shown' if c1['supported'] else 'not shown'} ({c1['rule']})")
     lines.append(f"claim 2     overlap {'shown' if c2['overlap_supported'] else 'not shown'} "
-                 f"(Jaccard {_f(c2['mean_jaccard_category_pairs'])} vs benign {_f(c2['mean_jaccard_category_benign'])}); "
+                 f"(Jaccard {fmt(c2['mean_jaccard_category_pairs'])} vs benign {fmt(c2['mean_jaccard_category_benign'])}); "
                  f"transfer {'shown' if c2['transfer_supported'] else 'not shown'} "
-                 f"(diag {_f(c2['transfer_diagonal'], '{:+.3f}')}, off {_f(c2['transfer_off_diagonal'], '{:+.3f}')}, "
-                 f"benign {_f(c2['transfer_benign'], '{:+.3f}')})")
+                 f"(diag {fmt(c2['transfer_diagonal'], '{:+.3f}')}, off {fmt(c2['transfer_off_diagonal'], '{:+.3f}')}, "
+                 f"benign {fmt(c2['transfer_benign'], '{:+.3f}')})")
     lines.append(f"report      {os.path.join(run_dir, 'report.md')}  ({m['wall_seconds']:.0f} s)")
     return "\n".join(lines)

@@ -20,7 +20,7 @@ import numpy as np
 from harmjax.attribution import scan
 from harmjax.attribution.scope import scored_names
 from harmjax.data.records import Example
-from harmjax.io.disk_space import require_free_space
+from harmjax.io.disk_space import human_bytes, require_free_space
 from harmjax.masks.storage import load_scores, save_scores
 from harmjax.model.param_specs import param_specs
 from harmjax.pipeline.stages import finish_unit, fresh_dir, slug, unit_done
@@ -62,7 +62,7 @@ def check_score_disk(model, directory: str, units: Sequence[str], checkpoint_tre
         tree = score_tree_bytes(model.config)
         require_free_space(
             directory, (remaining + checkpoint_trees) * tree,
-            f"The scores stage ({remaining} float32 score trees of {tree / 2**30:.2f} GiB, plus a scan checkpoint)",
+            f"The scores stage ({remaining} float32 score trees of {human_bytes(tree)}, plus a scan checkpoint)",
             "Free some space or set output_dir to a larger disk; finished stages and units are kept, "
             "and the rerun resumes where this one stopped.",
         )

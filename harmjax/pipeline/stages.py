@@ -65,6 +65,12 @@ def slug(text: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_") or "none"
 
 
+def default_run_dir(model_source: str, job: str = "experiment") -> str:
+    """runs/<job>-<model name>: where a job writes when the config gives no output_dir."""
+    name = os.path.basename(os.path.normpath(model_source)) or "model"
+    return os.path.join("runs", f"{job}-{name}")
+
+
 class StageCache:
     """The stage directories of one run (see the module docstring)."""
 

@@ -50,6 +50,8 @@ def _series_arrays(
     for name, points in sweeps.items():
         if len(points) == 0:
             raise ValueError(f"plot_tradeoff: series {name!r} has no points.")
+        # q rides along for labels; when it is also a plotted key, it is collected once.
+        extra_q = "q" not in keys
         columns: dict[str, list[float]] = {k: [] for k in (*keys, "q")}
         for i, point in enumerate(points):
             if not isinstance(point, Mapping):
@@ -61,7 +63,8 @@ def _series_arrays(
                         f"(it has {sorted(point)})."
                     )
                 columns[key].append(_number(point[key], f"series {name!r}, point {i}, key {key!r}"))
-            columns["q"].append(_number(point.get("q"), f"series {name!r}, point {i}, key 'q'"))
+            if extra_q:
+                columns["q"].append(_number(point.get("q"), f"series {name!r}, point {i}, key 'q'"))
         order = np.argsort(np.asarray(columns[keys[0]]), kind="stable")  # NaN x sorts last
         out[name] = {k: np.asarray(v, np.float64)[order] for k, v in columns.items()}
     return out

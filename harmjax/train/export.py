@@ -17,11 +17,10 @@ from typing import Any
 
 import numpy as np
 
+from harmjax.io.lora import PEFT_PREFIX  # the key prefix PEFT writes and harmjax.io.lora reads
 from harmjax.masks.storage import export_safetensors
 from harmjax.train.lora import LoraConfig
 from harmjax.tree import iter_leaves
-
-PEFT_PREFIX = "base_model.model."
 
 
 def peft_config(lora_cfg: LoraConfig, base_model_name_or_path: str = "") -> dict[str, Any]:

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from harmjax.checkpoint import read_metadata, restore_tree, save_tree
 from harmjax.data.records import Example
 from harmjax.errors import HarmjaxError
+from harmjax.io.jsonl import read_jsonl
 from harmjax.masks.apply import check_mask_fits
 from harmjax.sharding import batch_divisor, batch_sharding, param_shardings, replicated
 from harmjax.train import data as train_data
@@ -231,10 +232,10 @@ def finetune(
         merged = merge_adapters(params, adapters, lora, mask)
     else:
         adapters = None
-        dtypes = dict(spec.dtypes)
+        dtypes, flat_sh = dict(spec.dtypes), flatten(p_sh)
         merged_flat = flatten(frozen)
         for n, x in flatten(state["trainable"]).items():
-            merged_flat[n] = _cast(flatten(p_sh)[n], dtypes[n])(x)
+            merged_flat[n] = _cast(flat_sh[n], dtypes[n])(x)
         merged = unflatten({n: merged_flat[n] for n in flatten(params)})  # params order
     return FinetuneResult(
         params=merged, adapters=adapters, metrics=history, train_loss=last_loss, val_loss=val_loss,
@@ -370,19 +371,10 @@ def _restore(path: str, state):
 
 
 def _read_metrics(path: str, upto: int) -> list[dict[str, Any]]:
+    """The logged rows up to step `upto` (read_jsonl drops a last line cut by a kill)."""
     if not os.path.isfile(path):
         return []
-    rows = []
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:  # a line cut by a kill
-                    continue
-                if row.get("step", 0) <= upto:
-                    rows.append(row)
-    return rows
+    return [row for row in read_jsonl(path) if row.get("step", 0) <= upto]
 
 
 def _rewrite_metrics(path: str, rows) -> None:

@@ -28,6 +28,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from harmjax.config import ModelConfig
+from harmjax.io.lora import merged_weight
 from harmjax.model.param_specs import linear_names, param_specs
 from harmjax.sharding import logical_to_spec
 from harmjax.tree import flatten, iter_leaves, unflatten
@@ -277,8 +278,8 @@ def _modules(adapters: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 @functools.lru_cache(maxsize=None)
 def _merge_fn(sharding, masked: bool):
     def merge(w, a, b, scale, m=None):
-        delta = jnp.matmul(b, a, precision=jax.lax.Precision.HIGHEST)
-        out = (w.astype(jnp.float32) + scale * delta).astype(w.dtype)
+        # Merge and re-mask in one pass over the weight.
+        out = merged_weight(w, b, a, scale)
         return jnp.where(m, jnp.zeros_like(out), out) if masked else out
 
     kwargs = {} if sharding is None else {"out_shardings": sharding}

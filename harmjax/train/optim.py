@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from harmjax.train.lora import PROJECTIONS
 from harmjax.tree import iter_leaves, unflatten
 
 SCHEDULES = ("linear", "cosine", "constant")
@@ -165,6 +166,5 @@ def trainable_names(params: Mapping[str, Any], train: str = "linear") -> list[st
     names = [name for name, _ in iter_leaves(params)]
     if train == "all":
         return names
-    suffixes = tuple(f".{p}.weight" for p in ("q_proj", "k_proj", "v_proj", "o_proj",
-                                               "gate_proj", "up_proj", "down_proj"))
+    suffixes = tuple(f".{p}.weight" for p in PROJECTIONS)
     return [n for n in names if n.startswith("model.layers.") and n.endswith(suffixes)]
