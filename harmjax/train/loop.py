@@ -193,11 +193,20 @@ def finetune(
     tokens = 0
     bar = tqdm(total=total, initial=start, desc="finetune", disable=not progress, unit="step")
     stacked_sh = stacked_batch_sharding(mesh)
+
+    def prepare(step):
+        batch = data.step_batch(step)
+        return batch, jax.device_put(batch, stacked_sh)
+
     try:
+        upcoming = prepare(start) if start < end else None
         for step in range(start, end):
-            batch = data.step_batch(step)
+            batch, on_device = upcoming
             t0 = time.perf_counter()
-            state, m = train_step(state, frozen, aux, jax.device_put(batch, stacked_sh))
+            state, m = train_step(state, frozen, aux, on_device)
+            # The step runs asynchronously: build and send the next batch before waiting for
+            # this step's metrics, so the device does not idle on host work between steps.
+            upcoming = prepare(step + 1) if step + 1 < end else None
             row = {k: float(v) for k, v in jax.device_get(m).items()}
             row.update(step=step + 1, seconds=time.perf_counter() - t0,
                        input_tokens=int(batch["attention_mask"].sum()), **data.position(step))
