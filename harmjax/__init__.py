@@ -6,6 +6,8 @@ Hugging Face's tensor names and orientation:
   model = harmjax.load("path/or/org-name-or.gguf", dtype="bfloat16", mesh=MeshConfig(fsdp=-1))
   logits = harmjax.forward(model.params, model.config, input_ids, attention_mask)
   harm = harmjax.score(model, harmful_examples, kind="harm")        # -W * sum_i dL_i/dW
+  scores = harmjax.attribute(apply_fn, any_params, batches, "harm")  # any Flax/JAX model
+  module, variables = harmjax.FlaxDecoder.from_model(model)          # the decoder as a linen module
   retain = harmjax.score(model, benign_examples, kind="retain")     # |W| * sum_i |dL_i/dW|
   mask = harmjax.select(harm, retain, q=1e-5, p=5e-5)              # bool pytree, True = pruned
   pruned = harmjax.apply_mask(model.params, mask)
@@ -34,7 +36,8 @@ from harmjax.loading import Model, load, save_hf, save_orbax
 from harmjax.model.decoder import forward, hidden_states, logits_from_hidden
 from harmjax.model.param_specs import param_specs
 from harmjax.sharding import MeshConfig, make_mesh, param_shardings
-from harmjax.attribution import ScanResult, scan, score
+from harmjax.attribution import ScanResult, attribute, scan, score
+from harmjax.model.flax_module import FlaxDecoder
 from harmjax.masks import (
     MaskMismatchError,
     apply_mask,
@@ -63,6 +66,8 @@ __version__ = "0.1.0"
 __all__ = [
     "AssetError",
     "FinetuneResult",
+    "FlaxDecoder",
+    "attribute",
     "LoraConfig",
     "TrainConfig",
     "export_peft",

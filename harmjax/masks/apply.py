@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from harmjax.masks.algebra import MaskMismatchError
-from harmjax.tree import iter_leaves
+from harmjax.tree import iter_leaves, path_name
 
 
-def check_mask_fits(params: Mapping[str, Any], mask: Mapping[str, Any]) -> None:
+def check_mask_fits(params: Any, mask: Mapping[str, Any]) -> None:
     """Raises MaskMismatchError unless every leaf of `mask` is a bool array at a path of
     `params` with the same shape; the message names the first bad path and both shapes."""
     flat_params = dict(iter_leaves(params))
@@ -64,9 +64,12 @@ def _colocate(m: Any, sharding: Any) -> Any:
 
 
 def apply_mask(
-    params: Mapping[str, Any], mask: Mapping[str, Any], alpha: float = 0.0, donate: bool = False
-) -> dict[str, Any]:
+    params: Any, mask: Mapping[str, Any], alpha: float = 0.0, donate: bool = False
+) -> Any:
     """New params with every weight where `mask` is True set to alpha * w (0 by default).
+
+    `params` is harmjax's nested dict, or any pytree whose leaves the mask names by dotted
+    key path (see `harmjax.tree.path_name`): a Flax NNX `State` comes back as a `State`.
 
     Leaves absent from the mask are the same objects as in `params`; masked leaves keep
     their dtype and sharding; an all-False mask returns weights bit-identical to the input.
@@ -78,18 +81,24 @@ def apply_mask(
     flat_mask = dict(iter_leaves(mask))
     zero = float(alpha) == 0.0
 
+    def masked(name: str, value: Any) -> Any:
+        if name not in flat_mask:
+            return value
+        sharding = value.sharding if isinstance(value, jax.Array) else None
+        m = _colocate(flat_mask[name], sharding)
+        return _masker(sharding, zero, donate)(value, m, np.float32(alpha))
+
+    if not isinstance(params, dict):
+        # Any other pytree (a Flax NNX State, a FrozenDict, a user's dataclass) keeps its own
+        # type; leaves are matched by their dotted key paths, as the mask was named.
+        return jax.tree_util.tree_map_with_path(lambda path, x: masked(path_name(path), x), params)
+
     def rebuild(node: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-        out = {}
-        for key, value in node.items():
-            name = prefix + key
-            if isinstance(value, Mapping):
-                out[key] = rebuild(value, name + ".")
-            elif name in flat_mask:
-                sharding = value.sharding if isinstance(value, jax.Array) else None
-                m = _colocate(flat_mask[name], sharding)
-                out[key] = _masker(sharding, zero, donate)(value, m, np.float32(alpha))
-            else:
-                out[key] = value
-        return out
+        # Plain dicts are rebuilt in their own key order (jax.tree.map would sort the keys,
+        # and HF's parameter order matters to exports).
+        return {
+            key: rebuild(value, prefix + key + ".") if isinstance(value, dict) else masked(prefix + key, value)
+            for key, value in node.items()
+        }
 
     return rebuild(params, "")

@@ -3,6 +3,8 @@ tests that need a model of a given shape without its weights)."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
@@ -11,6 +13,31 @@ from harmjax.config import ModelConfig
 from harmjax.model.param_specs import param_specs
 from harmjax.sharding import param_shardings
 from harmjax.tree import iter_leaves, unflatten
+
+
+def leaf_kind(name: str) -> str:
+    """"norm", "bias" or "matrix": which initializer a parameter takes."""
+    return "norm" if name.endswith("norm.weight") else "bias" if name.endswith(".bias") else "matrix"
+
+
+def init_leaf(config: ModelConfig, kind: str, shape: tuple[int, ...], key: jax.Array, dtype, std: float) -> jax.Array:
+    """One parameter: Normal(0, std) for a matrix, the identity scale for a norm, zero for a bias."""
+    if kind == "norm":
+        return jnp.full(shape, 1.0 - config.norm_offset, dtype)  # the weight whose norm scale is 1
+    if kind == "bias":
+        return jnp.zeros(shape, dtype)
+    return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+def random_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> dict:
+    """Random params of `config` as plain (unsharded) arrays: a pure function of `key`, so it
+    can run inside `jax.jit` or a Flax `init`. Same distribution as `init_params`."""
+    specs = param_specs(config)
+    keys = jax.random.split(key, len(specs))
+    return unflatten({
+        name: init_leaf(config, leaf_kind(name), spec.shape, k, dtype, std)
+        for k, (name, spec) in zip(keys, specs.items())
+    })
 
 
 def init_params(config: ModelConfig, key: jax.Array, mesh: Mesh, dtype=jnp.bfloat16, std: float = 0.02):
@@ -22,19 +49,13 @@ def init_params(config: ModelConfig, key: jax.Array, mesh: Mesh, dtype=jnp.bfloa
     specs = param_specs(config)
     shardings = dict(iter_leaves(param_shardings(config, mesh)))
     keys = jax.random.split(key, len(specs))
-    identity = 1.0 - config.norm_offset  # weight value whose norm scale is 1
     makers: dict = {}  # one compiled initializer per (kind, shape, sharding), not per layer
     flat = {}
     for k, (name, spec) in zip(keys, specs.items()):
-        kind = "norm" if name.endswith("norm.weight") else "bias" if name.endswith(".bias") else "matrix"
+        kind = leaf_kind(name)
         cache_key = (kind, spec.shape, shardings[name])
         if cache_key not in makers:
-            if kind == "norm":
-                make = lambda k, s=spec.shape: jnp.full(s, identity, dtype)
-            elif kind == "bias":
-                make = lambda k, s=spec.shape: jnp.zeros(s, dtype)
-            else:
-                make = lambda k, s=spec.shape: (std * jax.random.normal(k, s, jnp.float32)).astype(dtype)
+            make = functools.partial(init_leaf, config, kind, spec.shape, dtype=dtype, std=std)
             makers[cache_key] = jax.jit(make, out_shardings=shardings[name])
         flat[name] = makers[cache_key](k)
     return unflatten(flat)
