@@ -16,6 +16,31 @@ LLAMA31_8B = dict(
 )
 
 
+# The same shape as harmjax ModelConfig fields (benchmarks that build the config directly).
+LLAMA31_8B_SHAPE = dict(
+    model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+    num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5,
+    max_position_embeddings=131072,
+)
+TINY_SHAPE = dict(
+    model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
+    num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, max_position_embeddings=1024,
+)
+PROMPT_TOKENS = 64
+
+
+def synthetic_examples(n: int, seq: int, vocab: int, seed: int):
+    """n tokenized examples of `seq` random tokens; the last seq - 64 are the response (scored)."""
+    import numpy as np
+
+    from harmjax.data.calibration import Tokenized
+
+    rng = np.random.default_rng(seed)
+    prompt = min(PROMPT_TOKENS, seq // 4)
+    loss = np.r_[np.zeros(prompt, np.int32), np.ones(seq - prompt, np.int32)]
+    return [Tokenized(rng.integers(0, vocab, seq, dtype=np.int32), loss) for _ in range(n)]
+
+
 def matmul_tflops(n: int = 8192, repeats: int = 10) -> float:
     """Measured bf16 matmul rate of the default device (TFLOP/s) on an n x n x n product."""
     import jax

@@ -31,7 +31,7 @@ import time
 
 import numpy as np
 from absl import app, flags
-from bench_common import matmul_tflops
+from bench_common import LLAMA31_8B_SHAPE as LLAMA31_8B, TINY_SHAPE as TINY, matmul_tflops, synthetic_examples as _synthetic
 
 _PART = flags.DEFINE_enum("part", "all", ["all", "jax", "torch_fair", "torch_reference"], "What to run.")
 _KIND = flags.DEFINE_string("kind", "harm", "jax part: score kind.")
@@ -43,30 +43,8 @@ _SEQ = flags.DEFINE_integer("seq", 256, "Tokens per example.")
 _TINY = flags.DEFINE_bool("tiny", False, "Tiny model and data (CPU smoke test).")
 _OUT = flags.DEFINE_string("out", "", "Write the combined JSON here (part=all).")
 
-LLAMA31_8B = dict(
-    model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-    num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5,
-    max_position_embeddings=131072,
-)
-TINY = dict(
-    model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
-    num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, max_position_embeddings=1024,
-)
-PROMPT_TOKENS = 64
-
-
 def _shape() -> dict:
     return TINY if _TINY.value else LLAMA31_8B
-
-
-def _synthetic(n: int, seq: int, vocab: int, seed: int):
-    """n examples of `seq` random tokens; the last seq - 64 are the response (scored)."""
-    from harmjax.data.calibration import Tokenized
-
-    rng = np.random.default_rng(seed)
-    prompt = min(PROMPT_TOKENS, seq // 4)
-    loss = np.r_[np.zeros(prompt, np.int32), np.ones(seq - prompt, np.int32)]
-    return [Tokenized(rng.integers(0, vocab, seq, dtype=np.int32), loss) for _ in range(n)]
 
 
 def _params_count(shape: dict) -> int:

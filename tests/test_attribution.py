@@ -5,6 +5,7 @@ import glob
 import os
 import shutil
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -169,9 +170,7 @@ def test_resume_equals_uninterrupted(tiny, tmp_path):
     # A finished scan writes no final state (its scores are returned): a rerun starts from
     # the last periodic save.
     assert scan(model, EXAMPLES * 3, "retain", batch_size=2, checkpoint_dir=ckpt, **ONE_BUCKET).resumed_from == 3
-    resumed = flatten(last.scores)
-    for name in full:
-        np.testing.assert_array_equal(np.asarray(resumed[name]), np.asarray(full[name]), err_msg=name)
+    chex.assert_trees_all_equal(flatten(last.scores), full)
     # A different scan must not silently continue from this state.
     with pytest.raises(ResumeMismatchError, match="different model, data or settings"):
         scan(model, EXAMPLES, "retain", batch_size=2, checkpoint_dir=ckpt, **ONE_BUCKET)

@@ -7,6 +7,7 @@ import json
 import os
 import struct
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -17,7 +18,6 @@ from harmjax.sharding import MeshConfig, make_mesh
 from harmjax.train import FinetuneResumeError, LoraConfig, TrainConfig, finetune
 from harmjax.train.data import split_indices, tokenize_chat
 from harmjax.train.events import read_scalars
-from harmjax.tree import flatten
 from tests.hf_reference import save_tiny_with_tokenizer, tiny_hf_model, tiny_tokenizer
 
 CFG = TrainConfig(lr=1e-2, warmup_steps=1, weight_decay=0.01, batch_size=4, micro_batch_size=2,
@@ -63,10 +63,8 @@ def test_resume_equals_uninterrupted_and_checks_settings(model, tmp_path):
     assert first.steps == 3
     second = finetune(model, _examples(), CFG, lora=LORA, output_dir=part, progress=False)
     assert second.resumed_from == 3 and second.steps == total
-    for name, x in flatten(full.adapters).items():
-        np.testing.assert_array_equal(np.asarray(flatten(second.adapters)[name]), np.asarray(x), err_msg=name)
-    for name, x in flatten(full.params).items():
-        np.testing.assert_array_equal(np.asarray(flatten(second.params)[name]), np.asarray(x), err_msg=name)
+    chex.assert_trees_all_equal(second.adapters, full.adapters)
+    chex.assert_trees_all_equal(second.params, full.params)
     assert second.val_loss == pytest.approx(full.val_loss, abs=1e-7)
     assert [r["step"] for r in second.metrics] == list(range(1, total + 1))
     assert len(os.listdir(os.path.join(part, "checkpoints"))) <= 2
@@ -140,5 +138,4 @@ def test_sharded_mesh_equals_one_device(model, tmp_path):
     mesh = make_mesh(MeshConfig(data=1, fsdp=2, tensor=4), jax.devices()[:8])
     sharded = harmjax.load(model.source_dir, dtype="float32", mesh=mesh)
     many = finetune(sharded, _examples(), cfg, lora=lora, progress=False)
-    for name, x in flatten(one.adapters).items():
-        np.testing.assert_allclose(np.asarray(flatten(many.adapters)[name]), np.asarray(x), atol=5e-6, err_msg=name)
+    chex.assert_trees_all_close(many.adapters, one.adapters, atol=5e-6, rtol=0)

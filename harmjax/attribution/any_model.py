@@ -8,8 +8,9 @@ next-token NLL over its `loss_mask` tokens) with plain `jax.grad`:
 
   harm, retain_mean  one gradient of the batch's summed losses per micro-batch (signed sum)
   retain             per-example gradients, `chunk` examples at a time (`jax.vmap` inside a
-                     `lax.scan`), so the transient memory is `chunk` float32 copies of the
-                     scored weights whatever the batch size
+                     `lax.scan`), so the transient memory is bounded by `chunk` float32
+                     copies of the scored weights whatever the batch size (in practice
+                     XLA reduces each matrix's block as soon as it is formed: see BUILD_NOTES)
 
 and adds them to float32 accumulators sharded like the weights they score. The scores are the
 same formulas as `harmjax.attribution.step.finalize`, returned as a nested dict keyed by the
@@ -24,6 +25,7 @@ prefer `harmjax.scan` (see BUILD_NOTES for the measured speed and memory of both
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -38,7 +40,7 @@ from tqdm.auto import tqdm
 from harmjax.attribution.step import accumulator_mode, finalize
 from harmjax.data.records import DatasetFormatError
 from harmjax.model.loss import mean_nll_per_example
-from harmjax.sharding import MeshConfig, batch_divisor, batch_sharding, make_mesh, replicated
+from harmjax.sharding import MeshConfig, batch_divisor, batch_sharding, make_mesh, replicated, sharded_zeros
 from harmjax.tree import iter_leaves, path_name, unflatten
 
 ApplyFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
@@ -100,8 +102,11 @@ def _acc_sharding(leaf: Any, mesh: Mesh):
     return sharding if isinstance(sharding, NamedSharding) and sharding.mesh == mesh else replicated(mesh)
 
 
-def _make_step(apply_fn: ApplyFn, treedef, index: Sequence[int], mode: str, chunk: int):
-    """step(params_leaves, accs, ids, attention_mask, loss_mask) -> (accs, loss_sum)."""
+@functools.lru_cache(maxsize=8)
+def _jit_step(apply_fn: ApplyFn, treedef, index: tuple[int, ...], mode: str, chunk: int):
+    """step(params_leaves, accs, ids, attention_mask, loss_mask) -> (accs, loss_sum), jitted with
+    the accumulators donated. Cached, so calling `attribute` again with the same `apply_fn`
+    object (one call per harm category, say) does not trace and compile again."""
 
     def losses(scored, leaves, ids, am, lm):
         leaves = list(leaves)
@@ -139,7 +144,7 @@ def _make_step(apply_fn: ApplyFn, treedef, index: Sequence[int], mode: str, chun
         (abs_acc, signed_acc, loss), _ = jax.lax.scan(body, (abs_acc, signed_acc, jnp.float32(0)), groups)
         return ({"abs": abs_acc, "signed": signed_acc} if mode == "both" else abs_acc), loss
 
-    return step
+    return jax.jit(step, donate_argnums=(1,))
 
 
 def attribute(
@@ -188,11 +193,10 @@ def attribute(
     leaves = [x for _, x in with_path]
 
     def zeros():
-        return [jax.jit(lambda s=np.shape(leaves[i]): jnp.zeros(s, jnp.float32),
-                        out_shardings=_acc_sharding(leaves[i], mesh))() for i in index]
+        return [sharded_zeros(np.shape(leaves[i]), jnp.float32, _acc_sharding(leaves[i], mesh)) for i in index]
 
     accs = {"abs": zeros(), "signed": zeros()} if mode == "both" else zeros()
-    step = jax.jit(_make_step(apply_fn, treedef, index, mode, chunk), donate_argnums=(1,))
+    step = _jit_step(apply_fn, treedef, index, mode, chunk)
     rows_multiple = batch_divisor(mesh) * (1 if mode == "signed" else chunk // math.gcd(chunk, batch_divisor(mesh)))
     sharding = batch_sharding(mesh)
     batches = list(batches)

@@ -27,7 +27,7 @@ from harmjax.attribution.scope import scored_names
 from harmjax.config import ModelConfig
 from harmjax.model.decoder import forward
 from harmjax.model.loss import mean_nll_per_example
-from harmjax.sharding import batch_sharding, param_shardings, replicated
+from harmjax.sharding import batch_sharding, param_shardings, replicated, sharded_zeros
 from harmjax.tree import flatten, unflatten
 
 KINDS = ("harm", "retain", "retain_mean")
@@ -80,7 +80,7 @@ def init_accumulators(config: ModelConfig, mesh: Mesh, names: Sequence[str], mod
     specs = param_specs(config)
     shardings = flatten(scope_shardings(config, mesh, names))
     return _per_mode(mode, lambda: unflatten({
-        n: jax.jit(functools.partial(jnp.zeros, specs[n].shape, jnp.float32), out_shardings=shardings[n])()
+        n: sharded_zeros(specs[n].shape, jnp.float32, shardings[n])
         for n in names
     }))
 
