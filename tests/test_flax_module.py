@@ -70,3 +70,19 @@ def test_shardings_match_param_shardings(tmp_path):
     mesh = make_mesh(MeshConfig(data=1, fsdp=2, tensor=2), devices=jax.devices()[:4])
     sh = harmjax.FlaxDecoder(config).shardings(mesh)
     assert sh["params"]["model"]["layers"]["0"]["mlp"]["up_proj"]["weight"].spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+
+
+def test_nnx_bridge_wraps_the_module(tmp_path):
+    """NNX users wrap the linen module with flax.nnx.bridge; its state is the params tree."""
+    from flax import nnx
+    from flax.nnx import bridge
+
+    model = harmjax.load(save_tiny(tiny_hf_model("qwen2"), tmp_path), dtype="float32", mesh=_one_device())
+    ids = jnp.asarray(left_padded_batch()[0])
+    wrapped = bridge.ToNNX(harmjax.FlaxDecoder(model.config), rngs=nnx.Rngs(0))
+    bridge.lazy_init(wrapped, ids)
+    state = nnx.state(wrapped, nnx.Param)
+    assert sorted(flatten(nnx.to_pure_dict(state))) == sorted(flatten(model.params))
+    nnx.replace_by_pure_dict(state, model.params)  # the loaded weights
+    nnx.update(wrapped, state)
+    chex.assert_trees_all_equal(wrapped(ids), harmjax.forward(model.params, model.config, ids))
