@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -154,7 +155,7 @@ def test_killed_mid_stage_resumes_without_redoing_work(setup, tmp_path):
     real = disk_space.shutil.disk_usage
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(disk_space.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
-        with pytest.raises(DiskSpaceError, match=r"scores stage \(5 float32 score trees .* only 1000 B free"):
+        with pytest.raises(DiskSpaceError, match=r"scores stage \(5 candidate units of .* only 1000 B free"):
             run_experiment(_config(overrides, out), progress=False)
 
     m = run_experiment(_config(overrides, out), progress=False)
@@ -167,3 +168,54 @@ def test_killed_mid_stage_resumes_without_redoing_work(setup, tmp_path):
         for a, b in zip(whole["sweep"], m["sweep"]):
             assert a["pruned"] == b["pruned"]
             assert a["harm_nll"] == pytest.approx(b["harm_nll"], rel=1e-5, abs=1e-5)
+
+
+def _dir_bytes(path):
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def test_sparse_scores_give_bit_identical_masks_to_dense_scores(setup, tmp_path):
+    """The default (per-matrix candidates, no dense tree on disk) against keep_dense_scores=True
+    (today's dense float32 trees + select): every mask is the same set of weights, the candidates
+    of harm_all (summed in memory) are those of the dense sum on disk, bit for bit, and the dense
+    uint8 mask copy appears only on request."""
+    from harmjax.masks import load_mask_indices, load_scores, top_candidates
+    from harmjax.masks.storage import load_candidates
+
+    root, overrides = setup
+    out = tmp_path / "run"
+    sparse = run_experiment(_config(overrides, out), progress=False)
+    dense = run_experiment(_config(overrides + [("scoring.keep_dense_scores", True), ("masks.dense_copy", True)], out),
+                           progress=False)
+    assert dense["timings"]["answers"]["cached"] and not dense["timings"]["scores"]["cached"]
+    sc_sparse, sc_dense = (Path(r["timings"]["scores"]["dir"]) for r in (sparse, dense))
+    assert sc_sparse != sc_dense
+    # No dense score tree (orbax or checkpoint) in the sparse stage; one per unit in the dense stage.
+    assert not list(sc_sparse.rglob("scores")) and not list(sc_sparse.glob("*.ckpt"))
+    assert sorted(p.parent.name for p in sc_dense.glob("*/scores")) == sorted(p.parent.name for p in sc_sparse.glob("*/candidates.safetensors"))
+    # Candidates: 12 bytes for each of floor(0.1 * |M|) entries per matrix (q up to 0.1 here), where the
+    # dense trees take 4 bytes per weight.
+    assert _dir_bytes(sc_sparse) * 2 < _dir_bytes(sc_dense)
+
+    # harm_all: its candidates equal the top entries of the dense sum, indices and values bitwise.
+    dense_all, _ = load_scores(str(sc_dense / "harm_all"))
+    cands, shapes, summary = load_candidates(str(sc_sparse / "harm_all"))
+    ref = top_candidates(dense_all, summary["top_fraction"])
+    for name, (idx, values) in ref.items():
+        np.testing.assert_array_equal(cands[name][0], idx, err_msg=name)
+        np.testing.assert_array_equal(cands[name][1].view(np.uint32), values.view(np.uint32), err_msg=name)
+
+    # Every mask: the same flat indices; sparse files only, the dense copy only when asked.
+    mk_sparse, mk_dense = (Path(r["timings"]["masks"]["dir"]) for r in (sparse, dense))
+    names = sorted(p.name for p in mk_sparse.iterdir() if p.is_dir())
+    assert names == sorted(p.name for p in mk_dense.iterdir() if p.is_dir()) and len(names) == 8
+    for name in names:
+        a, _ = load_mask_indices(str(mk_sparse / name))
+        b, _ = load_mask_indices(str(mk_dense / name))
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=f"{name} {k}")
+        assert not (mk_sparse / name / "mask.safetensors").exists()
+        assert (mk_dense / name / "mask.safetensors").exists() == name.startswith("harm_")
+    assert [r["harm_nll"] for r in sparse["sweep"]] == [r["harm_nll"] for r in dense["sweep"]]
+    assert sparse["overlap"] == dense["overlap"]
