@@ -25,6 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.skip_first = False  # control: take harm ranks (k, 2k] instead of the top k
     # Mask dirs to intersect instead of selecting from scores (weights shared by all of them).
     c.intersect = ()
+    c.dense_copy = False  # also write the dense uint8 mask.safetensors (as large as the model / 2 in bf16)
     c.output_dir = ""  # "" = runs/mask_<granularity>_q<q>_p<p> (or runs/mask_intersect)
     # Model (dir, hub id, "embedded") used for the fraction of all parameters and to shard the
     # scores like its weights; "" = the "model" recorded in the harm scores' summary.json.

@@ -1,5 +1,6 @@
 """Select a pruning mask from score directories, or intersect mask directories; write a mask
-directory (mask/, mask.safetensors, summary.json) and print the counts per layer and projection.
+directory (mask_indices.safetensors: sparse, HF-named; summary.json; with --config.dense_copy
+also the dense uint8 mask.safetensors) and print the counts per layer and projection.
 
   python -m launch.prune --config=configs/prune.py --config.harm_scores=runs/harm \
       --config.retain_scores=runs/retain --config.output_dir=runs/mask
@@ -95,7 +96,7 @@ def main(argv):
         mask, summary, num_params = _select(cfg)
         default_dir = os.path.join("runs", f"mask_{cfg.granularity}_q{cfg.q:g}_p{cfg.p:g}")
     out_dir = cfg.output_dir or default_dir
-    save_mask(out_dir, mask, summary, num_params=num_params)
+    save_mask(out_dir, mask, summary, num_params=num_params, dense=cfg.dense_copy)
     print(format_counts(read_summary(out_dir)["counts"]))
     print(f"mask written to {os.path.abspath(out_dir)}")
 

@@ -83,7 +83,7 @@ def test_finetune_launcher_on_a_pruned_model(tmp_path):
                 changed += int((merged[name] != np.asarray(model.params["model"]["layers"][layer][block][proj]["weight"])).sum())
     assert changed > 0  # training moved the unpruned weights
     assert (tmp_path / "out" / "peft" / "adapter_config.json").is_file()
-    assert (tmp_path / "out" / "peft" / "mask.safetensors").is_file()
+    assert (tmp_path / "out" / "peft" / "mask_indices.safetensors").is_file()
 
 
 def test_bad_input_is_one_error_line_not_a_traceback(tmp_path):

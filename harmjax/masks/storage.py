@@ -278,8 +278,6 @@ def save_mask(
     weights), `fraction_pruned_params` (of all parameters, when `params` or `num_params` is
     given) and `harmjax_version`.
     """
-    from harmjax.masks.sparse import mask_indices
-
     counts = mask_counts(mask, params=params, num_params=num_params)
     full = {
         "kind": "mask",
@@ -291,12 +289,21 @@ def save_mask(
     }
     full = json.loads(json.dumps(full, default=_jsonable))
     os.makedirs(out_dir, exist_ok=True)
-    shapes = {name: tuple(leaf.shape) for name, leaf in iter_leaves(mask)}
-    _write_sparse(os.path.join(out_dir, SPARSE_MASK_FILE), mask_indices(mask), shapes, "mask_indices")
+    write_mask_indices(os.path.join(out_dir, SPARSE_MASK_FILE), mask)
     if dense:
         export_safetensors(mask, os.path.join(out_dir, "mask.safetensors"), metadata={"harmjax_kind": "mask"})
     _write_summary(out_dir, full)  # last: its presence marks a complete directory
     return out_dir
+
+
+def write_mask_indices(path: str, mask: Mapping[str, Any]) -> str:
+    """Writes a bool mask tree as one sparse safetensors file (the format of
+    `mask_indices.safetensors`: int64 flat indices per HF name, shapes in the metadata)."""
+    from harmjax.masks.sparse import mask_indices
+
+    shapes = {name: tuple(leaf.shape) for name, leaf in iter_leaves(mask)}
+    _write_sparse(path, mask_indices(mask), shapes, "mask_indices")
+    return path
 
 
 def load_mask_indices(out_dir: str) -> tuple[dict[str, np.ndarray], dict[str, tuple[int, ...]]]:
