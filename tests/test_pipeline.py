@@ -158,6 +158,16 @@ def test_killed_mid_stage_resumes_without_redoing_work(setup, tmp_path):
         with pytest.raises(DiskSpaceError, match=r"scores stage \(5 candidate units of .* only 1000 B free"):
             run_experiment(_config(overrides, out), progress=False)
 
+    # A scan step that cannot fit the device fails before its first batch, with one line naming
+    # the bytes and the knobs, and keeps everything finished.
+    from harmjax.errors import DeviceMemoryError
+    from harmjax.memory import LIMIT_ENV
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(LIMIT_ENV, "65536")
+        with pytest.raises(DeviceMemoryError, match=r"harm scan step .* needs [\d,]+ B .* 65,536 B .* batch_size=4"):
+            run_experiment(_config(overrides, out), progress=False)
+
     m = run_experiment(_config(overrides, out), progress=False)
     assert m["timings"]["answers"]["cached"] and not m["timings"]["scores"]["cached"]
     for p, stamp in stamps.items():
