@@ -127,6 +127,16 @@ def build_masks(
     return [_entry(u) for u in units]
 
 
+def select_from_units(scores: Mapping[str, str], key: str, q: float, p: float, granularity: str, shardings):
+    """T_q(scores[key]) \\ T_p(scores["retain"]) from score units of either kind (candidates or
+    dense trees), as a bool mask in `shardings`."""
+    if all(has_candidates(d) for d in scores.values()):
+        if granularity != "matrix":
+            raise ValueError(f"Score candidates serve granularity 'matrix' only, not {granularity!r}.")
+        return _sparse_selectors(scores, p, shardings)[0](key, q)
+    return _dense_selectors(scores, p, granularity, shardings)[0](key, q)
+
+
 def _sparse_selectors(scores: Mapping[str, str], p: float, shardings):
     """(harm_mask(key, q), top_mask(key, q)) built from candidates, each mask placed in the
     weights' shardings. Candidates are small (MBs), so all of them may stay loaded."""
