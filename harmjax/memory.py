@@ -2,16 +2,17 @@
 batch, with one line naming the bytes needed, the bytes available and the knobs to turn.
 
 An out-of-memory error from XLA comes minutes into a 32B job (after loading and compiling),
-as a long allocator dump. Here the step is lowered and compiled once up front (the
-persistent compilation cache then serves the job's own compilation) and XLA's own estimate
-of the program's footprint, `compiled.memory_analysis()`, is compared with what each device
+as a long allocator dump. Here the step is lowered and compiled once up front and XLA's own
+estimate of the program's footprint, `compiled.memory_analysis()`, is compared with what each device
 has free:
 
   needed    = arguments + outputs + temporaries - donated (aliased) bytes, per device
   available = bytes_limit - bytes_in_use + the arguments already resident on that device
 
-(resident arguments, e.g. the params, are in both `bytes_in_use` and `arguments`). On
-backends without memory statistics (CPU) the check is skipped unless a limit is given:
+(resident arguments, e.g. the params, are in both `bytes_in_use` and `arguments`). The
+compilation is not wasted: the persistent compilation cache the launchers turn on serves the
+job's own call (checked on CPU: the call adds no cache entry), and callers keep the estimate
+per program and shape, so repeated scans compile for the check once. On backends without memory statistics (CPU) the check is skipped unless a limit is given:
 `limit_bytes`, or the environment variable HARMJAX_DEVICE_MEMORY_LIMIT (bytes), which also
 caps accelerators (e.g. to leave room for another job on the card).
 """
@@ -89,13 +90,12 @@ def available_bytes(device, resident: int, limit_bytes: int | None = None) -> tu
     return cap - in_use + resident, source
 
 
-def check_fits(compiled, what: str, args: Any, devices: Iterable[Any], knobs: str,
+def check_fits(needed: int, what: str, args: Any, devices: Iterable[Any], knobs: str,
                limit_bytes: int | None = None) -> None:
-    """Raises DeviceMemoryError (one line) when `compiled`'s per-device footprint exceeds what
-    any of `devices` has available. `args`: the program's arguments already on the devices
+    """Raises DeviceMemoryError (one line) when a program needing `needed` bytes per device
+    (`program_bytes`) exceeds what any of `devices` has available. `args`: the program's arguments already on the devices
     (their bytes count as available, see the module docstring). `knobs`: what the user can
     change, named in the message."""
-    needed = program_bytes(compiled)
     for device in devices:
         resident = resident_bytes(args, device)
         found = available_bytes(device, resident, limit_bytes)

@@ -218,19 +218,24 @@ def scan(
 
 def _preflight(model, step, params, names, mode, batches, sharding, kind, knobs: str, memory_limit) -> None:
     """Compiles the step for the longest batch and fails (DeviceMemoryError) if it cannot fit."""
-    from harmjax.memory import check_fits, preflight_wanted
+    from harmjax.memory import check_fits, preflight_wanted, program_bytes
 
     devices = [d for d in model.mesh.devices.flat if d.process_index == jax.process_index()]
     if not preflight_wanted(devices, memory_limit):
         return
     longest = max(batches, key=lambda b: b.input_ids.shape[1])
-    specs = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
-             for a in (longest.input_ids, longest.attention_mask, longest.loss_mask)]
-    accs = abstract_accumulators(model.config, model.mesh, names, mode)
-    compiled = step.lower(params, accs, *specs).compile()
+    key = (step, longest.input_ids.shape)
+    if key not in _NEEDED:  # one compilation per step and shape (the experiment scans 7+ times)
+        specs = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
+                 for a in (longest.input_ids, longest.attention_mask, longest.loss_mask)]
+        accs = abstract_accumulators(model.config, model.mesh, names, mode)
+        _NEEDED[key] = program_bytes(step.lower(params, accs, *specs).compile())
     label = "+".join([kind] if isinstance(kind, str) else kind)
-    check_fits(compiled, f"The {label} scan step ({longest.input_ids.shape[0]} x {longest.input_ids.shape[1]} tokens)",
-               params, devices, knobs, memory_limit)
+    check_fits(_NEEDED[key], f"The {label} scan step ({longest.input_ids.shape[0]} x {longest.input_ids.shape[1]} "
+               "tokens)", params, devices, knobs, memory_limit)
+
+
+_NEEDED: dict = {}  # (jitted step, batch shape) -> bytes per device (harmjax.memory.program_bytes)
 
 
 def score(model, examples: Any, kind: str = "harm", **kwargs) -> dict[str, Any]:

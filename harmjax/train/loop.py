@@ -268,7 +268,7 @@ _STEP_CACHE: dict = {}
 def _preflight(train_step, resident, data, step, batch_sh, mesh, knobs: str, memory_limit) -> None:
     """Compiles the train step for the longest bucket and fails (DeviceMemoryError) if it
     cannot fit, before the first step (so before any checkpoint is touched)."""
-    from harmjax.memory import check_fits, preflight_wanted
+    from harmjax.memory import check_fits, preflight_wanted, program_bytes
 
     devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
     if not preflight_wanted(devices, memory_limit):
@@ -276,8 +276,8 @@ def _preflight(train_step, resident, data, step, batch_sh, mesh, knobs: str, mem
     example = data.step_batch(step)
     longest = max(data.buckets)
     batch = {k: jax.ShapeDtypeStruct(v.shape[:-1] + (longest,), v.dtype, sharding=batch_sh) for k, v in example.items()}
-    compiled = train_step.lower(*resident, batch).compile()
-    check_fits(compiled, f"The train step ({example['input_ids'].shape[0]} x {example['input_ids'].shape[1]} x "
+    needed = program_bytes(train_step.lower(*resident, batch).compile())
+    check_fits(needed, f"The train step ({example['input_ids'].shape[0]} x {example['input_ids'].shape[1]} x "
                f"{longest} tokens)", resident, devices, knobs, memory_limit)
 
 
