@@ -206,6 +206,23 @@ def test_sparse_scores_give_bit_identical_masks_to_dense_scores(setup, tmp_path)
     # Candidates: 12 bytes for each of floor(0.1 * |M|) entries per matrix (q up to 0.1 here), where the
     # dense trees take 4 bytes per weight.
     assert _dir_bytes(sc_sparse) * 2 < _dir_bytes(sc_dense)
+    # The disk budget (README table) bounds what was written: candidates at 12 B per entry.
+    from harmjax.config import ModelConfig
+    from harmjax.pipeline.disk_budget import experiment_output_bytes
+
+    model_dir = dict(overrides)["model"]
+    config = ModelConfig.from_hf(json.load(open(os.path.join(model_dir, "config.json"))))
+    budget = experiment_output_bytes(config, _config(overrides, out), len(CATEGORIES))
+    files = list(sc_sparse.glob("*/candidates.safetensors"))
+    assert len(files) == len(CATEGORIES) + 3
+    for f in files:  # floor(f * |M|) entries per matrix, f = max(q_sweep, category_q, p) = 0.1
+        cands, shapes, summary = load_candidates(str(f.parent))
+        assert summary["top_fraction"] == 0.1
+        for n, shape in shapes.items():
+            assert len(cands[n][0]) == len(cands[n][1]) == int(0.1 * np.prod(shape)), n
+    assert sum(f.stat().st_size for f in files) <= budget["scores"]
+    mask_files = list(Path(sparse["timings"]["masks"]["dir"]).glob("*/mask_indices.safetensors"))
+    assert sum(f.stat().st_size for f in mask_files) <= budget["masks"]
 
     # harm_all: its candidates equal the top entries of the dense sum, indices and values bitwise.
     dense_all, _ = load_scores(str(sc_dense / "harm_all"))
