@@ -12,7 +12,8 @@ has free:
 (resident arguments, e.g. the params, are in both `bytes_in_use` and `arguments`). The
 compilation is not wasted: the persistent compilation cache the launchers turn on serves the
 job's own call (checked on CPU: the call adds no cache entry), and callers keep the estimate
-per program and shape, so repeated scans compile for the check once. On backends without memory statistics (CPU) the check is skipped unless a limit is given:
+per program and shape, so repeated scans compile for the check once. On backends without
+memory statistics (CPU) the check is skipped unless a limit is given:
 `limit_bytes`, or the environment variable HARMJAX_DEVICE_MEMORY_LIMIT (bytes), which also
 caps accelerators (e.g. to leave room for another job on the card).
 """

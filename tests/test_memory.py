@@ -2,7 +2,6 @@
 fails before its first batch with one line naming the bytes needed, the bytes available and
 the knobs, at exactly the boundary XLA's estimate gives, and leaves finished work in place."""
 
-import os
 import re
 
 import jax

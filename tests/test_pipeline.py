@@ -202,7 +202,8 @@ def test_sparse_scores_give_bit_identical_masks_to_dense_scores(setup, tmp_path)
     assert sc_sparse != sc_dense
     # No dense score tree (orbax or checkpoint) in the sparse stage; one per unit in the dense stage.
     assert not list(sc_sparse.rglob("scores")) and not list(sc_sparse.glob("*.ckpt"))
-    assert sorted(p.parent.name for p in sc_dense.glob("*/scores")) == sorted(p.parent.name for p in sc_sparse.glob("*/candidates.safetensors"))
+    dense_units = sorted(p.parent.name for p in sc_dense.glob("*/scores"))
+    assert dense_units == sorted(p.parent.name for p in sc_sparse.glob("*/candidates.safetensors"))
     # Candidates: 12 bytes for each of floor(0.1 * |M|) entries per matrix (q up to 0.1 here), where the
     # dense trees take 4 bytes per weight.
     assert _dir_bytes(sc_sparse) * 2 < _dir_bytes(sc_dense)

@@ -107,7 +107,10 @@ def host_sort_keys(values: np.ndarray, flip: bool = False) -> np.ndarray:
     return np.asarray(jax.device_get(_sort_keys(jnp.asarray(values, jnp.float32), flip)))
 
 
-def top_candidates(scores: Mapping[str, Any], fraction: float, progress: bool = False) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+Candidates = dict[str, tuple[np.ndarray, np.ndarray]]  # {HF name: (int64 flat indices, float32 scores)}
+
+
+def top_candidates(scores: Mapping[str, Any], fraction: float, progress: bool = False) -> Candidates:
     """Per matrix, the top floor(fraction * |M|) entries of a score tree in `select`'s ranking
     order: {HF name: (int64 flat indices, float32 values)}, ordered by descending score
     (select's sort keys: -0.0 ties +0.0, NaN last) and, among equal keys, ascending index.
@@ -127,8 +130,7 @@ def top_candidates(scores: Mapping[str, Any], fraction: float, progress: bool = 
     return out
 
 
-def select_indices(harm: Mapping[str, tuple[np.ndarray, np.ndarray]],
-                   retain: Mapping[str, tuple[np.ndarray, np.ndarray]] | None,
+def select_indices(harm: Candidates, retain: Candidates | None,
                    shapes: Mapping[str, tuple[int, ...]], q: float, p: float = 0.0) -> dict[str, np.ndarray]:
     """T_q(harm) \\ T_p(retain) per matrix from candidates (`top_candidates`): sorted flat
     indices per HF name, equal to `select(harm, retain, q=q, p=p)` on the dense scores.
@@ -150,7 +152,8 @@ def select_indices(harm: Mapping[str, tuple[np.ndarray, np.ndarray]],
             kp = _k(p, n)
             r_idx = retain[name][0]
             if kp > len(r_idx):
-                raise ValueError(f"p={p} needs the top {kp} retain entries of {name!r}, but the candidates hold {len(r_idx)}.")
+                raise ValueError(f"p={p} needs the top {kp} retain entries of {name!r}, but the candidates "
+                                 f"hold {len(r_idx)}.")
             chosen = np.setdiff1d(chosen, r_idx[:kp], assume_unique=True)
         out[name] = chosen.astype(INDEX_DTYPE)
     return out

@@ -391,7 +391,8 @@ def has_candidates(out_dir: str) -> bool:
     return os.path.isfile(os.path.join(out_dir, CANDIDATES_FILE))
 
 
-def load_candidates(out_dir: str) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, tuple[int, ...]], dict[str, Any]]:
+def load_candidates(out_dir: str) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, tuple[int, ...]],
+                                           dict[str, Any]]:
     """(candidates, shapes, summary) from a directory written by `save_candidates`."""
     path = os.path.join(out_dir, CANDIDATES_FILE)
     if not os.path.isfile(path):

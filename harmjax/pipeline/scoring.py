@@ -195,8 +195,9 @@ def _sparse_harm_scans(model, examples, cats, units, total, scan_kwargs, summary
         acc = _to_host_memory(result.scores) if acc is None else _add_into(acc, result.scores)
         del result
     # Back on the device for selection (the scans' accumulators are freed by now).
-    write_score_unit(total, _to_device_memory(acc), {**summary, "kind": "harm", "category": "all", "nsamples": len(examples),
-                                  "note": "sum of the per-category harm scores"}, top_fraction)
+    info = {**summary, "kind": "harm", "category": "all", "nsamples": len(examples),
+            "note": "sum of the per-category harm scores"}
+    write_score_unit(total, _to_device_memory(acc), info, top_fraction)
 
 
 def benign_scores(
