@@ -247,3 +247,18 @@ def test_sparse_scores_give_bit_identical_masks_to_dense_scores(setup, tmp_path)
         assert (mk_dense / name / "mask.safetensors").exists() == name.startswith("harm_")
     assert [r["harm_nll"] for r in sparse["sweep"]] == [r["harm_nll"] for r in dense["sweep"]]
     assert sparse["overlap"] == dense["overlap"]
+
+    # One retain kind per pass (the paper configs, for device memory): the retain candidates are
+    # bitwise those of the two-kind pass; benign signed is scored too (equal up to float32
+    # rounding of a different program, so only its shape is checked here).
+    split = run_experiment(_config(overrides + [("scoring.separate_retain_passes", True)], out), progress=False)
+    sc_split = Path(split["timings"]["scores"]["dir"])
+    assert sc_split not in (sc_sparse, sc_dense)
+    a, shapes_a, _ = load_candidates(str(sc_sparse / "retain"))
+    b, shapes_b, _ = load_candidates(str(sc_split / "retain"))
+    assert shapes_a == shapes_b
+    for n in a:
+        np.testing.assert_array_equal(a[n][0], b[n][0], err_msg=n)
+        np.testing.assert_array_equal(a[n][1].view(np.uint32), b[n][1].view(np.uint32), err_msg=n)
+    c, _, _ = load_candidates(str(sc_split / "benign_signed"))
+    assert {n: len(v[0]) for n, v in c.items()} == {n: len(v[0]) for n, v in a.items()}
