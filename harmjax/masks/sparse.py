@@ -110,20 +110,21 @@ def host_sort_keys(values: np.ndarray, flip: bool = False) -> np.ndarray:
 Candidates = dict[str, tuple[np.ndarray, np.ndarray]]  # {HF name: (int64 flat indices, float32 scores)}
 
 
-def top_candidates(scores: Mapping[str, Any], fraction: float, progress: bool = False) -> Candidates:
+def top_candidates(scores: Mapping[str, Any], fraction: float) -> Candidates:
     """Per matrix, the top floor(fraction * |M|) entries of a score tree in `select`'s ranking
     order: {HF name: (int64 flat indices, float32 values)}, ordered by descending score
     (select's sort keys: -0.0 ties +0.0, NaN last) and, among equal keys, ascending index.
 
-    The set is found by `select` itself (exact and sharding-preserving); only the chosen
-    indices and values come to the host.
+    The set is found by `select` itself (exact and sharding-preserving), one matrix at a time
+    so that only one matrix's bool mask is ever alive; only the chosen indices and values come
+    to the host.
     """
-    top = select(scores, None, q=fraction, granularity="matrix", progress=progress)
-    flat_scores = dict(iter_leaves(scores))
     out = {}
-    for name, leaf in hf_sorted_leaves(top):
-        idx = np.flatnonzero(_to_host(leaf)).astype(INDEX_DTYPE)
-        values = _gather_flat(flat_scores[name], idx)
+    for name, leaf in hf_sorted_leaves(scores):
+        top = select(unflatten({name: leaf}), None, q=fraction, granularity="matrix", progress=False)
+        idx = np.flatnonzero(_to_host(dict(iter_leaves(top))[name])).astype(INDEX_DTYPE)
+        del top
+        values = _gather_flat(leaf, idx)
         keys = host_sort_keys(values)
         order = np.lexsort((idx, ~keys))  # primary: key descending (~ reverses uint32), then index
         out[name] = (idx[order], values[order])
