@@ -270,8 +270,8 @@ def save_mask(
     dense: bool = False,
 ) -> str:
     """Writes a mask directory (`mask_indices.safetensors`, `summary.json`); returns `out_dir`.
-    `dense=True` adds `mask.safetensors`, the dense uint8 copy (as large as the model in bytes
-    per weight / 2 for bf16: only on request).
+    `dense=True` adds `mask.safetensors`, the dense uint8 copy (one byte per scored weight:
+    6.5 GiB at 8B, 29 GiB at 32B, so only on request).
 
     `summary` (model, data, nsamples, seed, p, q, granularity, ...) is completed with
     `kind` ("mask" unless given), `counts` (`mask_counts`), `fraction_pruned` (of scored
