@@ -16,7 +16,9 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     """Settings of launch/prune.py."""
     c = ml_collections.ConfigDict()
-    c.harm_scores = ""  # score dir written by launch/score.py (scores/, scores.safetensors, summary.json)
+    # score dir written by launch/score.py (scores/, scores.safetensors, summary.json), or a
+    # candidates unit of the experiment's scores stage (granularity "matrix" only)
+    c.harm_scores = ""
     c.retain_scores = ""  # score dir of the retain (utility) scores; "" = no T_p subtraction
     c.q = 1e-5  # fraction taken by harm score (per matrix, row, or of all scored weights)
     c.p = 5e-5  # fraction spared by retain score

@@ -405,6 +405,18 @@ def test_prune_launcher_end_to_end(tmp_path):
     for n, v in flatten(intersection(want_a, want_b)).items():
         np.testing.assert_array_equal(np.asarray(flatten(mask_ab)[n]), np.asarray(v), err_msg=n)
 
+    # score candidates (the experiment's scores stage) select the same matrix-granularity mask
+    from harmjax.masks import save_candidates, top_candidates
+
+    shapes = {n: tuple(v.shape) for n, v in flatten(harm).items()}
+    for name, tree in (("harm_c", harm), ("retain_c", retain)):
+        save_candidates(str(tmp_path / name), top_candidates(tree, 0.1), shapes, {"kind": name, "model": src})
+    _prune(f"--config.harm_scores={tmp_path}/harm_c", f"--config.retain_scores={tmp_path}/retain_c",
+           "--config.q=0.1", "--config.p=0.05", f"--config.output_dir={tmp_path}/c")
+    mask_c, _ = load_mask(str(tmp_path / "c"))
+    for n, v in flatten(select(harm, retain, q=0.1, p=0.05, progress=False)).items():
+        np.testing.assert_array_equal(np.asarray(flatten(mask_c)[n]), np.asarray(v), err_msg=n)
+
 
 def test_random_like_keeps_every_matrix_count():
     """The random control: same count per matrix, positions seeded and uniform-looking, shardings kept."""
