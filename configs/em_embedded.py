@@ -54,6 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
     p.abs_chunk = 8
     p.checkpoint_every = 4
     p.retain_kind = "retain"
+    p.keep_dense_scores = False  # True: dense float32 score trees on disk (26 GiB each at 8B)
 
     e = c.em = ml_collections.ConfigDict()
     e.questions = ""  # YAML/JSONL of questions ("" = the 8 of Betley et al. 2025)

@@ -53,6 +53,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.scoring.abs_chunk = 6
     c.scoring.checkpoint_every = 4
     c.scoring.retain_kind = "retain"  # "retain" (released code) or "retain_mean" (paper text)
+    # Dense float32 score trees on disk (as large as the model x 2 in bf16, x 9 trees) with
+    # mid-scan checkpoints; False keeps per matrix only the top entries the masks need.
+    c.scoring.keep_dense_scores = False
+    c.scoring.separate_retain_passes = False  # True: one pass per retain kind (half the accumulator memory)
 
     c.masks = ml_collections.ConfigDict()
     c.masks.p = 5e-5
@@ -63,6 +67,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.masks.headline_q = 0.0  # mask shown in the layer heatmap and samples (0 = category_q)
     c.masks.granularity = "matrix"
     c.masks.random_control = True
+    c.masks.dense_copy = False  # also write each harm mask as a dense uint8 mask.safetensors
 
     c.evaluation = ml_collections.ConfigDict()
     c.evaluation.max_length = 96

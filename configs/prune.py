@@ -16,7 +16,9 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     """Settings of launch/prune.py."""
     c = ml_collections.ConfigDict()
-    c.harm_scores = ""  # score dir written by launch/score.py (scores/, scores.safetensors, summary.json)
+    # score dir written by launch/score.py (scores/, scores.safetensors, summary.json), or a
+    # candidates unit of the experiment's scores stage (granularity "matrix" only)
+    c.harm_scores = ""
     c.retain_scores = ""  # score dir of the retain (utility) scores; "" = no T_p subtraction
     c.q = 1e-5  # fraction taken by harm score (per matrix, row, or of all scored weights)
     c.p = 5e-5  # fraction spared by retain score
@@ -25,6 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.skip_first = False  # control: take harm ranks (k, 2k] instead of the top k
     # Mask dirs to intersect instead of selecting from scores (weights shared by all of them).
     c.intersect = ()
+    c.dense_copy = False  # also write the dense uint8 mask.safetensors (as large as the model / 2 in bf16)
     c.output_dir = ""  # "" = runs/mask_<granularity>_q<q>_p<p> (or runs/mask_intersect)
     # Model (dir, hub id, "embedded") used for the fraction of all parameters and to shard the
     # scores like its weights; "" = the "model" recorded in the harm scores' summary.json.

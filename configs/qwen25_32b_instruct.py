@@ -11,5 +11,5 @@ from configs._paper import paper_config
 def get_config():
     """The experiment settings for Qwen2.5-32B-Instruct."""
     c = paper_config("Qwen/Qwen2.5-32B-Instruct")
-    c.scoring.remat = True  # activations of a 32B backward pass
+    c.scoring.remat = True  # activations of a 32B backward pass (also the paper default)
     return c

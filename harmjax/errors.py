@@ -36,3 +36,7 @@ class AssetError(HarmjaxError, RuntimeError):
 
 class DiskSpaceError(HarmjaxError, OSError):
     """A write of known size would not fit on the disk it is going to; raised before it starts."""
+
+
+class DeviceMemoryError(HarmjaxError, MemoryError):
+    """A jitted job would not fit in accelerator memory; raised before its first batch."""

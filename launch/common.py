@@ -17,11 +17,21 @@ _DISTRIBUTED = flags.DEFINE_bool(
 )
 
 
+# The share of each accelerator's memory JAX preallocates when the user has not set
+# XLA_PYTHON_CLIENT_MEM_FRACTION. JAX's own default, 0.75, leaves 35 GB of an H200 unused; a
+# 32B scan needs ~124 GiB per H200. 0.9 leaves ~10% for cuBLAS/cuDNN workspaces and NCCL
+# buffers, which live outside JAX's pool.
+DEFAULT_MEM_FRACTION = "0.9"
+
+
 def init_runtime() -> None:
     """Start-up shared by every entry point: joins the multi-host runtime when asked, and
     keeps library INFO chatter (orbax logs every save) off the console unless `-v`/`--verbosity`
-    is given (progress bars and summaries still show), and turns on JAX's persistent
-    compilation cache (`HARMJAX_XLA_CACHE`, default ~/.cache/harmjax/xla; "off" disables it)."""
+    is given (progress bars and summaries still show), turns on JAX's persistent
+    compilation cache (`HARMJAX_XLA_CACHE`, default ~/.cache/harmjax/xla; "off" disables it),
+    and sets XLA_PYTHON_CLIENT_MEM_FRACTION to DEFAULT_MEM_FRACTION unless it is already set
+    (it must be set before JAX starts its backend, which happens after this call)."""
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", DEFAULT_MEM_FRACTION)
     from absl import logging
 
     if not flags.FLAGS["verbosity"].present:

@@ -1,5 +1,7 @@
-"""Select a pruning mask from score directories, or intersect mask directories; write a mask
-directory (mask/, mask.safetensors, summary.json) and print the counts per layer and projection.
+"""Select a pruning mask from score directories (dense, from launch/score.py, or the
+experiment's score candidates), or intersect mask directories; write a mask
+directory (mask_indices.safetensors: sparse, HF-named; summary.json; with --config.dense_copy
+also the dense uint8 mask.safetensors) and print the counts per layer and projection.
 
   python -m launch.prune --config=configs/prune.py --config.harm_scores=runs/harm \
       --config.retain_scores=runs/retain --config.output_dir=runs/mask
@@ -13,7 +15,11 @@ import os
 from absl import app, logging
 
 from harmjax.errors import HarmjaxError
-from harmjax.masks import format_counts, intersect_all, load_mask, load_scores, read_summary, save_mask, select
+from harmjax.masks import (
+    format_counts, intersect_all, load_candidates, load_mask, load_scores, mask_from_indices, read_summary, save_mask,
+    select, select_indices,
+)
+from harmjax.masks.storage import has_candidates
 from launch.common import config_flag, init_runtime, mesh_config, resolve_model_source, run_app
 
 _CONFIG = config_flag("configs/prune.py", "Prune job config file.")
@@ -54,17 +60,34 @@ def _intersect(cfg):
     return intersect_all(masks), summary, num_params
 
 
+def _select_from_candidates(cfg, shardings):
+    """The mask from score candidates (the experiment's scores stage): granularity "matrix",
+    q and p within the stored fraction, no sign-flip or skip-first control."""
+    if cfg.granularity != "matrix" or cfg.sign_flip or cfg.skip_first:
+        raise app.UsageError(f"{cfg.harm_scores} holds score candidates, which serve granularity 'matrix' "
+                             "without sign_flip/skip_first; rescore with keep_dense_scores=True for the others.")
+    harm, shapes, harm_summary = load_candidates(cfg.harm_scores)
+    retain, retain_summary = (None, {})
+    if cfg.retain_scores:
+        retain, _, retain_summary = load_candidates(cfg.retain_scores)
+    indices = select_indices(harm, retain, shapes, cfg.q, cfg.p)
+    return mask_from_indices(indices, shapes, shardings), harm_summary, retain_summary
+
+
 def _select(cfg):
     if not cfg.harm_scores:
         raise app.UsageError("Give --config.harm_scores (a score dir) or --config.intersect (mask dirs).")
     harm_summary = read_summary(cfg.harm_scores)
     shardings, num_params = model_layout(cfg.model or harm_summary.get("model", ""), cfg.mesh)
-    harm, harm_summary = load_scores(cfg.harm_scores, shardings)
-    retain, retain_summary = (None, {})
-    if cfg.retain_scores:
-        retain, retain_summary = load_scores(cfg.retain_scores, shardings)
-    mask = select(harm, retain, q=cfg.q, p=cfg.p, granularity=cfg.granularity,
-                  sign_flip=cfg.sign_flip, skip_first=cfg.skip_first)
+    if has_candidates(cfg.harm_scores):
+        mask, harm_summary, retain_summary = _select_from_candidates(cfg, shardings)
+    else:
+        harm, harm_summary = load_scores(cfg.harm_scores, shardings)
+        retain, retain_summary = (None, {})
+        if cfg.retain_scores:
+            retain, retain_summary = load_scores(cfg.retain_scores, shardings)
+        mask = select(harm, retain, q=cfg.q, p=cfg.p, granularity=cfg.granularity,
+                      sign_flip=cfg.sign_flip, skip_first=cfg.skip_first)
     fields = ("kind", "data", "nsamples", "seed", "text_format")
     summary = {
         "method": "select",
@@ -95,7 +118,7 @@ def main(argv):
         mask, summary, num_params = _select(cfg)
         default_dir = os.path.join("runs", f"mask_{cfg.granularity}_q{cfg.q:g}_p{cfg.p:g}")
     out_dir = cfg.output_dir or default_dir
-    save_mask(out_dir, mask, summary, num_params=num_params)
+    save_mask(out_dir, mask, summary, num_params=num_params, dense=cfg.dense_copy)
     print(format_counts(read_summary(out_dir)["counts"]))
     print(f"mask written to {os.path.abspath(out_dir)}")
 

@@ -84,7 +84,7 @@ def test_em_experiment_end_to_end(setup):
         assert (np.asarray(flat_pf[name])[m_np] == 0.0).all(), name
     assert any(not np.array_equal(np.asarray(flat_ft[n]), np.asarray(flat_orig[n])) for n in flat_mask)
     peft_dir = next(cache.glob("finetune_pruned-*")) / "peft"
-    assert (peft_dir / "adapter_config.json").is_file() and (peft_dir / "mask.safetensors").is_file()
+    assert (peft_dir / "adapter_config.json").is_file() and (peft_dir / "mask_indices.safetensors").is_file()
 
     again = run_em_experiment(_config(overrides, out), progress=False)
     assert all(v["cached"] for v in again["timings"].values())

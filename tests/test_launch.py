@@ -83,7 +83,7 @@ def test_finetune_launcher_on_a_pruned_model(tmp_path):
                 changed += int((merged[name] != np.asarray(model.params["model"]["layers"][layer][block][proj]["weight"])).sum())
     assert changed > 0  # training moved the unpruned weights
     assert (tmp_path / "out" / "peft" / "adapter_config.json").is_file()
-    assert (tmp_path / "out" / "peft" / "mask.safetensors").is_file()
+    assert (tmp_path / "out" / "peft" / "mask_indices.safetensors").is_file()
 
 
 def test_bad_input_is_one_error_line_not_a_traceback(tmp_path):
@@ -98,3 +98,15 @@ def test_bad_input_is_one_error_line_not_a_traceback(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: MissingFileError: ") and str(missing) in last, result.stderr[-2000:]
     assert not (tmp_path / "hf").exists()
+
+
+def test_init_runtime_sets_a_default_memory_fraction_the_user_can_override():
+    """Launchers set XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 unless it is already set."""
+    code = ("from absl import flags; import launch.common as c; flags.FLAGS(['x']); c.init_runtime(); "
+            "import os; print(os.environ['XLA_PYTHON_CLIENT_MEM_FRACTION'])")
+    base = {k: v for k, v in os.environ.items() if k != "XLA_PYTHON_CLIENT_MEM_FRACTION"}
+    base.update(JAX_PLATFORMS="cpu", HARMJAX_XLA_CACHE="off")
+    for env, want in ((base, "0.9"), ({**base, "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.6"}, "0.6")):
+        out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.strip() == want

@@ -82,3 +82,20 @@ def test_bad_rows_fail_with_the_row_named(setup):
     out = subprocess.run(_cmd(model_dir, str(bad), root / "bad"), cwd=REPO, env=_env(), capture_output=True, text=True)
     assert out.returncode != 0
     assert "row 0: empty or missing 'response'" in out.stderr
+
+
+def test_a_scan_that_cannot_fit_is_one_error_line(setup):
+    """The device-memory preflight through the launcher: exit 1, one `error:` line naming the
+    bytes and the knobs, no traceback, nothing written."""
+    model_dir, data, root = setup
+    out_dir = root / "too_small"
+    env = {**_env(), "HARMJAX_DEVICE_MEMORY_LIMIT": "100000"}
+    env.pop("XLA_PYTHON_CLIENT_MEM_FRACTION", None)  # the launcher's default applies
+    out = subprocess.run(_cmd(model_dir, data, out_dir), cwd=REPO, env=env, capture_output=True, text=True)
+    assert out.returncode == 1
+    lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert lines[0].startswith("error: DeviceMemoryError: The retain scan step")
+    for part in ("100,000 B", "batch_size=1", "remat=False", "XLA_PYTHON_CLIENT_MEM_FRACTION (now 0.9)"):
+        assert part in lines[0], part
+    assert not (out_dir / "scores").exists() and not (out_dir / "summary.json").exists()

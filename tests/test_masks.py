@@ -31,6 +31,7 @@ from harmjax.masks import (
     intersection,
     jaccard,
     load_mask,
+    load_mask_indices,
     load_safetensors_tree,
     load_scores,
     mask_counts,
@@ -252,7 +253,13 @@ def test_save_and_load_mask_and_scores(tmp_path):
     params = random_params(4)
     out = save_mask(str(tmp_path / "mask_dir"), m, {"q": 1e-5, "p": 5e-5, "granularity": "matrix",
                                                     "model": "tiny", "seed": 0}, params=params)
-    assert sorted(os.listdir(out)) == ["mask", "mask.safetensors", "summary.json"]
+    assert sorted(os.listdir(out)) == ["mask_indices.safetensors", "summary.json"]
+    # The sparse file: per HF name, int64 flat indices equal to np.flatnonzero of the dense mask.
+    stored = safetensors.numpy.load_file(os.path.join(out, "mask_indices.safetensors"))
+    assert stored.keys() == random_mask(8).keys()
+    for n, v in random_mask(8).items():
+        assert stored[n].dtype == np.int64
+        np.testing.assert_array_equal(stored[n], np.flatnonzero(v), err_msg=n)
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["kind"] == "mask" and summary["q"] == 1e-5 and summary["model"] == "tiny"
     assert summary["harmjax_version"] == harmjax.__version__
@@ -288,6 +295,22 @@ def test_save_and_load_mask_and_scores(tmp_path):
         np.testing.assert_array_equal(np.asarray(flatten(loaded)[n]), v)
     with pytest.raises(MissingFileError, match="mask.safetensors"):
         load_mask(str(tmp_path / "nowhere"))
+    # the dense uint8 copy on request; a mask dir of the old layout (orbax + dense file) still loads
+    dense_dir = save_mask(str(tmp_path / "dense"), m, dense=True)
+    assert sorted(os.listdir(dense_dir)) == ["mask.safetensors", "mask_indices.safetensors", "summary.json"]
+    from harmjax import checkpoint
+
+    old_dir = tmp_path / "old_layout"
+    checkpoint.save_tree(str(old_dir / "mask"), m, metadata={"q": 0.5})
+    export_safetensors(m, str(old_dir / "mask.safetensors"), progress=False)
+    for d in (dense_dir, str(old_dir)):
+        loaded, _ = load_mask(d, params=sharded_params)
+        for n, v in random_mask(8).items():
+            np.testing.assert_array_equal(np.asarray(flatten(loaded)[n]), v)
+        indices, shapes = load_mask_indices(d)
+        assert shapes == {n: v.shape for n, v in random_mask(8).items()}
+        for n, v in random_mask(8).items():
+            np.testing.assert_array_equal(indices[n], np.flatnonzero(v))
     # scores
     scores = {n: np.random.default_rng(2).standard_normal(v.shape).astype(np.float32) for n, v in random_mask(1).items()}
     save_scores(str(tmp_path / "s"), unflatten(scores), {"kind": "harm", "nsamples": 4})
@@ -313,18 +336,21 @@ def test_exported_mask_applied_in_pytorch_gives_the_same_logits(tmp_path):
     hf_model = tiny_hf_model("llama")
     model = harmjax.load(save_tiny(hf_model, tmp_path / "src"), dtype="float32", mesh=single_device_mesh())
     mask = select(score_tree_for(model.config, 0), score_tree_for(model.config, 1), q=0.05, p=0.02, progress=False)
-    out = save_mask(str(tmp_path / "mask"), mask, {"model": "tiny llama"})
+    out = save_mask(str(tmp_path / "mask"), mask, {"model": "tiny llama"}, dense=True)
 
     ids, attn, positions = left_padded_batch()
     before = torch_logits(hf_model, ids, attn, positions)
+    # The README's one line, on the sparse file:
+    with torch.no_grad():
+        for name, idx in safetensors.torch.load_file(f"{out}/mask_indices.safetensors").items(): hf_model.get_parameter(name).view(-1)[idx] = 0  # noqa: E501,E701
+    ref = torch_logits(hf_model, ids, attn, positions)
     state = hf_model.state_dict()
+    # The dense uint8 copy (dense=True) marks the same entries.
     tensors = safetensors.torch.load_file(os.path.join(out, "mask.safetensors"))
     assert len(tensors) == 7 * model.config.num_layers
-    with torch.no_grad():
-        for name, m in tensors.items():
-            assert m.dtype == torch.uint8
-            state[name][m.bool()] = 0.0  # in place: state_dict tensors share the parameters' storage
-    ref = torch_logits(hf_model, ids, attn, positions)
+    for name, m in tensors.items():
+        assert m.dtype == torch.uint8
+        np.testing.assert_array_equal(m.bool().numpy(), np.asarray(flatten(mask)[name]))
 
     pruned = apply_mask(model.params, mask)
     ours = np.asarray(harmjax.forward(pruned, model.config, jnp.asarray(ids), jnp.asarray(attn)))
@@ -378,6 +404,18 @@ def test_prune_launcher_end_to_end(tmp_path):
     assert summary_ab["method"] == "intersect" and summary_ab["sources"] == [f"{tmp_path}/a", f"{tmp_path}/b"]
     for n, v in flatten(intersection(want_a, want_b)).items():
         np.testing.assert_array_equal(np.asarray(flatten(mask_ab)[n]), np.asarray(v), err_msg=n)
+
+    # score candidates (the experiment's scores stage) select the same matrix-granularity mask
+    from harmjax.masks import save_candidates, top_candidates
+
+    shapes = {n: tuple(v.shape) for n, v in flatten(harm).items()}
+    for name, tree in (("harm_c", harm), ("retain_c", retain)):
+        save_candidates(str(tmp_path / name), top_candidates(tree, 0.1), shapes, {"kind": name, "model": src})
+    _prune(f"--config.harm_scores={tmp_path}/harm_c", f"--config.retain_scores={tmp_path}/retain_c",
+           "--config.q=0.1", "--config.p=0.05", f"--config.output_dir={tmp_path}/c")
+    mask_c, _ = load_mask(str(tmp_path / "c"))
+    for n, v in flatten(select(harm, retain, q=0.1, p=0.05, progress=False)).items():
+        np.testing.assert_array_equal(np.asarray(flatten(mask_c)[n]), np.asarray(v), err_msg=n)
 
 
 def test_random_like_keeps_every_matrix_count():

@@ -131,6 +131,7 @@ def scan(
     checkpoint_every: int = 50,
     progress: bool = True,
     stop_after: int | None = None,
+    memory_limit: int | None = None,
 ) -> ScanResult:
     """Runs an attribution scan and returns its scores and statistics.
 
@@ -152,6 +153,9 @@ def scan(
       progress: show a tqdm bar.
       stop_after: process at most this many batches in this call, then save and return
         partial scores (for time-sliced jobs; the final state is still resumable).
+      memory_limit: bytes per device to check the step against before the first batch (see
+        `harmjax.memory`; default: $HARMJAX_DEVICE_MEMORY_LIMIT, else the device's own limit,
+        no check on CPU). A step that cannot fit raises DeviceMemoryError before any work.
     """
     kind = kind if isinstance(kind, str) else tuple(kind)
     mode = accumulator_mode(kind)  # also validates kind
@@ -165,6 +169,11 @@ def scan(
     fingerprint = _fingerprint(model, kind, names, batches, settings)
     params = model.params if params is None else params
 
+    step = jit_accumulate(model.config, model.mesh, names, kind, remat, abs_chunk)
+    sharding = batch_sharding(model.mesh)
+    _preflight(model, step, params, names, mode, batches, sharding, kind,
+               f"batch_size={batch_size}, remat={remat}, mesh={dict(model.mesh.shape)}", memory_limit)
+
     accs, start, loss_sum, tokens = None, 0, 0.0, 0
     if checkpoint_dir:
         os.makedirs(checkpoint_dir, exist_ok=True)
@@ -176,8 +185,6 @@ def scan(
     if accs is None:
         accs = init_accumulators(model.config, model.mesh, names, mode)
 
-    step = jit_accumulate(model.config, model.mesh, names, kind, remat, abs_chunk)
-    sharding = batch_sharding(model.mesh)
     end = len(batches) if stop_after is None else min(len(batches), start + stop_after)
     t0 = time.perf_counter()
     bar = tqdm(total=len(batches), initial=start, desc=f"{'+'.join([kind] if isinstance(kind, str) else kind)} scan", unit="batch", disable=not progress)
@@ -207,6 +214,28 @@ def scan(
         scores=scores, kind=kind, num_examples=len(examples), num_tokens=tokens,
         mean_loss=loss_sum / len(examples), seconds=time.perf_counter() - t0, resumed_from=resumed_from,
     )
+
+
+def _preflight(model, step, params, names, mode, batches, sharding, kind, knobs: str, memory_limit) -> None:
+    """Compiles the step for the longest batch and fails (DeviceMemoryError) if it cannot fit."""
+    from harmjax.memory import check_fits, preflight_wanted, program_bytes
+
+    devices = [d for d in model.mesh.devices.flat if d.process_index == jax.process_index()]
+    if not preflight_wanted(devices, memory_limit):
+        return
+    longest = max(batches, key=lambda b: b.input_ids.shape[1])
+    key = (step, longest.input_ids.shape)
+    if key not in _NEEDED:  # one compilation per step and shape (the experiment scans 7+ times)
+        specs = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
+                 for a in (longest.input_ids, longest.attention_mask, longest.loss_mask)]
+        accs = abstract_accumulators(model.config, model.mesh, names, mode)
+        _NEEDED[key] = program_bytes(step.lower(params, accs, *specs).compile())
+    label = "+".join([kind] if isinstance(kind, str) else kind)
+    check_fits(_NEEDED[key], f"The {label} scan step ({longest.input_ids.shape[0]} x {longest.input_ids.shape[1]} "
+               "tokens)", params, devices, knobs, memory_limit)
+
+
+_NEEDED: dict = {}  # (jitted step, batch shape) -> bytes per device (harmjax.memory.program_bytes)
 
 
 def score(model, examples: Any, kind: str = "harm", **kwargs) -> dict[str, Any]:

@@ -1,9 +1,9 @@
 """Masks over a model's scored weights: selection from scores, set algebra, application to
-params, storage (orbax + HF-named safetensors) and a per-layer plot.
+params, storage (HF-named safetensors: sparse indices by default) and a per-layer plot.
 
   mask = select(harm_scores, retain_scores, q=1e-5, p=5e-5)       # bool tree, True = prune
   pruned = apply_mask(model.params, mask)                          # new params, weights zeroed
-  save_mask("runs/mask", mask, {"q": 1e-5, "p": 5e-5, ...})        # mask/, mask.safetensors, summary.json
+  save_mask("runs/mask", mask, {"q": 1e-5, "p": 5e-5, ...})        # mask_indices.safetensors, summary.json
 """
 
 from harmjax.masks.algebra import (
@@ -24,13 +24,17 @@ from harmjax.masks.apply import apply_mask, check_mask_fits
 from harmjax.masks.random import random_like
 from harmjax.masks.plots import PlotDependencyError, counts_grid, plot_mask_counts
 from harmjax.masks.select import GRANULARITIES, select
+from harmjax.masks.sparse import jaccard_indices, mask_from_indices, mask_indices, select_indices, top_candidates
 from harmjax.masks.storage import (
     export_safetensors,
+    load_candidates,
     load_mask,
+    load_mask_indices,
     load_safetensors_tree,
     load_scores,
     read_summary,
     safetensors_shapes,
+    save_candidates,
     save_mask,
     save_scores,
 )
@@ -51,17 +55,25 @@ __all__ = [
     "intersect_all",
     "intersection",
     "jaccard",
+    "jaccard_indices",
+    "load_candidates",
     "load_mask",
+    "load_mask_indices",
     "load_safetensors_tree",
     "load_scores",
     "mask_counts",
+    "mask_from_indices",
+    "mask_indices",
     "plot_mask_counts",
     "random_like",
     "read_summary",
     "safetensors_shapes",
+    "save_candidates",
     "save_mask",
     "save_scores",
     "select",
+    "select_indices",
+    "top_candidates",
     "union",
     "union_all",
 ]

@@ -1,14 +1,19 @@
-"""Storing masks and scores: orbax for JAX users, safetensors keyed by HF names for everyone.
+"""Storing masks and scores: safetensors keyed by HF names, for JAX and PyTorch users alike.
 
-A mask (or score) directory holds
-  mask/               orbax checkpoint of the bool tree (restores straight into shardings)
-  mask.safetensors    the same tree, one tensor per HF parameter name
-                      (`model.layers.0.self_attn.q_proj.weight`), bool stored as uint8, so a
-                      PyTorch user can do `w.data[m.bool()] = 0` on the named weight
+A mask directory holds
+  mask_indices.safetensors  per HF parameter name (`model.layers.0.self_attn.q_proj.weight`),
+                      the sorted int64 flat indices of the pruned entries, row-major over the
+                      HF (out, in) shape; shapes in the file's metadata. In PyTorch:
+                      `w.data.view(-1)[idx] = 0` on the named weight.
+  mask.safetensors    only with `dense=True`: the dense tree, bool stored as uint8 (a 32B
+                      model's is 31 GB, where the sparse file of a q=1e-5 mask is ~2.5 MB)
   summary.json        model, data, nsamples, seed, kind, p, q, granularity, counts per layer
                       and projection, fraction pruned, harmjax version
-Score directories written by `launch/score.py` have the same layout with `scores/` and
-`scores.safetensors`.
+Older mask directories (`mask/` orbax and/or a dense `mask.safetensors`) still load.
+
+A score directory holds `scores/` (orbax), `scores.safetensors` and `summary.json` (dense
+float32 trees), or, from the experiment's scores stage, `candidates.safetensors`: per matrix
+the top entries in `select`'s ranking order (see `harmjax.masks.sparse`).
 
 The safetensors file is written by a streaming writer: the header is computed from shapes
 alone, then each leaf is gathered to the host and appended, so at most one leaf is ever in
@@ -236,16 +241,37 @@ def _load_dir(out_dir: str, stem: str, shardings: Mapping[str, Any] | None) -> d
     )
 
 
+SPARSE_MASK_FILE = "mask_indices.safetensors"
+CANDIDATES_FILE = "candidates.safetensors"
+_SHAPES_KEY = "harmjax_shapes"  # safetensors metadata: JSON {name: shape} of the matrices indexed
+
+
+def _write_sparse(path: str, arrays: Mapping[str, np.ndarray], shapes: Mapping[str, Any], kind: str) -> None:
+    meta = {"harmjax_kind": kind, _SHAPES_KEY: json.dumps({n: [int(d) for d in s] for n, s in shapes.items()})}
+    export_safetensors(dict(arrays), path, metadata=meta, progress=False)
+
+
+def _read_sparse(path: str) -> tuple[dict[str, np.ndarray], dict[str, tuple[int, ...]]]:
+    from harmjax.tree import flatten
+
+    meta = _read_metadata(path)
+    if _SHAPES_KEY not in meta:
+        raise CheckpointError(f"{path} has no {_SHAPES_KEY!r} metadata; it was not written by harmjax's sparse writer.")
+    shapes = {n: tuple(s) for n, s in json.loads(meta[_SHAPES_KEY]).items()}
+    return flatten(load_safetensors_tree(path)), shapes
+
+
 def save_mask(
     out_dir: str,
     mask: Mapping[str, Any],
     summary: Mapping[str, Any] | None = None,
     params: Mapping[str, Any] | None = None,
     num_params: int | None = None,
-    safetensors: bool = True,
+    dense: bool = False,
 ) -> str:
-    """Writes a mask directory (`mask/`, `mask.safetensors`, `summary.json`); returns `out_dir`.
-    `safetensors=False` skips the HF-named copy (controls nobody exports).
+    """Writes a mask directory (`mask_indices.safetensors`, `summary.json`); returns `out_dir`.
+    `dense=True` adds `mask.safetensors`, the dense uint8 copy (one byte per scored weight:
+    6.5 GiB at 8B, 29 GiB at 32B, so only on request).
 
     `summary` (model, data, nsamples, seed, p, q, granularity, ...) is completed with
     `kind` ("mask" unless given), `counts` (`mask_counts`), `fraction_pruned` (of scored
@@ -261,21 +287,57 @@ def save_mask(
         "fraction_pruned_params": counts["fraction_params"],
         "harmjax_version": _version(),
     }
-    return _save_dir(out_dir, "mask", mask, full, safetensors)
+    full = json.loads(json.dumps(full, default=_jsonable))
+    os.makedirs(out_dir, exist_ok=True)
+    write_mask_indices(os.path.join(out_dir, SPARSE_MASK_FILE), mask)
+    if dense:
+        export_safetensors(mask, os.path.join(out_dir, "mask.safetensors"), metadata={"harmjax_kind": "mask"})
+    _write_summary(out_dir, full)  # last: its presence marks a complete directory
+    return out_dir
+
+
+def write_mask_indices(path: str, mask: Mapping[str, Any]) -> str:
+    """Writes a bool mask tree as one sparse safetensors file (the format of
+    `mask_indices.safetensors`: int64 flat indices per HF name, shapes in the metadata)."""
+    from harmjax.masks.sparse import mask_indices
+
+    shapes = {name: tuple(leaf.shape) for name, leaf in iter_leaves(mask)}
+    _write_sparse(path, mask_indices(mask), shapes, "mask_indices")
+    return path
+
+
+def load_mask_indices(out_dir: str) -> tuple[dict[str, np.ndarray], dict[str, tuple[int, ...]]]:
+    """({HF name: sorted int64 flat indices}, {HF name: shape}) of a mask directory, without
+    building the dense mask when it is stored sparse (older dense directories are converted)."""
+    path = os.path.join(out_dir, SPARSE_MASK_FILE)
+    if os.path.isfile(path):
+        return _read_sparse(path)
+    from harmjax.masks.sparse import mask_indices
+
+    mask, _ = load_mask(out_dir)
+    return mask_indices(mask), {n: tuple(x.shape) for n, x in iter_leaves(mask)}
 
 
 def load_mask(out_dir: str, params: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(mask, summary) from a directory written by `save_mask`.
 
-    With `params`, the mask is restored into the weights' shardings and checked to fit
-    them (MaskMismatchError otherwise). A directory holding only `mask.safetensors` (e.g.
-    made in PyTorch, uint8 or bool) also loads; its uint8 leaves are read as bool.
+    With `params`, the mask is restored into the weights' shardings (each device building
+    its slice from the indices) and checked to fit them (MaskMismatchError otherwise). Older
+    directories (`mask/` orbax, a dense `mask.safetensors`) and a directory holding only a
+    dense `mask.safetensors` made in PyTorch (uint8 or bool) also load.
     """
     shardings = None
     if params is not None:
         shardings = unflatten({n: getattr(x, "sharding", None) for n, x in iter_leaves(params)
                                if isinstance(x, jax.Array)})
-    mask = _load_dir(out_dir, "mask", shardings)
+    sparse = os.path.join(out_dir, SPARSE_MASK_FILE)
+    if os.path.isfile(sparse):
+        from harmjax.masks.sparse import mask_from_indices
+
+        indices, shapes = _read_sparse(sparse)
+        mask = mask_from_indices(indices, shapes, shardings)
+    else:
+        mask = _load_dir(out_dir, "mask", shardings)
     flat = dict(iter_leaves(mask))
     for name, leaf in flat.items():
         if np.dtype(leaf.dtype) == np.uint8:  # written by other tools without our metadata
@@ -285,7 +347,8 @@ def load_mask(out_dir: str, params: Mapping[str, Any] | None = None) -> tuple[di
     mask = unflatten(flat)
     if params is not None:
         check_mask_fits(params, mask)
-    return mask, read_summary(out_dir) or checkpoint.read_metadata(os.path.join(out_dir, "mask"))
+    return mask, read_summary(out_dir) or (checkpoint.read_metadata(os.path.join(out_dir, "mask"))
+                                           if os.path.isdir(os.path.join(out_dir, "mask")) else {})
 
 
 def save_scores(out_dir: str, scores: Mapping[str, Any], summary: Mapping[str, Any] | None = None,
@@ -306,3 +369,34 @@ def load_scores(out_dir: str, shardings: Mapping[str, Any] | None = None) -> tup
     """
     scores = _load_dir(out_dir, "scores", shardings)
     return scores, read_summary(out_dir) or checkpoint.read_metadata(os.path.join(out_dir, "scores"))
+
+
+def save_candidates(out_dir: str, candidates: Mapping[str, tuple[np.ndarray, np.ndarray]],
+                    shapes: Mapping[str, Any], summary: Mapping[str, Any] | None = None) -> str:
+    """Writes score candidates (`harmjax.masks.sparse.top_candidates`) as a score directory:
+    `candidates.safetensors` (per HF name `<name>.indices` int64 and `<name>.scores` float32,
+    in ranking order; shapes in the metadata) and `summary.json`. Returns `out_dir`."""
+    os.makedirs(out_dir, exist_ok=True)
+    arrays = {}
+    for name, (idx, values) in candidates.items():
+        arrays[f"{name}.indices"] = np.asarray(idx, np.int64)
+        arrays[f"{name}.scores"] = np.asarray(values, np.float32)
+    _write_sparse(os.path.join(out_dir, CANDIDATES_FILE), arrays, shapes, "candidates")
+    _write_summary(out_dir, {**dict(summary or {}), "harmjax_version": _version()})
+    return out_dir
+
+
+def has_candidates(out_dir: str) -> bool:
+    """Whether a score directory holds sparse candidates (rather than a dense tree)."""
+    return os.path.isfile(os.path.join(out_dir, CANDIDATES_FILE))
+
+
+def load_candidates(out_dir: str) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, tuple[int, ...]],
+                                           dict[str, Any]]:
+    """(candidates, shapes, summary) from a directory written by `save_candidates`."""
+    path = os.path.join(out_dir, CANDIDATES_FILE)
+    if not os.path.isfile(path):
+        raise MissingFileError(f"No {CANDIDATES_FILE} in {out_dir}.")
+    arrays, shapes = _read_sparse(path)
+    cands = {n: (arrays[f"{n}.indices"], arrays[f"{n}.scores"]) for n in shapes}
+    return cands, shapes, read_summary(out_dir)

@@ -167,14 +167,17 @@ def run_em_experiment(cfg, progress: bool = True) -> dict[str, Any]:
     P = cfg.prune
     scan_keys = ("text_format", "max_length", "batch_size", "num_buckets", "remat", "abs_chunk", "checkpoint_every",
                  "retain_kind")
+    # Per-matrix candidates (the top max(q, p) of each matrix) unless dense trees are asked for
+    # or the granularity needs them; see harmjax.pipeline.scoring. A larger q or p rescores.
+    top_fraction = None if P.keep_dense_scores or P.granularity != "matrix" else float(max(P.q, P.p))
     sc_settings = {"answers": settings_key(fa_settings), "retain": settings_key(ans_settings),
-                   **{k: P[k] for k in scan_keys}}
+                   **{k: P[k] for k in scan_keys}, "top_fraction": top_fraction}
 
     def score_stage(d):
         from harmjax.pipeline.scoring import check_score_disk, scan_to_units
         from harmjax.pipeline.stages import unit_done
 
-        check_score_disk(model, d, ["harm", "retain"])
+        check_score_disk(model, d, ["harm", "retain"], top_fraction=top_fraction)
 
         scan_kw = dict(batch_size=P.batch_size, text_format=P.text_format, max_length=P.max_length,
                        num_buckets=P.num_buckets, remat=P.remat, abs_chunk=P.abs_chunk,
@@ -183,25 +186,23 @@ def run_em_experiment(cfg, progress: bool = True) -> dict[str, Any]:
         for unit, examples_, kind in ((os.path.join(d, "harm"), pruning_examples, "harm"),
                                       (os.path.join(d, "retain"), retain_examples, P.retain_kind)):
             if not unit_done(unit):
-                scan_to_units(model, examples_, kind, unit, scan_kw, summary)
+                scan_to_units(model, examples_, kind, unit, scan_kw, summary, top_fraction=top_fraction)
         return {"harm": "harm", "retain": "retain"}
 
     stages.run("prune_scores", sc_settings, score_stage)
     sc_dir = stages.path("prune_scores", sc_settings)
-    # Changing q, p or the granularity reselects from the cached scores.
+    # Changing q or p within the stored candidates (or anything, with dense scores) reselects
+    # from the cached scores.
     pr_settings = {"scores": settings_key(sc_settings), "q": P.q, "p": P.p, "granularity": P.granularity}
 
     def prune_stage(d):
-        from harmjax.masks import load_scores, save_mask, select
+        from harmjax.masks import save_mask
         from harmjax.masks.storage import read_summary
-        from harmjax.pipeline.mask_sweep import harm_minus_spared
+        from harmjax.pipeline.mask_sweep import select_from_units
         from harmjax.sharding import param_shardings
 
-        sh = param_shardings(model.config, model.mesh)
-        harm = load_scores(os.path.join(sc_dir, "harm"), sh)[0]
-        spared = select(load_scores(os.path.join(sc_dir, "retain"), sh)[0], None, q=P.p, granularity=P.granularity,
-                        progress=False)
-        mask = harm_minus_spared(harm, spared, P.q, P.granularity)
+        units = {"harm": os.path.join(sc_dir, "harm"), "retain": os.path.join(sc_dir, "retain")}
+        mask = select_from_units(units, "harm", P.q, P.p, P.granularity, param_shardings(model.config, model.mesh))
         save_mask(os.path.join(d, "mask"), mask, {"q": P.q, "p": P.p, "granularity": P.granularity,
                                                   "data": "fine-tuned model's held-out narrow answers"},
                   num_params=model.num_params())

@@ -107,14 +107,17 @@ def run_experiment(cfg, progress: bool = True) -> dict[str, Any]:
     scan_kw = dict(batch_size=S.batch_size, text_format=S.text_format, max_length=S.max_length,
                    num_buckets=S.num_buckets, remat=S.remat, abs_chunk=S.abs_chunk,
                    checkpoint_every=S.checkpoint_every, progress=progress)
-    sc_settings = {"answers": settings_key(ans_settings), **S.to_dict()}
+    M = cfg.masks
+    top_fraction = candidate_fraction(cfg)
+    sc_settings = {"answers": settings_key(ans_settings), **S.to_dict(), "top_fraction": top_fraction}
     summary = {"model": source, "seed": cfg.seed, "text_format": S.text_format}
 
     def score_stage(d):
-        # The retain pass scores two kinds at once: its checkpoint holds two trees.
-        check_score_disk(model, d, experiment_score_units(ex_prune), checkpoint_trees=2)
-        harm_units = harm_scores_per_category(model, ex_prune, d, scan_kw, summary)
-        ben_units = benign_scores(model, ex_retain, d, S.retain_kind, scan_kw, summary)
+        # A two-kind retain pass checkpoints two trees at once (dense mode only).
+        check_score_disk(model, d, experiment_score_units(ex_prune), checkpoint_trees=2, top_fraction=top_fraction)
+        harm_units = harm_scores_per_category(model, ex_prune, d, scan_kw, summary, top_fraction=top_fraction)
+        ben_units = benign_scores(model, ex_retain, d, S.retain_kind, scan_kw, summary, top_fraction=top_fraction,
+                                  separate_passes=S.separate_retain_passes)
         return {"units": {k: os.path.basename(v) for k, v in {**harm_units, **ben_units}.items()}}
 
     sc_info = stages.run("scores", sc_settings, score_stage)
@@ -122,13 +125,12 @@ def run_experiment(cfg, progress: bool = True) -> dict[str, Any]:
     score_units = {k: os.path.join(sc_dir, v) for k, v in sc_info["units"].items()}
 
     # --- masks ---------------------------------------------------------------------------
-    M = cfg.masks
     mk_settings = {"scores": settings_key(sc_settings), **M.to_dict(), "seed": cfg.seed}
 
     def mask_stage(d):
         entries = build_masks(model, score_units, d, q_sweep=list(M.q_sweep), p=M.p, category_q=M.category_q,
                               granularity=M.granularity, seed=cfg.seed, random_control=M.random_control,
-                              progress=progress)
+                              dense_copy=M.dense_copy, progress=progress)
         overlap = mask_overlap(model, entries)
         for e in entries:
             e["dir"] = os.path.basename(e["dir"])
@@ -209,6 +211,17 @@ def run_experiment(cfg, progress: bool = True) -> dict[str, Any]:
     return metrics
 
 
+def candidate_fraction(cfg) -> float | None:
+    """The fraction of each matrix the scores stage keeps per score tree (the largest q,
+    category_q and p the masks use), or None when it must keep dense trees: on request
+    (`scoring.keep_dense_scores`) or for granularity "row"/"global", which per-matrix
+    candidates cannot serve."""
+    M = cfg.masks
+    if cfg.scoring.keep_dense_scores or M.granularity != "matrix":
+        return None
+    return float(max([*M.q_sweep, M.category_q, M.p]))
+
+
 def _file_name(entry) -> str:
     return "unpruned" if entry.get("kind") == "none" else os.path.basename(entry["dir"])
 
@@ -263,4 +276,4 @@ def _utility(U, model):
     return run
 
 
-__all__ = ["run_experiment", "default_run_dir"]
+__all__ = ["candidate_fraction", "run_experiment", "default_run_dir"]

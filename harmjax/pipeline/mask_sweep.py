@@ -1,6 +1,11 @@
 """The experiment's masks: T_q(harm) \\ T_p(retain) over a sweep of q, a random control of the
 same size in every matrix for each q, one mask per harm category, and a benign-data mask.
-Each mask is a unit directory written by `harmjax.masks.save_mask`.
+Each mask is a unit directory written by `harmjax.masks.save_mask` (sparse indices; the dense
+uint8 copy only with `dense_copy`).
+
+Masks are selected from the scores stage's candidates (per matrix top entries, see
+`harmjax.masks.sparse`), bit-identical to `select` on dense scores; dense score units (kept on
+request, or for granularity "row"/"global") go through `select` as before.
 """
 
 from __future__ import annotations
@@ -9,17 +14,19 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from harmjax.masks import difference, load_mask, load_scores, random_like, save_mask, select
-from harmjax.masks.storage import read_summary
+from harmjax.masks import (
+    difference, jaccard_indices, load_candidates, load_mask, load_mask_indices, load_scores, mask_from_indices,
+    random_like, save_mask, select, select_indices,
+)
+from harmjax.masks.storage import has_candidates, read_summary
 from harmjax.pipeline.stages import finish_unit, fresh_dir, slug, unit_done
 from harmjax.sharding import param_shardings
 
 
-def _save(unit: str, mask, summary: Mapping[str, Any], num_params: int) -> None:
+def _save(unit: str, mask, summary: Mapping[str, Any], num_params: int, dense_copy: bool) -> None:
     tmp = fresh_dir(unit)
-    # Harm masks get the HF-named safetensors copy users export; controls and category masks
-    # stay orbax-only (a dense 8B mask is 7 GiB per copy).
-    save_mask(tmp, mask, summary, num_params=num_params, safetensors=summary["mask_kind"] == "harm")
+    # The dense uint8 copy (7 GiB at 8B, 31 GB at 32B) only for harm masks, and only on request.
+    save_mask(tmp, mask, summary, num_params=num_params, dense=dense_copy and summary["mask_kind"] == "harm")
     finish_unit(tmp, unit, {"name": summary["name"]})
 
 
@@ -53,12 +60,15 @@ def build_masks(
     granularity: str,
     seed: int,
     random_control: bool = True,
+    dense_copy: bool = False,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Builds every mask under `directory` (skipping finished ones); returns one entry per
     mask (name, kind, q, p, category, dir, total, fraction, fraction_params).
 
-    `scores` maps "all", each category, "retain" and "benign_signed" to score dirs.
+    `scores` maps "all", each category, "retain" and "benign_signed" to score dirs, all
+    candidates (granularity "matrix" only) or all dense trees. `dense_copy`: also write the
+    dense uint8 `mask.safetensors` of each harm mask.
     """
     from tqdm import tqdm
 
@@ -67,7 +77,91 @@ def build_masks(
     categories = [c for c in scores if c not in ("all", "retain", "benign_signed")]
     total = len(q_sweep) * (2 if random_control else 1) + len(categories) + 1  # + the benign mask
     bar = tqdm(total=total, desc="masks", unit="mask", disable=not progress)
+    sparse = all(has_candidates(d) for d in scores.values())
+    if sparse and granularity != "matrix":
+        raise ValueError(f"Score candidates serve granularity 'matrix' only, not {granularity!r}; "
+                         "rerun the scores stage with scoring.keep_dense_scores=True.")
+    if sparse:
+        harm_mask, top_mask = _sparse_selectors(scores, p, shardings)
+    else:
+        harm_mask, top_mask = _dense_selectors(scores, p, granularity, shardings)
+
+    units = []
+    common = {"p": p, "granularity": granularity, "seed": seed}
+    for q in q_sweep:
+        unit = os.path.join(directory, f"harm_q{q_label(q)}")
+        units.append(unit)
+        mask = None
+        if not unit_done(unit):
+            mask = harm_mask("all", q)
+            _save(unit, mask, {"name": f"harm q={q_label(q)}", "mask_kind": "harm", "q": q, **common}, n_params,
+                  dense_copy)
+        bar.update(1)
+        if random_control:
+            runit = os.path.join(directory, f"random_q{q_label(q)}")
+            units.append(runit)
+            if not unit_done(runit):
+                if mask is None:  # the harm mask was finished by an earlier run
+                    mask, _ = load_mask(unit, model.params)
+                _save(runit, random_like(mask, seed), {"name": f"random q={q_label(q)}", "mask_kind": "random",
+                                                       "q": q, **common}, n_params, dense_copy)
+            bar.update(1)
+    for cat in categories:
+        unit = os.path.join(directory, f"category_{slug(cat)}")
+        units.append(unit)
+        if not unit_done(unit):
+            mask = harm_mask(cat, category_q)
+            _save(unit, mask, {"name": cat, "mask_kind": "category", "category": cat, "q": category_q, **common},
+                  n_params, dense_copy)
+        bar.update(1)
+    unit = os.path.join(directory, "benign")
+    units.append(unit)
+    if not unit_done(unit):
+        # The benign-data mask: top-q signed SNIP on benign answers, no T_p (the retain set is
+        # the same data, so subtracting it would cancel the mask).
+        mask = top_mask("benign_signed", category_q)
+        _save(unit, mask, {"name": "benign", "mask_kind": "benign", "q": category_q, "p": 0.0,
+                           "granularity": granularity, "seed": seed}, n_params, dense_copy)
+    bar.update(1)
+    bar.close()
+    return [_entry(u) for u in units]
+
+
+def select_from_units(scores: Mapping[str, str], key: str, q: float, p: float, granularity: str, shardings):
+    """T_q(scores[key]) \\ T_p(scores["retain"]) from score units of either kind (candidates or
+    dense trees), as a bool mask in `shardings`."""
+    if all(has_candidates(d) for d in scores.values()):
+        if granularity != "matrix":
+            raise ValueError(f"Score candidates serve granularity 'matrix' only, not {granularity!r}.")
+        return _sparse_selectors(scores, p, shardings)[0](key, q)
+    return _dense_selectors(scores, p, granularity, shardings)[0](key, q)
+
+
+def _sparse_selectors(scores: Mapping[str, str], p: float, shardings):
+    """(harm_mask(key, q), top_mask(key, q)) built from candidates, each mask placed in the
+    weights' shardings. Candidates are small (MBs), so all of them may stay loaded."""
+    cands: dict[str, Any] = {}
+
+    def cand(key):
+        if key not in cands:
+            cands[key] = load_candidates(scores[key])[:2]
+        return cands[key]
+
+    def harm_mask(key, q):
+        (harm, shapes), (retain, _) = cand(key), cand("retain")
+        return mask_from_indices(select_indices(harm, retain, shapes, q, p), shapes, shardings)
+
+    def top_mask(key, q):
+        harm, shapes = cand(key)
+        return mask_from_indices(select_indices(harm, None, shapes, q), shapes, shardings)
+
+    return harm_mask, top_mask
+
+
+def _dense_selectors(scores: Mapping[str, str], p: float, granularity: str, shardings):
+    """(harm_mask(key, q), top_mask(key, q)) from dense score trees via `select`."""
     cache: dict[str, Any] = {}
+    spared = None
 
     def scores_of(key):
         if key not in cache:
@@ -76,10 +170,6 @@ def build_masks(
             cache[key] = load_scores(scores[key], shardings)[0]
         return cache[key]
 
-    units = []
-    common = {"p": p, "granularity": granularity, "seed": seed}
-    spared = None
-
     def harm_mask(key, q):
         # T_q(harm) \ T_p(retain), with T_p selected once for every mask (half the work).
         nonlocal spared
@@ -87,58 +177,26 @@ def build_masks(
             spared = select(scores_of("retain"), None, q=p, granularity=granularity, progress=False)
         return harm_minus_spared(scores_of(key), spared, q, granularity)
 
-    for q in q_sweep:
-        unit = os.path.join(directory, f"harm_q{q_label(q)}")
-        units.append(unit)
-        mask = None
-        if not unit_done(unit):
-            mask = harm_mask("all", q)
-            _save(unit, mask, {"name": f"harm q={q_label(q)}", "mask_kind": "harm", "q": q, **common}, n_params)
-        bar.update(1)
-        if random_control:
-            runit = os.path.join(directory, f"random_q{q_label(q)}")
-            units.append(runit)
-            if not unit_done(runit):
-                if mask is None:  # the harm mask was finished by an earlier run
-                    mask, _ = load_mask(unit)
-                _save(runit, random_like(mask, seed), {"name": f"random q={q_label(q)}", "mask_kind": "random",
-                                                       "q": q, **common}, n_params)
-            bar.update(1)
-    for cat in categories:
-        unit = os.path.join(directory, f"category_{slug(cat)}")
-        units.append(unit)
-        if not unit_done(unit):
-            mask = harm_mask(cat, category_q)
-            _save(unit, mask, {"name": cat, "mask_kind": "category", "category": cat, "q": category_q, **common}, n_params)
-        bar.update(1)
-    unit = os.path.join(directory, "benign")
-    units.append(unit)
-    if not unit_done(unit):
-        # The benign-data mask: top-q signed SNIP on benign answers, no T_p (the retain set is
-        # the same data, so subtracting it would cancel the mask).
-        mask = select(scores_of("benign_signed"), None, q=category_q, granularity=granularity, progress=False)
-        _save(unit, mask, {"name": "benign", "mask_kind": "benign", "q": category_q, "p": 0.0,
-                           "granularity": granularity, "seed": seed}, n_params)
-    bar.update(1)
-    bar.close()
-    return [_entry(u) for u in units]
+    def top_mask(key, q):
+        return select(scores_of(key), None, q=q, granularity=granularity, progress=False)
+
+    return harm_mask, top_mask
 
 
 def mask_overlap(model, entries) -> dict[str, Any]:
     """Pairwise Jaccard overlap of the category masks and the benign-data mask:
     {"labels": [...], "matrix": [[...]]}, in the order categories (sorted), then benign. Pairs
-    with an empty mask (q too small for the matrices: floor(q * size) = 0) are None."""
-    from harmjax.masks import count, jaccard
-
+    with an empty mask (q too small for the matrices: floor(q * size) = 0) are None.
+    Computed from the masks' indices: no dense mask is built."""
     chosen = sorted((e for e in entries if e["kind"] == "category"), key=lambda e: e["name"])
     chosen += [e for e in entries if e["kind"] == "benign"]
-    trees = [load_mask(e["dir"], model.params)[0] for e in chosen]
-    n = len(trees)
+    sets = [load_mask_indices(e["dir"])[0] for e in chosen]
+    n = len(sets)
     matrix = [[1.0 if i == j else None for j in range(n)] for i in range(n)]
-    empty = [count(t) == 0 for t in trees]
+    empty = [sum(len(v) for v in s.values()) == 0 for s in sets]
     for i in range(n):
         for j in range(i + 1, n):
             # Two empty masks are equal sets (jaccard 1.0), but that says nothing about overlap.
-            value = None if empty[i] or empty[j] else float(jaccard(trees[i], trees[j]))
+            value = None if empty[i] or empty[j] else float(jaccard_indices(sets[i], sets[j]))
             matrix[i][j] = matrix[j][i] = value
     return {"labels": [e["name"] for e in chosen], "matrix": matrix}

@@ -5,7 +5,8 @@ The PEFT directory (`adapter_config.json` + `adapter_model.safetensors`, keys
 (out, r), float32) loads with `peft.PeftModel.from_pretrained` and with
 `harmjax.io.lora.read_lora_adapter`. An adapter alone cannot hold pruned weights at zero (PEFT
 adds B A everywhere), so when training used a mask it is written beside it as
-`mask.safetensors` (HF names, True = pruned) with a README saying to apply it after merging.
+`mask_indices.safetensors` (per HF name, the int64 flat indices of the pruned weights) with a
+README saying to apply it after merging.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from harmjax.io.lora import PEFT_PREFIX  # the key prefix PEFT writes and harmjax.io.lora reads
-from harmjax.masks.storage import export_safetensors
+from harmjax.masks.storage import export_safetensors, write_mask_indices
 from harmjax.train.lora import LoraConfig
 from harmjax.tree import iter_leaves
 
@@ -49,8 +50,8 @@ def peft_config(lora_cfg: LoraConfig, base_model_name_or_path: str = "") -> dict
 
 def export_peft(adapters: Mapping[str, Any], lora_cfg: LoraConfig, out_dir: str,
                 base_model_name_or_path: str = "", mask: Mapping[str, Any] | None = None) -> str:
-    """Writes `adapters` as a PEFT LoRA adapter directory; with `mask`, also mask.safetensors and
-    a README line. Returns `out_dir`."""
+    """Writes `adapters` as a PEFT LoRA adapter directory; with `mask`, also
+    mask_indices.safetensors and a README line. Returns `out_dir`."""
     os.makedirs(out_dir, exist_ok=True)
     tensors = {}
     for name, leaf in iter_leaves(adapters):
@@ -62,13 +63,15 @@ def export_peft(adapters: Mapping[str, Any], lora_cfg: LoraConfig, out_dir: str,
         json.dump(peft_config(lora_cfg, base_model_name_or_path), f, indent=2)
     os.replace(tmp, os.path.join(out_dir, "adapter_config.json"))
     if mask is not None:
-        export_safetensors(mask, os.path.join(out_dir, "mask.safetensors"), progress=False)
+        write_mask_indices(os.path.join(out_dir, "mask_indices.safetensors"), mask)
         with open(os.path.join(out_dir, "README.md"), "w") as f:
             f.write(
                 "This LoRA adapter was trained on a pruned model. The adapter alone does not keep the "
-                "pruned weights at zero: after merging it (W + scale * B @ A), set every weight where "
-                "mask.safetensors is 1 (HF tensor names, True = pruned) back to 0, or use the merged "
-                "export, which is exactly zero there.\n"
+                "pruned weights at zero: after merging it (W + scale * B @ A), set the pruned weights "
+                "back to 0, or use the merged export, which is exactly zero there. mask_indices.safetensors "
+                "holds, per HF tensor name, the flat indices of the pruned weights:\n\n"
+                "    for name, idx in safetensors.torch.load_file('mask_indices.safetensors').items(): "
+                "model.get_parameter(name).data.view(-1)[idx] = 0\n"
             )
     return out_dir
 

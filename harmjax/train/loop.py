@@ -90,6 +90,7 @@ def finetune(
     progress: bool = True,
     stop_after: int | None = None,
     tensorboard: bool = False,
+    memory_limit: int | None = None,
 ) -> FinetuneResult:
     """Fine-tunes `model` on `examples` with a response-only loss.
 
@@ -105,6 +106,9 @@ def finetune(
       progress: tqdm bar.
       stop_after: stop (with a checkpoint) once this global step is reached: an interruption.
       tensorboard: also write TensorBoard scalars under output_dir/tb.
+      memory_limit: bytes per device to check the train step against before the first step
+        (`harmjax.memory`; default $HARMJAX_DEVICE_MEMORY_LIMIT, else the device's own limit, no
+        check on CPU). A step that cannot fit raises DeviceMemoryError; checkpoints are kept.
     """
     start_time = time.perf_counter()
     cfg, config, mesh = train_cfg, model.config, model.mesh
@@ -172,6 +176,12 @@ def finetune(
             make_eval_step(spec, mesh, t_sh, frozen_sh, aux_sh),
         )
     train_step, eval_step = _STEP_CACHE[cache_key]
+    end = total if stop_after is None else min(total, max(start, stop_after))
+    stacked_sh = stacked_batch_sharding(mesh)
+    if start < end:  # before anything is written: a job that cannot fit changes nothing on disk
+        knobs = (f"batch_size={cfg.batch_size}, micro_batch_size={cfg.micro_batch_size}, remat={cfg.remat}, "
+                 f"mesh={dict(mesh.shape)}")
+        _preflight(train_step, (state, frozen, aux), data, start, stacked_sh, mesh, knobs, memory_limit)
 
     def validate():
         if len(data.val) == 0:
@@ -188,11 +198,9 @@ def finetune(
         os.makedirs(output_dir, exist_ok=True)
         _rewrite_metrics(metrics_path, history)
     writer = EventWriter(os.path.join(output_dir, "tb")) if tensorboard else None
-    end = total if stop_after is None else min(total, max(start, stop_after))
     last_loss = history[-1].get("loss") if history else None
     tokens = 0
     bar = tqdm(total=total, initial=start, desc="finetune", disable=not progress, unit="step")
-    stacked_sh = stacked_batch_sharding(mesh)
 
     def prepare(step):
         batch = data.step_batch(step)
@@ -255,6 +263,22 @@ def finetune(
 # ---------------------------------------------------------------------------------- helpers
 
 _STEP_CACHE: dict = {}
+
+
+def _preflight(train_step, resident, data, step, batch_sh, mesh, knobs: str, memory_limit) -> None:
+    """Compiles the train step for the longest bucket and fails (DeviceMemoryError) if it
+    cannot fit, before the first step (so before any checkpoint is touched)."""
+    from harmjax.memory import check_fits, preflight_wanted, program_bytes
+
+    devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    if not preflight_wanted(devices, memory_limit):
+        return
+    example = data.step_batch(step)
+    longest = max(data.buckets)
+    batch = {k: jax.ShapeDtypeStruct(v.shape[:-1] + (longest,), v.dtype, sharding=batch_sh) for k, v in example.items()}
+    needed = program_bytes(train_step.lower(*resident, batch).compile())
+    check_fits(needed, f"The train step ({example['input_ids'].shape[0]} x {example['input_ids'].shape[1]} x "
+               f"{longest} tokens)", resident, devices, knobs, memory_limit)
 
 
 def _hashable(tree):

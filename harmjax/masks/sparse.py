@@ -1,0 +1,170 @@
+"""Sparse forms of masks and scores: per matrix, sorted flat indices (row-major over the HF
+(out, in) shape).
+
+A mask at q = 1e-5 prunes about 1 weight in 100,000, so its indices are ~10^5 times smaller
+than a dense bool tree (31 GB at 32B). Selection per matrix needs only the top entries of a
+score, so the experiment keeps, per matrix, the top floor(f * |M|) entries of each score
+tree ("candidates": flat indices and values, ordered as `select` ranks them) instead of the
+dense float32 tree (124 GB at 32B). Masks built from candidates are bit-identical to
+`select` on the dense scores (granularity "matrix"), because:
+  - `select` takes the first floor(q * |M|) entries of the order (descending sort key,
+    ascending flat index), the same order candidates are stored in;
+  - floor(q * |M|) <= floor(f * |M|) for q <= f, so those entries are a prefix of the
+    candidates.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from harmjax.masks.algebra import hf_sorted_leaves
+from harmjax.masks.select import _k, _replicated_like, _sort_keys, select
+from harmjax.tree import iter_leaves, unflatten
+
+INDEX_DTYPE = np.int64  # torch indexes with int64; a matrix may exceed 2**31 entries in future models
+
+
+def _to_host(x: Any) -> np.ndarray:
+    from harmjax.masks.storage import _to_host as gather
+
+    return gather(x)
+
+
+def mask_indices(mask: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """{HF name: sorted int64 flat indices of the True entries} of a bool mask tree, one leaf
+    on the host at a time."""
+    return {name: np.flatnonzero(_to_host(leaf)).astype(INDEX_DTYPE) for name, leaf in hf_sorted_leaves(mask)}
+
+
+def mask_from_indices(indices: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]],
+                      shardings: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The dense bool mask tree of flat `indices` per HF name (`shapes` gives each matrix's
+    shape). With `shardings` ({name: sharding}, flat or nested), each leaf is built straight
+    into its sharding, every device filling only its own slice; otherwise NumPy leaves."""
+    flat_sh = dict(iter_leaves(shardings)) if shardings is not None else {}
+    out = {}
+    for name, shape in shapes.items():
+        idx = np.asarray(indices.get(name, np.zeros(0, INDEX_DTYPE)), INDEX_DTYPE)
+        shape = tuple(int(s) for s in shape)
+        size = int(np.prod(shape, dtype=np.int64))
+        if idx.size and (idx.min() < 0 or idx.max() >= size):
+            raise ValueError(f"Mask indices of {name!r} fall outside its {size} entries (shape {shape}).")
+        sharding = flat_sh.get(name)
+        if sharding is None:
+            dense = np.zeros(size, bool)
+            dense[idx] = True
+            out[name] = dense.reshape(shape)
+            continue
+
+        def part(index, idx=idx, shape=shape):
+            # This device's slice only: the indices that fall inside its block of rows/columns.
+            if len(shape) != 2:
+                full = np.zeros(int(np.prod(shape, dtype=np.int64)), bool)
+                full[idx] = True
+                return full.reshape(shape)[index]
+            rows, cols = np.unravel_index(idx, shape)
+            (r0, r1), (c0, c1) = (_bounds(index[i] if i < len(index) else slice(None), shape[i]) for i in (0, 1))
+            block = np.zeros((r1 - r0, c1 - c0), bool)
+            keep = (rows >= r0) & (rows < r1) & (cols >= c0) & (cols < c1)
+            block[rows[keep] - r0, cols[keep] - c0] = True
+            return block
+
+        out[name] = jax.make_array_from_callback(shape, sharding, part)
+    return unflatten(out)
+
+
+def _bounds(s: slice, n: int) -> tuple[int, int]:
+    start, stop, step = s.indices(n)
+    if step != 1:
+        raise ValueError(f"Unexpected strided shard slice {s}.")
+    return start, stop
+
+
+@functools.lru_cache(maxsize=None)
+def _gather_fn(out_sharding):
+    # Replicated output: the K gathered values are small; every process gets them all.
+    fn = lambda x, idx: x.reshape(-1)[idx]  # noqa: E731
+    return jax.jit(fn) if out_sharding is None else jax.jit(fn, out_shardings=out_sharding)
+
+
+def _gather_flat(leaf: Any, idx: np.ndarray) -> np.ndarray:
+    """leaf.ravel()[idx] as float32 NumPy, without bringing the whole leaf to the host."""
+    if isinstance(leaf, np.ndarray):
+        return np.asarray(leaf, np.float32).reshape(-1)[idx]
+    if not idx.size:
+        return np.zeros(0, np.float32)
+    return np.asarray(_to_host(_gather_fn(_replicated_like(leaf))(leaf, jnp.asarray(idx))), np.float32)
+
+
+def host_sort_keys(values: np.ndarray, flip: bool = False) -> np.ndarray:
+    """`select`'s uint32 sort keys of float32 `values`, computed on the host."""
+    return np.asarray(jax.device_get(_sort_keys(jnp.asarray(values, jnp.float32), flip)))
+
+
+Candidates = dict[str, tuple[np.ndarray, np.ndarray]]  # {HF name: (int64 flat indices, float32 scores)}
+
+
+def top_candidates(scores: Mapping[str, Any], fraction: float) -> Candidates:
+    """Per matrix, the top floor(fraction * |M|) entries of a score tree in `select`'s ranking
+    order: {HF name: (int64 flat indices, float32 values)}, ordered by descending score
+    (select's sort keys: -0.0 ties +0.0, NaN last) and, among equal keys, ascending index.
+
+    The set is found by `select` itself (exact and sharding-preserving), one matrix at a time
+    so that only one matrix's bool mask is ever alive; only the chosen indices and values come
+    to the host.
+    """
+    out = {}
+    for name, leaf in hf_sorted_leaves(scores):
+        top = select(unflatten({name: leaf}), None, q=fraction, granularity="matrix", progress=False)
+        idx = np.flatnonzero(_to_host(dict(iter_leaves(top))[name])).astype(INDEX_DTYPE)
+        del top
+        values = _gather_flat(leaf, idx)
+        keys = host_sort_keys(values)
+        order = np.lexsort((idx, ~keys))  # primary: key descending (~ reverses uint32), then index
+        out[name] = (idx[order], values[order])
+    return out
+
+
+def select_indices(harm: Candidates, retain: Candidates | None,
+                   shapes: Mapping[str, tuple[int, ...]], q: float, p: float = 0.0) -> dict[str, np.ndarray]:
+    """T_q(harm) \\ T_p(retain) per matrix from candidates (`top_candidates`): sorted flat
+    indices per HF name, equal to `select(harm, retain, q=q, p=p)` on the dense scores.
+
+    Raises ValueError when a fraction needs more entries than the candidates hold."""
+    out = {}
+    for name, shape in shapes.items():
+        n = int(np.prod(shape, dtype=np.int64))
+        kq = _k(q, n)
+        h_idx = harm[name][0]
+        if kq > len(h_idx):
+            raise ValueError(
+                f"q={q} needs the top {kq} entries of {name!r}, but the stored candidates hold {len(h_idx)}; "
+                "rescore with a larger candidate fraction (the scores stage keeps the largest q, category_q and p "
+                "of the masks settings)."
+            )
+        chosen = np.sort(h_idx[:kq])
+        if retain is not None:
+            kp = _k(p, n)
+            r_idx = retain[name][0]
+            if kp > len(r_idx):
+                raise ValueError(f"p={p} needs the top {kp} retain entries of {name!r}, but the candidates "
+                                 f"hold {len(r_idx)}.")
+            chosen = np.setdiff1d(chosen, r_idx[:kp], assume_unique=True)
+        out[name] = chosen.astype(INDEX_DTYPE)
+    return out
+
+
+def jaccard_indices(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> float:
+    """|a ∩ b| / |a ∪ b| of two sparse masks over the same matrices (1.0 when both are
+    empty), equal to `harmjax.masks.jaccard` on the dense masks."""
+    if set(a) != set(b):
+        raise ValueError(f"Sparse masks cover different matrices: {sorted(set(a) ^ set(b))[:3]}.")
+    both = sum(len(np.intersect1d(a[n], b[n], assume_unique=True)) for n in a)
+    either = sum(len(a[n]) + len(b[n]) for n in a) - both
+    return 1.0 if either == 0 else both / either
