@@ -25,6 +25,9 @@ _WORK = flags.DEFINE_string("work", "/tmp/pipeline_gpu_work", "Model and stage c
 _HIDDEN = flags.DEFINE_integer("hidden", 2048, "Hidden size.")
 _LAYERS = flags.DEFINE_integer("layers", 16, "Layers.")
 _PER_CATEGORY = flags.DEFINE_integer("per_category", 20, "Prompts per category.")
+_SHAPE = flags.DEFINE_enum("shape", "", ["", "llama31_8b", "qwen25_14b", "qwen25_32b", "tiny_qwen2"],
+                           "A paper model's shape, made with random bf16 weights on the devices and saved "
+                           "with orbax (no host copy); empty: the --hidden/--layers Llama built with PyTorch.")
 _MESH = flags.DEFINE_list("mesh", ["-1", "1", "1"], "Mesh sizes data,fsdp,tensor (-1 = the rest); "
                           "the paper configs use 1,-1,1 (FSDP over every local device).")
 
@@ -49,14 +52,60 @@ def build_model(directory: str) -> str:
     return directory
 
 
+# HF config fields of the paper models' shapes (vocabulary sizes as the real ones; the
+# embedded tokenizer's ids all fall inside them).
+PAPER_SHAPES = {
+    "llama31_8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0),
+    "qwen25_14b": dict(model_type="qwen2", vocab_size=152064, hidden_size=5120, intermediate_size=13824,
+                       num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8, rope_theta=1e6),
+    "qwen25_32b": dict(model_type="qwen2", vocab_size=152064, hidden_size=5120, intermediate_size=27648,
+                       num_hidden_layers=64, num_attention_heads=40, num_key_value_heads=8, rope_theta=1e6),
+    "tiny_qwen2": dict(model_type="qwen2", vocab_size=49152, hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rope_theta=1e6),
+}
+
+
+def build_model_on_devices(directory: str) -> str:
+    """A random bf16 model of --shape made directly in its shardings (an 8-32B model never
+    exists on the host) and saved with `harmjax.save_orbax`, which `harmjax.load` reads back."""
+    import jax
+    import transformers
+
+    import harmjax
+    from harmjax.config import ModelConfig
+    from harmjax.loading import Model
+    from harmjax.model.init import init_params
+
+    if os.path.isdir(os.path.join(directory, "params")):
+        return directory  # made by an earlier run
+    tok = transformers.AutoTokenizer.from_pretrained(_TOKENIZER.value)
+    fields = dict(PAPER_SHAPES[_SHAPE.value], max_position_embeddings=4096, tie_word_embeddings=False,
+                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, torch_dtype="bfloat16")
+    hf_config = transformers.AutoConfig.for_model(**fields).to_dict()
+    config = ModelConfig.from_hf(hf_config)
+    mesh = harmjax.make_mesh(harmjax.MeshConfig(*(int(x) for x in _MESH.value)))
+    params = init_params(config, jax.random.key(0), mesh, jax.numpy.bfloat16)
+    model = Model(params=params, config=config, tokenizer=tok, hf_config=hf_config, mesh=mesh,
+                  source_dir=_TOKENIZER.value)
+    harmjax.save_orbax(model, directory)
+    return directory
+
+
+def _disk_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
 def main(argv):
     del argv
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")  # launch.common's default
     from configs.embedded import get_config
     from harmjax.pipeline import run_experiment
 
     os.makedirs(_OUT.value, exist_ok=True)
     t0 = time.perf_counter()
-    model_dir = build_model(os.path.join(_WORK.value, "model"))
+    builder = build_model_on_devices if _SHAPE.value else build_model
+    model_dir = builder(os.path.join(_WORK.value, "model"))
     cfg = get_config()
     cfg.model, cfg.dtype, cfg.output_dir = model_dir, "bfloat16", os.path.join(_WORK.value, "run")
     cfg.prompts.harmful = _HARMFUL.value
@@ -74,7 +123,14 @@ def main(argv):
     metrics = run_experiment(cfg)
     import jax
 
-    result = {"device": str(jax.devices()[0].device_kind), "devices": jax.device_count(),
+    cache = os.path.join(cfg.output_dir, "cache")
+    stage_disk = {name: _disk_bytes(os.path.join(cache, name)) for name in sorted(os.listdir(cache))}
+    result = {"device": str(jax.devices()[0].device_kind), "devices": jax.device_count(), "shape": _SHAPE.value,
+              "peak_gib_per_device": [round((d.memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30, 2)
+                                      for d in jax.local_devices()],
+              "run_dir_bytes": _disk_bytes(cfg.output_dir), "stage_dir_bytes": stage_disk,
+              "model_dir_bytes": _disk_bytes(model_dir),
+              "mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
               "mesh": [int(x) for x in _MESH.value], "jax": jax.__version__, "build_model_s": build,
               "wall_s": metrics["wall_seconds"], "timings": metrics["timings"], "data": metrics["data"],
               "hidden": _HIDDEN.value, "layers": _LAYERS.value, "parameters": metrics["model"]["parameters"]}
