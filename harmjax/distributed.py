@@ -159,3 +159,35 @@ def global_array(host: Any, sharding) -> jax.Array:
 
     host = np.asarray(host)
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def broadcast_json(value: Any) -> Any:
+    """Process 0's value of a JSON-able object, on every process (itself when alone)."""
+    if jax.process_count() == 1:
+        return value
+    import json
+
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    blob = np.frombuffer(json.dumps(value).encode(), np.uint8) if is_writer() else np.zeros(0, np.uint8)
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(blob.size)))
+    padded = np.zeros(size, np.uint8)
+    padded[: min(size, blob.size)] = blob[:size]
+    return json.loads(bytes(np.asarray(multihost_utils.broadcast_one_to_all(padded))).decode())
+
+
+def process_local_batch(host: Any, sharding) -> jax.Array:
+    """A batch array with `sharding` built by `jax.make_array_from_process_local_data` from
+    this process's rows of `host` (the global batch, which every process computes in the same
+    order): each process hands over only the block of rows its own devices hold."""
+    import numpy as np
+
+    host = np.asarray(host)
+    indices = sharding.addressable_devices_indices_map(host.shape).values()
+    # The rows (and columns) this process's devices hold form one block; take its bounds.
+    block = tuple(
+        slice(min(ix[d].indices(n)[0] for ix in indices), max(ix[d].indices(n)[1] for ix in indices))
+        for d, n in enumerate(host.shape)
+    )
+    return jax.make_array_from_process_local_data(sharding, host[block], host.shape)

@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from harmjax import distributed
 from harmjax.attribution import scan
 from harmjax.attribution.scope import scored_names
 from harmjax.data.records import Example
@@ -41,7 +42,8 @@ def scan_to_units(model, examples, kind, unit: str, scan_kwargs: Mapping[str, An
         tmp = fresh_dir(target)
         save_scores(tmp, tree, {**summary, "kind": k, **stats}, safetensors=False)
         finish_unit(tmp, target, {"kind": k, **stats})
-    shutil.rmtree(ckpt, ignore_errors=True)
+    if distributed.is_writer():
+        shutil.rmtree(ckpt, ignore_errors=True)
 
 
 def score_tree_bytes(config) -> int:

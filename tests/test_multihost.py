@@ -1,0 +1,105 @@
+"""Multi-process runs: 2 processes x 2 CPU devices on one mesh give the results of 1 process
+with 4 devices (load, harm and retain scans, select, mask save and reload, apply_mask, greedy
+generation, two LoRA steps, the experiment's stages), and a process that cannot reach the
+coordinator fails fast with one line."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tests.config_overrides import write_prompt_files
+from tests.hf_reference import save_tiny_with_tokenizer, tiny_hf_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(REPO, "tests", "multihost_worker.py")
+TIMEOUT_S = 900  # a hung collective fails the test instead of blocking CI
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(devices: int) -> dict[str, str]:
+    env = dict(os.environ)
+    # Each process sees only its own fake CPU devices; the test session's settings stay out.
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env["HF_HUB_OFFLINE"] = "1"
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    env.pop("JAX_NUM_CPU_DEVICES", None)
+    return env
+
+
+def _run(procs: list[subprocess.Popen]) -> None:
+    deadline = time.monotonic() + TIMEOUT_S
+    outputs = []
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            outputs.append(out)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for i, (p, out) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0, f"process {i} failed (rc {p.returncode}):\n{out[-6000:]}"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("multihost")
+    model_dir = save_tiny_with_tokenizer(tiny_hf_model("llama", seed=3, num_hidden_layers=2), root / "model")
+    write_prompt_files(root, {c: 3 for c in ("crime", "hate")}, {"facts": 3, "code": 3})
+    single, multi = root / "single", root / "multi"
+    single.mkdir()
+    multi.mkdir()
+    common = [sys.executable, WORKER, model_dir, str(root)]
+    t0 = time.perf_counter()
+    _run([subprocess.Popen(common + [str(single)], env=_env(4), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)])
+    t1 = time.perf_counter()
+    address = f"127.0.0.1:{_free_port()}"
+    _run([subprocess.Popen(common + [str(multi), address, "2", str(i)], env=_env(2), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True) for i in range(2)])
+    print(f"1 process: {t1 - t0:.0f} s, 2 processes: {time.perf_counter() - t1:.0f} s")
+    return np.load(single / "results.npz"), np.load(multi / "results.npz")
+
+
+def test_two_processes_match_one(runs):
+    single, multi = runs
+    assert sorted(single.files) == sorted(multi.files)
+    # Sanity of the reference itself: the work did something.
+    assert int(single["mask_summary_pruned"]) > 0
+    assert single["generated"].shape == (3, 5)
+    for name in single.files:
+        a, b = single[name], multi[name]
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        # Same mesh, same programs, same shardings: the only difference is which process
+        # owns a device, so every result is bit for bit equal.
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    for name in (n for n in single.files if n.startswith("mask_reloaded/")):
+        np.testing.assert_array_equal(single[name], single["mask/" + name.split("/", 1)[1]])
+
+
+def test_unreachable_coordinator_fails_fast_with_one_line(tmp_path):
+    port = _free_port()  # nothing listens there
+    t0 = time.perf_counter()
+    p = subprocess.run(
+        [sys.executable, "-m", "launch.convert", "--source=embedded", f"--out_hf={tmp_path / 'hf'}",
+         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", "--process_id=1",
+         "--coordinator_timeout=3"],
+        cwd=REPO, env=_env(1), capture_output=True, text=True, timeout=120,
+    )
+    assert time.perf_counter() - t0 < 60
+    assert p.returncode == 1
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1, p.stderr
+    assert lines[0].startswith("error: CoordinatorUnreachableError:")
+    assert f"127.0.0.1:{port}" in lines[0] and "3 s" in lines[0]
