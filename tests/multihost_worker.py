@@ -11,6 +11,7 @@ Each process needs `XLA_FLAGS=--xla_force_host_platform_device_count=<4 / NUM_PR
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -53,13 +54,34 @@ EXPERIMENT = [
 ]
 
 
+@contextlib.contextmanager
+def count_reads():
+    """Counts the elements each checkpoint tensor has had read from disk, by name."""
+    from harmjax.io.safetensors_io import TensorReader
+
+    counts: dict[str, int] = {}
+    original = TensorReader.read
+
+    def read(self, name, index=None, dtype=None):
+        out = original(self, name, index, dtype)
+        counts[name] = counts.get(name, 0) + int(out.size)
+        return out
+
+    TensorReader.read = read
+    try:
+        yield counts
+    finally:
+        TensorReader.read = original
+
+
 def main(model_dir: str, prompts_dir: str, work: str, address=None, num=None, pid=None) -> None:
     if address is not None:
         distributed.initialize(address, int(num), int(pid), timeout_s=120)
     import numpy as np
 
     import harmjax
-    from harmjax.train import LoraConfig, TrainConfig, finetune
+    from harmjax.masks.storage import load_safetensors_tree
+    from harmjax.train import LoraConfig, TrainConfig, export_peft, finetune
 
     assert jax.device_count() == 4, jax.devices()
     results: dict[str, np.ndarray] = {}
@@ -70,8 +92,16 @@ def main(model_dir: str, prompts_dir: str, work: str, address=None, num=None, pi
             results[f"{prefix}/{name}"] = distributed.to_host(leaf)
 
     # fsdp spans the two processes (process-major device order), tensor the two local devices.
-    model = harmjax.load(model_dir, dtype="float32", mesh=harmjax.MeshConfig(data=1, fsdp=2, tensor=2))
+    mesh = harmjax.MeshConfig(data=1, fsdp=2, tensor=2)
+    with count_reads() as reads:
+        model = harmjax.load(model_dir, dtype="float32", mesh=mesh)
+    with open(os.path.join(work, f"reads_{jax.process_index()}.json"), "w") as f:
+        json.dump(reads, f)  # each process its own file: what it read of each tensor
     keep("params", model.params)
+
+    # Exports written once and read back by every process.
+    harmjax.save_orbax(model, os.path.join(work, "orbax"))
+    keep("orbax_reloaded", harmjax.load(os.path.join(work, "orbax"), mesh=mesh).params)
 
     harm = harmjax.score(model, HARMFUL, kind="harm", batch_size=2, progress=False)
     retain = harmjax.score(model, BENIGN, kind="retain", batch_size=2, progress=False,
@@ -88,6 +118,8 @@ def main(model_dir: str, prompts_dir: str, work: str, address=None, num=None, pi
 
     pruned = harmjax.apply_mask(model.params, mask)
     keep("pruned", pruned)
+    harmjax.save_hf(model, os.path.join(work, "pruned_hf"), params=pruned)
+    keep("pruned_hf_reloaded", harmjax.load(os.path.join(work, "pruned_hf"), mesh=mesh).params)
 
     out = harmjax.generate(model.with_params(pruned), ["Say hello.", "How do I pick a lock?", "Hi"],
                            max_new_tokens=5, batch_size=4, progress=False, stop_at_eos=False)
@@ -101,6 +133,8 @@ def main(model_dir: str, prompts_dir: str, work: str, address=None, num=None, pi
                   output_dir=os.path.join(work, "finetune"), progress=False)
     keep("lora", ft.adapters)
     keep("finetuned", ft.params)
+    export_peft(ft.adapters, LoraConfig(r=4, alpha=8.0), os.path.join(work, "peft"), mask=mask)
+    keep("peft_file", load_safetensors_tree(os.path.join(work, "peft", "adapter_model.safetensors")))
     results["finetune_losses"] = np.asarray([r["loss"] for r in ft.metrics])
     results["finetune_val_loss"] = np.asarray(ft.val_loss)
 

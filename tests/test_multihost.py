@@ -3,6 +3,7 @@ with 4 devices (load, harm and retain scans, select, mask save and reload, apply
 generation, two LoRA steps, the experiment's stages), and a process that cannot reach the
 coordinator fails fast with one line."""
 
+import json
 import os
 import socket
 import subprocess
@@ -55,7 +56,8 @@ def _run(procs: list[subprocess.Popen]) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("multihost")
-    model_dir = save_tiny_with_tokenizer(tiny_hf_model("llama", seed=3, num_hidden_layers=2), root / "model")
+    # Seed 5's greedy answers are non-empty text, so the experiment has examples to score.
+    model_dir = save_tiny_with_tokenizer(tiny_hf_model("llama", seed=5, num_hidden_layers=2), root / "model")
     write_prompt_files(root, {c: 3 for c in ("crime", "hate")}, {"facts": 3, "code": 3})
     single, multi = root / "single", root / "multi"
     single.mkdir()
@@ -69,11 +71,16 @@ def runs(tmp_path_factory):
     _run([subprocess.Popen(common + [str(multi), address, "2", str(i)], env=_env(2), stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True) for i in range(2)])
     print(f"1 process: {t1 - t0:.0f} s, 2 processes: {time.perf_counter() - t1:.0f} s")
-    return np.load(single / "results.npz"), np.load(multi / "results.npz")
+    return single, multi
+
+
+def _reads(directory, process):
+    with open(directory / f"reads_{process}.json") as f:
+        return json.load(f)
 
 
 def test_two_processes_match_one(runs):
-    single, multi = runs
+    single, multi = (np.load(d / "results.npz") for d in runs)
     assert sorted(single.files) == sorted(multi.files)
     # Sanity of the reference itself: the work did something.
     assert int(single["mask_summary_pruned"]) > 0
@@ -86,16 +93,42 @@ def test_two_processes_match_one(runs):
         np.testing.assert_array_equal(a, b, err_msg=name)
     for name in (n for n in single.files if n.startswith("mask_reloaded/")):
         np.testing.assert_array_equal(single[name], single["mask/" + name.split("/", 1)[1]])
+    for name in (n for n in single.files if n.startswith(("orbax_reloaded/", "pruned_hf_reloaded/"))):
+        kind, leaf = name.split("/", 1)
+        np.testing.assert_array_equal(single[name], single[("params/" if kind == "orbax_reloaded" else "pruned/") + leaf])
 
 
-def test_unreachable_coordinator_fails_fast_with_one_line(tmp_path):
+def test_each_process_reads_only_its_shards(runs):
+    single, multi = runs
+    one = _reads(single, 0)
+    parts = [_reads(multi, p) for p in (0, 1)]
+    from tests.hf_reference import VOCAB
+
+    sizes = {"model.embed_tokens.weight": VOCAB * 64, "model.layers.0.self_attn.q_proj.weight": 64 * 64,
+             "model.layers.1.mlp.down_proj.weight": 64 * 96, "model.norm.weight": 64}
+    for name, size in sizes.items():
+        assert one[name] == size, name  # one process reads every element once
+        if name == "model.norm.weight":  # replicated: every process needs all of it
+            assert parts[0][name] == parts[1][name] == size
+        else:  # split over fsdp, which spans the processes: each reads its half
+            assert parts[0][name] == parts[1][name] == size // 2, name
+
+
+@pytest.mark.parametrize("via", ["flags", "env"])
+def test_unreachable_coordinator_fails_fast_with_one_line(tmp_path, via):
     port = _free_port()  # nothing listens there
+    settings = {"coordinator_address": f"127.0.0.1:{port}", "num_processes": "2", "process_id": "1"}
+    env = _env(1)
+    if via == "flags":
+        args = [f"--{k}={v}" for k, v in settings.items()]
+    else:
+        args = []
+        env.update({f"HARMJAX_{k.upper()}": v for k, v in settings.items()})
     t0 = time.perf_counter()
     p = subprocess.run(
         [sys.executable, "-m", "launch.convert", "--source=embedded", f"--out_hf={tmp_path / 'hf'}",
-         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", "--process_id=1",
-         "--coordinator_timeout=3"],
-        cwd=REPO, env=_env(1), capture_output=True, text=True, timeout=120,
+         "--coordinator_timeout=3", *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )
     assert time.perf_counter() - t0 < 60
     assert p.returncode == 1

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from harmjax import distributed
+from harmjax.distributed import to_host
 from harmjax.io.lora import PEFT_PREFIX  # the key prefix PEFT writes and harmjax.io.lora reads
 from harmjax.masks.storage import export_safetensors
 from harmjax.train.lora import LoraConfig
@@ -50,19 +52,28 @@ def peft_config(lora_cfg: LoraConfig, base_model_name_or_path: str = "") -> dict
 def export_peft(adapters: Mapping[str, Any], lora_cfg: LoraConfig, out_dir: str,
                 base_model_name_or_path: str = "", mask: Mapping[str, Any] | None = None) -> str:
     """Writes `adapters` as a PEFT LoRA adapter directory; with `mask`, also mask.safetensors and
-    a README line. Returns `out_dir`."""
+    a README line. Returns `out_dir`. In a multi-process job every process calls it and process
+    0 writes."""
     os.makedirs(out_dir, exist_ok=True)
     tensors = {}
     for name, leaf in iter_leaves(adapters):
         module, which = name.rsplit(".", 1)
-        tensors[f"{PEFT_PREFIX}{module}.{which}.weight"] = np.asarray(leaf, np.float32)
+        tensors[f"{PEFT_PREFIX}{module}.{which}.weight"] = to_host(leaf).astype(np.float32)
     export_safetensors(tensors, os.path.join(out_dir, "adapter_model.safetensors"), progress=False)
+    if mask is not None:
+        export_safetensors(mask, os.path.join(out_dir, "mask.safetensors"), progress=False)
+    if distributed.is_writer():
+        _write_peft_files(out_dir, lora_cfg, base_model_name_or_path, mask is not None)
+    distributed.barrier(f"exported {out_dir}")
+    return out_dir
+
+
+def _write_peft_files(out_dir: str, lora_cfg: LoraConfig, base_model_name_or_path: str, masked: bool) -> None:
     tmp = os.path.join(out_dir, "adapter_config.json.tmp")
     with open(tmp, "w") as f:
         json.dump(peft_config(lora_cfg, base_model_name_or_path), f, indent=2)
     os.replace(tmp, os.path.join(out_dir, "adapter_config.json"))
-    if mask is not None:
-        export_safetensors(mask, os.path.join(out_dir, "mask.safetensors"), progress=False)
+    if masked:
         with open(os.path.join(out_dir, "README.md"), "w") as f:
             f.write(
                 "This LoRA adapter was trained on a pruned model. The adapter alone does not keep the "
@@ -70,7 +81,6 @@ def export_peft(adapters: Mapping[str, Any], lora_cfg: LoraConfig, out_dir: str,
                 "mask.safetensors is 1 (HF tensor names, True = pruned) back to 0, or use the merged "
                 "export, which is exactly zero there.\n"
             )
-    return out_dir
 
 
 def export_merged(model, merged_params: Mapping[str, Any], out_dir: str) -> str:
