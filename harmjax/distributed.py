@@ -73,14 +73,17 @@ def initialize(
       CoordinatorUnreachableError: a process other than 0 cannot reach the coordinator within
         `timeout_s` (one line naming the address and the timeout, instead of a hang or a
         crash inside the runtime).
-      DistributedConfigError: an address without a process count or rank.
+      DistributedConfigError: an address without a process count or rank, or several
+        processes without an address.
     """
     address, num, pid = settings_from_env(coordinator_address, num_processes, process_id)
-    if address is None and num is None and pid is None and not auto_detect:
-        return False
-    # CPU devices talk through gloo (the default "none" has no cross-process collectives);
-    # the setting only concerns CPU devices, so it is harmless on GPU and TPU hosts.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if address is None and not auto_detect:
+        if num is None or num == 1:
+            return False  # a single process: nothing to join
+        raise DistributedConfigError(
+            f"{num} processes but no coordinator address: pass --coordinator_address=host:port "
+            "(or HARMJAX_COORDINATOR_ADDRESS), or --distributed where JAX detects the cluster."
+        )
     if address is not None:
         if num is None or pid is None:
             raise DistributedConfigError(
@@ -95,6 +98,9 @@ def initialize(
             # when it cannot register in time; reaching the port first turns that into a
             # clear error.
             _wait_for_port(address, timeout_s)
+    # CPU devices talk through gloo (without it they have no cross-process collectives);
+    # the setting only concerns CPU devices, so it is harmless on GPU and TPU hosts.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
         coordinator_address=address, num_processes=num, process_id=pid, initialization_timeout=int(timeout_s),
     )

@@ -136,3 +136,20 @@ def test_unreachable_coordinator_fails_fast_with_one_line(tmp_path, via):
     assert len(lines) == 1, p.stderr
     assert lines[0].startswith("error: CoordinatorUnreachableError:")
     assert f"127.0.0.1:{port}" in lines[0] and "3 s" in lines[0]
+
+
+def test_incomplete_settings_fail_before_joining(monkeypatch):
+    from harmjax import distributed
+
+    for name in distributed.ENV_ADDRESS + distributed.ENV_NUM_PROCESSES + distributed.ENV_PROCESS_ID:
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.initialize() is False  # nothing asked: one process, nothing joined
+    assert distributed.initialize(num_processes=1) is False
+    with pytest.raises(distributed.DistributedConfigError, match="no coordinator address"):
+        distributed.initialize(num_processes=2, process_id=1)
+    with pytest.raises(distributed.DistributedConfigError, match="--num_processes and --process_id"):
+        distributed.initialize("127.0.0.1:1")
+    monkeypatch.setenv("HARMJAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAX_PROCESS_ID", "5")
+    with pytest.raises(distributed.DistributedConfigError, match="process id 5 is not in 0..1"):
+        distributed.initialize("127.0.0.1:1")
