@@ -34,6 +34,7 @@ def _env(devices: int) -> dict[str, str]:
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     env["HF_HUB_OFFLINE"] = "1"
     env["TOKENIZERS_PARALLELISM"] = "false"
+    env["HARMJAX_XLA_CACHE"] = "off"  # no compilation cache written outside the test's dirs
     env.pop("JAX_NUM_CPU_DEVICES", None)
     return env
 
@@ -54,11 +55,17 @@ def _run(procs: list[subprocess.Popen]) -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("multihost")
     # Seed 5's greedy answers are non-empty text, so the experiment has examples to score.
     model_dir = save_tiny_with_tokenizer(tiny_hf_model("llama", seed=5, num_hidden_layers=2), root / "model")
     write_prompt_files(root, {c: 3 for c in ("crime", "hate")}, {"facts": 3, "code": 3})
+    return root, model_dir
+
+
+@pytest.fixture(scope="module")
+def runs(tiny):
+    root, model_dir = tiny
     single, multi = root / "single", root / "multi"
     single.mkdir()
     multi.mkdir()
@@ -112,6 +119,28 @@ def test_each_process_reads_only_its_shards(runs):
             assert parts[0][name] == parts[1][name] == size
         else:  # split over fsdp, which spans the processes: each reads its half
             assert parts[0][name] == parts[1][name] == size // 2, name
+
+
+def test_a_launcher_as_two_processes(tiny, tmp_path):
+    """launch.convert joined through flags (process 0) and environment variables (process 1):
+    one HF export, written once, equal to the source checkpoint."""
+    from harmjax.io.safetensors_io import TensorReader
+
+    _, model_dir = tiny
+    address = f"127.0.0.1:{_free_port()}"
+    out = tmp_path / "hf"
+    cmd = [sys.executable, "-m", "launch.convert", f"--source={model_dir}", f"--out_hf={out}", "--mesh=1,2,2"]
+    env1 = _env(2) | {"HARMJAX_COORDINATOR_ADDRESS": address, "HARMJAX_NUM_PROCESSES": "2",
+                      "HARMJAX_PROCESS_ID": "1"}
+    _run([
+        subprocess.Popen(cmd + [f"--coordinator_address={address}", "--num_processes=2", "--process_id=0"],
+                         cwd=REPO, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
+        subprocess.Popen(cmd, cwd=REPO, env=env1, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
+    ])
+    with TensorReader(model_dir) as src, TensorReader(str(out)) as dst:
+        assert sorted(src.names()) == sorted(dst.names())
+        for name in src.names():
+            np.testing.assert_array_equal(src.read(name), dst.read(name), err_msg=name)
 
 
 @pytest.mark.parametrize("via", ["flags", "env"])
