@@ -158,15 +158,6 @@ def to_host(x: Any):
     return np.asarray(jax.device_get(x))
 
 
-def global_array(host: Any, sharding) -> jax.Array:
-    """A jax.Array with `sharding` from a host (NumPy) value that every process holds whole:
-    each process places only its own devices' slices, so it works across processes."""
-    import numpy as np
-
-    host = np.asarray(host)
-    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-
-
 def broadcast_json(value: Any) -> Any:
     """Process 0's value of a JSON-able object, on every process (itself when alone)."""
     if jax.process_count() == 1:

@@ -74,9 +74,9 @@ def _fingerprint(model, kind: str, names: Sequence[str], batches: Sequence[Batch
 
 
 def _device_batch(array: np.ndarray, sharding) -> jax.Array:
-    # Every process holds the whole (small) host batch; each process places only its own
-    # devices' rows. Works on one host and on a multi-host pod alike.
-    return distributed.global_array(array, sharding)
+    # Every process builds the whole (small) host batch in the same order and hands over only
+    # its own devices' rows. Works on one host and on a multi-host pod alike.
+    return distributed.process_local_batch(array, sharding)
 
 
 def _save_state(directory: str, accs, position: int, loss_sum: float, tokens: int, fingerprint: str) -> None:
