@@ -10,12 +10,15 @@ wait until the file exists before anyone reads it (the file system must be share
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
 from typing import Any
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from harmjax.errors import HarmjaxError
 
@@ -139,21 +142,15 @@ def barrier(name: str) -> None:
     just written), so that processes on different code paths fail rather than pass each other.
     """
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 
 def to_host(x: Any):
     """The full value of an array as NumPy, on every process (an all-gather when the array
     spans processes: every process must call it, in the same order)."""
-    import numpy as np
-
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         if x.is_fully_replicated:
             return np.asarray(x.addressable_data(0))
-        from jax.experimental import multihost_utils
-
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(jax.device_get(x))
 
@@ -162,11 +159,6 @@ def broadcast_json(value: Any) -> Any:
     """Process 0's value of a JSON-able object, on every process (itself when alone)."""
     if jax.process_count() == 1:
         return value
-    import json
-
-    import numpy as np
-    from jax.experimental import multihost_utils
-
     blob = np.frombuffer(json.dumps(value).encode(), np.uint8) if is_writer() else np.zeros(0, np.uint8)
     size = int(multihost_utils.broadcast_one_to_all(np.int32(blob.size)))
     padded = np.zeros(size, np.uint8)
@@ -178,8 +170,6 @@ def process_local_batch(host: Any, sharding) -> jax.Array:
     """A batch array with `sharding` built by `jax.make_array_from_process_local_data` from
     this process's rows of `host` (the global batch, which every process computes in the same
     order): each process hands over only the block of rows its own devices hold."""
-    import numpy as np
-
     host = np.asarray(host)
     indices = sharding.addressable_devices_indices_map(host.shape).values()
     # The rows (and columns) this process's devices hold form one block; take its bounds.
