@@ -1,7 +1,8 @@
 """Multi-process runs: 2 processes x 2 CPU devices on one mesh give the results of 1 process
 with 4 devices (load, harm and retain scans, select, mask save and reload, apply_mask, greedy
-generation, two LoRA steps, the experiment's stages), and a process that cannot reach the
-coordinator fails fast with one line."""
+generation, two LoRA steps, the experiment's stages) while each process reads only its own
+checkpoint slices; a launcher joins through flags or environment variables; a process that
+cannot reach the coordinator fails fast with one line."""
 
 import json
 import os
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 from tests.config_overrides import write_prompt_files
-from tests.hf_reference import save_tiny_with_tokenizer, tiny_hf_model
+from tests.hf_reference import VOCAB, save_tiny_with_tokenizer, tiny_hf_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, "tests", "multihost_worker.py")
@@ -63,8 +64,9 @@ def tiny(tmp_path_factory):
     return root, model_dir
 
 
-@pytest.fixture(scope="module")
-def runs(tiny):
+def _both_runs(tiny):
+    """Runs the worker as 1 process x 4 devices, then as 2 processes x 2 devices; returns
+    their work directories."""
     root, model_dir = tiny
     single, multi = root / "single", root / "multi"
     single.mkdir()
@@ -86,8 +88,14 @@ def _reads(directory, process):
         return json.load(f)
 
 
-def test_two_processes_match_one(runs):
-    single, multi = (np.load(d / "results.npz") for d in runs)
+def test_two_processes_match_one_and_read_only_their_shards(tiny):
+    # One test for both checks: under pytest-xdist a shared fixture would run once per worker.
+    single_dir, multi_dir = _both_runs(tiny)
+    _check_results_equal(*(np.load(d / "results.npz") for d in (single_dir, multi_dir)))
+    _check_each_process_reads_only_its_shards(single_dir, multi_dir)
+
+
+def _check_results_equal(single, multi):
     assert sorted(single.files) == sorted(multi.files)
     # Sanity of the reference itself: the work did something.
     assert int(single["mask_summary_pruned"]) > 0
@@ -105,12 +113,9 @@ def test_two_processes_match_one(runs):
         np.testing.assert_array_equal(single[name], single[("params/" if kind == "orbax_reloaded" else "pruned/") + leaf])
 
 
-def test_each_process_reads_only_its_shards(runs):
-    single, multi = runs
+def _check_each_process_reads_only_its_shards(single, multi):
     one = _reads(single, 0)
     parts = [_reads(multi, p) for p in (0, 1)]
-    from tests.hf_reference import VOCAB
-
     sizes = {"model.embed_tokens.weight": VOCAB * 64, "model.layers.0.self_attn.q_proj.weight": 64 * 64,
              "model.layers.1.mlp.down_proj.weight": 64 * 96, "model.norm.weight": 64}
     for name, size in sizes.items():
