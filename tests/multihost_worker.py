@@ -83,7 +83,9 @@ def main(model_dir: str, prompts_dir: str, work: str, address=None, num=None, pi
     from harmjax.masks.storage import load_safetensors_tree
     from harmjax.train import LoraConfig, TrainConfig, export_peft, finetune
 
-    assert jax.device_count() == 4, jax.devices()
+    # The mesh's 4 devices are split evenly over the processes.
+    assert jax.device_count() == 4 and jax.local_device_count() * jax.process_count() == 4, jax.devices()
+    assert jax.process_count() == (1 if address is None else int(num))
     results: dict[str, np.ndarray] = {}
 
     def keep(prefix: str, tree) -> None:
