@@ -18,9 +18,11 @@ Hugging Face's tensor names and orientation:
   result = harmjax.finetune(model, examples, TrainConfig(), lora=LoraConfig(), mask=mask)
   harmjax.pipeline.run_experiment(cfg)                             # the whole experiment, cached
 Submodules: `harmjax.attribution`, `harmjax.masks`, `harmjax.generate`, `harmjax.evaluate`,
-`harmjax.data`, `harmjax.train`, `harmjax.pipeline`, `harmjax.report`.
+`harmjax.data`, `harmjax.train`, `harmjax.pipeline`, `harmjax.report`, `harmjax.distributed`
+(multi-process start-up: `harmjax.distributed.initialize(...)` before any other JAX use).
 """
 
+from harmjax import distributed
 from harmjax.config import ModelConfig, RopeConfig, SUPPORTED_MODEL_TYPES
 from harmjax.errors import (
     AssetError,

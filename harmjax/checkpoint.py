@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from harmjax import distributed
 from harmjax.errors import MissingFileError
 
 _META_FILE = "harmjax_meta.json"
@@ -23,17 +24,20 @@ def save_tree(path: str, tree: Any, metadata: dict[str, Any] | None = None, over
     """Saves a pytree of jax/NumPy arrays to `path` (a directory orbax creates).
 
     `metadata` (JSON-serialisable) is stored beside the arrays and returned by `read_metadata`.
-    Blocks until the write is complete, so a finished call is a finished checkpoint.
+    Blocks until the write is complete, so a finished call is a finished checkpoint. In a
+    multi-process job every process calls it (each saves its own shards; process 0 writes the
+    metadata), and on return every process can read the checkpoint.
     """
     path = os.path.abspath(path)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(path, tree, force=overwrite)
         ckptr.wait_until_finished()
-    if metadata is not None:
+    if metadata is not None and distributed.is_writer():
         tmp = os.path.join(path, _META_FILE + ".tmp")
         with open(tmp, "w") as f:
             json.dump(metadata, f, indent=2, sort_keys=True)
         os.replace(tmp, os.path.join(path, _META_FILE))
+    distributed.barrier(f"saved {path}")
     return path
 
 

@@ -11,6 +11,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from harmjax.config import ModelConfig
+from harmjax.distributed import to_host
 from harmjax.model.decoder import forward
 from harmjax.model.loss import mean_nll_per_example
 from harmjax.sharding import batch_sharding, param_shardings, replicated, round_batch
@@ -90,7 +91,7 @@ def text_nll(model, texts: Sequence[str], batch_size: int = 8, max_length: int =
         chunk = encoded[start : start + step]
         length = bucket_length(max(len(s) for s in chunk))
         ids, mask = pad_batch(chunk, pad_id, length, step)
-        out.append(np.asarray(fn(model.params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(mask)))[: len(chunk)])
+        out.append(to_host(fn(model.params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(mask)))[: len(chunk)])
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
@@ -118,7 +119,7 @@ def response_nll(
     params = model.params if params is None else params
     out = np.full((len(examples),), np.nan, np.float32)
     for b in batches:
-        nll = np.asarray(fn(params, jnp.asarray(b.input_ids), jnp.asarray(b.attention_mask), jnp.asarray(b.loss_mask)))
+        nll = to_host(fn(params, jnp.asarray(b.input_ids), jnp.asarray(b.attention_mask), jnp.asarray(b.loss_mask)))
         real = b.index >= 0
         out[b.index[real]] = nll[real]
     return out

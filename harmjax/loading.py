@@ -137,17 +137,19 @@ def gguf_as_hf_dir(gguf_path: str) -> str:
     """Converts a GGUF file once into an HF directory in harmjax's cache and returns it.
 
     The cache key covers the file's absolute path, size and modification time, so an edited
-    file is converted again.
+    file is converted again. Processes sharing the cache (several processes of one job on a
+    host or a shared file system) convert it once: the others wait on a file lock.
     """
-    from harmjax.assets import cache_dir
+    from harmjax.assets import _locked, cache_dir
     from harmjax.io.gguf import gguf_to_hf_dir
 
     stat = os.stat(gguf_path)
     key = hashlib.sha256(f"{os.path.abspath(gguf_path)}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     name = os.path.splitext(os.path.basename(gguf_path))[0]
     out_dir = os.path.join(cache_dir(), "gguf", f"{name}-{key}")
-    if not os.path.isfile(os.path.join(out_dir, "config.json")):
-        gguf_to_hf_dir(gguf_path, out_dir)
+    with _locked(f"gguf-{name}-{key}"):
+        if not os.path.isfile(os.path.join(out_dir, "config.json")):
+            gguf_to_hf_dir(gguf_path, out_dir)
     return out_dir
 
 

@@ -1,5 +1,6 @@
 """Helpers shared by the absl entry points: the model argument, the mesh, the `--config`
-flag and multi-host start-up (`--distributed`)."""
+flag and multi-process start-up (`--coordinator_address`, `--num_processes`, `--process_id`,
+or `--distributed` for JAX's cluster auto-detection)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,23 @@ from harmjax.sharding import MeshConfig
 
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False,
-    "Call jax.distributed.initialize() before anything else: needed on multi-host TPU pods and "
-    "GPU clusters (it reads the coordinator from the TPU/SLURM/Kubernetes environment).",
+    "Join a multi-process job whose coordinator JAX detects itself (TPU pods, SLURM, Open MPI, "
+    "Kubernetes): run the same command on every host.",
+)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None,
+    "host:port of process 0's coordinator, for a multi-process job (env HARMJAX_COORDINATOR_ADDRESS "
+    "or JAX_COORDINATOR_ADDRESS). Needs --num_processes and --process_id.",
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Processes in the job (env HARMJAX_NUM_PROCESSES or JAX_NUM_PROCESSES)."
+)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's rank, 0 .. num_processes-1 (env HARMJAX_PROCESS_ID or JAX_PROCESS_ID)."
+)
+_COORDINATOR_TIMEOUT = flags.DEFINE_integer(
+    "coordinator_timeout", 300,
+    "Seconds to wait for the coordinator and the other processes before failing.",
 )
 
 
@@ -25,15 +41,21 @@ DEFAULT_MEM_FRACTION = "0.9"
 
 
 def init_runtime() -> None:
-    """Start-up shared by every entry point: joins the multi-host runtime when asked, and
-    keeps library INFO chatter (orbax logs every save) off the console unless `-v`/`--verbosity`
-    is given (progress bars and summaries still show), turns on JAX's persistent
-    compilation cache (`HARMJAX_XLA_CACHE`, default ~/.cache/harmjax/xla; "off" disables it),
-    and sets XLA_PYTHON_CLIENT_MEM_FRACTION to DEFAULT_MEM_FRACTION unless it is already set
-    (it must be set before JAX starts its backend, which happens after this call)."""
+    """Start-up shared by every entry point: sets XLA_PYTHON_CLIENT_MEM_FRACTION to
+    DEFAULT_MEM_FRACTION unless it is already set (before JAX starts its backend), joins the
+    multi-process runtime when asked (it must precede any use of JAX devices), keeps library
+    INFO chatter (orbax logs every save) off the console unless `-v`/`--verbosity` is given
+    (progress bars and summaries still show), and turns on JAX's persistent compilation cache
+    (`HARMJAX_XLA_CACHE`, default ~/.cache/harmjax/xla; "off" disables it)."""
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", DEFAULT_MEM_FRACTION)
     from absl import logging
 
+    from harmjax import distributed
+
+    distributed.initialize(
+        _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+        timeout_s=_COORDINATOR_TIMEOUT.value, auto_detect=_DISTRIBUTED.value,
+    )
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     cache = os.environ.get("HARMJAX_XLA_CACHE", "~/.cache/harmjax/xla")
@@ -43,10 +65,6 @@ def init_runtime() -> None:
 
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cache))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    if _DISTRIBUTED.value:
-        import jax
-
-        jax.distributed.initialize()
 
 
 def run_app(main) -> None:

@@ -36,6 +36,7 @@ from typing import Any
 
 from absl import logging
 
+from harmjax import distributed
 from launch.common import config_flag, init_runtime, run_app
 
 _CONFIG = config_flag("configs/evaluate_embedded.py", "Job config file.")
@@ -343,10 +344,12 @@ def _json_safe(value: Any) -> Any:
 
 
 def _write_json(path: str, data: dict[str, Any]) -> None:
-    tmp = f"{path}.partial"
-    with open(tmp, "w") as f:
-        json.dump(_json_safe(data), f, indent=2)
-    os.replace(tmp, path)
+    if distributed.is_writer():  # every process computed `data`; one writes
+        tmp = f"{path}.partial"
+        with open(tmp, "w") as f:
+            json.dump(_json_safe(data), f, indent=2)
+        os.replace(tmp, path)
+    distributed.barrier(f"wrote {path}")
 
 
 def run(cfg) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import os
 
 from absl import logging
 
+from harmjax import distributed
 from launch.common import config_flag, init_runtime, mesh_config, resolve_model_source, run_app
 
 _CONFIG = config_flag("configs/finetune.py", "Fine-tuning or EM-experiment config file.")
@@ -69,9 +70,11 @@ def run(cfg) -> dict:
     summary = {"model": cfg.model, "data": cfg.data, "examples": len(examples), "mask": cfg.mask,
                "steps": result.steps, "train_loss": result.train_loss, "val_loss": result.val_loss,
                "tokens": result.tokens, "seconds": result.seconds, "resumed_from": result.resumed_from}
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    print(json.dumps(summary, indent=2))
+    if distributed.is_writer():  # every process trained; one writes
+        with open(os.path.join(out_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        print(json.dumps(summary, indent=2))
+    distributed.barrier(f"summary {out_dir}")
     return summary
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from absl import logging
 
+from harmjax import distributed
 from launch.common import config_flag, init_runtime, run_app
 
 _CONFIG = config_flag("configs/generate_embedded.py", "Job config file.")
@@ -129,8 +130,10 @@ def run(cfg) -> dict[str, Any]:
         "settings": {k: cfg[k] for k in ("max_new_tokens", "temperature", "top_p", "seed", "chat",
                                          "prefix", "response_key", "prefix_tokens", "batch_size", "dtype")},
     }
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
+    if distributed.is_writer():  # every process generated; one writes
+        with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=2)
+    distributed.barrier(f"metrics {out_dir}")
     logging.info("Wrote %s (%d records) and metrics.json", path, count)
     return metrics
 

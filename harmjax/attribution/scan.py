@@ -25,7 +25,7 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
-from harmjax import checkpoint
+from harmjax import checkpoint, distributed
 from harmjax.attribution.step import (
     abstract_accumulators, accumulator_mode, init_accumulators, jit_accumulate, jit_finalize, names_for,
 )
@@ -74,20 +74,28 @@ def _fingerprint(model, kind: str, names: Sequence[str], batches: Sequence[Batch
 
 
 def _device_batch(array: np.ndarray, sharding) -> jax.Array:
-    # Every process holds the whole (small) host batch; each device takes its slice. Works on
-    # one host and on a multi-host pod alike.
-    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+    # Every process builds the whole (small) host batch in the same order and hands over only
+    # its own devices' rows. Works on one host and on a multi-host pod alike.
+    return distributed.process_local_batch(array, sharding)
 
 
 def _save_state(directory: str, accs, position: int, loss_sum: float, tokens: int, fingerprint: str) -> None:
     # Write the new state beside the old one and swap, so a kill mid-save leaves a valid state.
+    # Every process saves its shards; process 0 alone renames, and the others wait for it.
     target = os.path.join(directory, "state")
     staging = os.path.join(directory, f"state.{position}.tmp")
-    if os.path.exists(staging):
+    if distributed.is_writer() and os.path.exists(staging):
         shutil.rmtree(staging)
+    distributed.barrier(f"scan staging {staging}")
     checkpoint.save_tree(staging, accs, metadata={
         "position": position, "loss_sum": loss_sum, "tokens": tokens, "fingerprint": fingerprint,
     })
+    if distributed.is_writer():
+        _swap_state(directory, staging, target)
+    distributed.barrier(f"scan state {target}")
+
+
+def _swap_state(directory: str, staging: str, target: str) -> None:
     old = os.path.join(directory, "state.old")
     if os.path.exists(target):
         if os.path.exists(old):

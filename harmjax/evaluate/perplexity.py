@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from harmjax.config import ModelConfig
+from harmjax.distributed import to_host
 from harmjax.data.calibration import pad_id_of
 from harmjax.errors import MissingFileError
 from harmjax.inference import bucket_length, pad_batch
@@ -95,7 +96,7 @@ def target_logprob_sums(
         ids, mask = pad_batch([rows[i][0] for i in chunk], pad_id, length, step, left=False)
         targets, _ = pad_batch([rows[i][1] for i in chunk], 0, length, step, left=False)
         sums = fn(params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(targets))
-        out[chunk] = np.asarray(sums, np.float64)[: len(chunk)]
+        out[chunk] = to_host(sums).astype(np.float64)[: len(chunk)]
     return out
 
 

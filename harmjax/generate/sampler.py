@@ -29,6 +29,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from harmjax.config import ModelConfig
+from harmjax.distributed import to_host
 from harmjax.generate import kv_cache as kvc
 from harmjax.generate import prompts as prompt_fmt
 from harmjax.generate.sampling import row_keys, sample_tokens
@@ -291,7 +292,7 @@ def generate_ids(
             toks, done, steps, _ = decode(
                 params, cache, first, done, mask_d, key_d, scalars[0], scalars[1], scalars[2], eos, pad
             )
-            toks = np.asarray(toks)
+            toks = to_host(toks)  # the batch spans every process's devices
         t2 = time.perf_counter()
         stats["prefill_s"] += t1 - t0
         stats["decode_s"] += t2 - t1

@@ -21,6 +21,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
+from harmjax import distributed
 from harmjax.config import ModelConfig
 from harmjax.errors import CheckpointError, HubUnavailableError, MissingFileError, UnsupportedDtypeError
 from harmjax.io.safetensors_io import TensorReader, write_tensors
@@ -211,10 +212,11 @@ def save_hf(
     if jax.process_index() != 0:
         for _ in tensors:  # join the gathers, write nothing
             pass
-        return out_dir
-    write_tensors(out_dir, tensors, max_shard_bytes=max_shard_bytes)
-    write_config_and_tokenizer(hf, out_dir, tokenizer, source_dir)
-    logging.info("Wrote HF checkpoint to %s", out_dir)
+    else:
+        write_tensors(out_dir, tensors, max_shard_bytes=max_shard_bytes)
+        write_config_and_tokenizer(hf, out_dir, tokenizer, source_dir)
+        logging.info("Wrote HF checkpoint to %s", out_dir)
+    distributed.barrier(f"saved {out_dir}")  # every process can read the export on return
     return out_dir
 
 
@@ -233,7 +235,10 @@ def write_config_and_tokenizer(
     hf_config: dict[str, Any], out_dir: str, tokenizer: Any = None, source_dir: str | None = None
 ) -> None:
     """Writes config.json and copies tokenizer/generation files from `source_dir` (or saves
-    `tokenizer` when the source has none)."""
+    `tokenizer` when the source has none). Only process 0 writes; callers that let other
+    processes read the files next wait at a barrier."""
+    if not distributed.is_writer():
+        return
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=2, sort_keys=True)

@@ -122,3 +122,8 @@ class JsonlWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
+        if exc[0] is None:
+            from harmjax import distributed
+
+            # The other processes read the file next: wait until process 0 has written it.
+            distributed.barrier(f"wrote {self.path}")

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from harmjax.distributed import to_host
 from harmjax.errors import HarmjaxError
 from harmjax.tree import iter_leaves, unflatten
 
@@ -165,7 +166,7 @@ def _leaf_counts(leaves: list[Any]) -> jax.Array:
 def _counts(leaves: list[Any]) -> list[int]:
     if not leaves:
         return []
-    return [int(c) for c in np.asarray(jax.device_get(_leaf_counts(leaves)))]
+    return [int(c) for c in to_host(_leaf_counts(leaves))]
 
 
 def count(mask: Tree) -> int:

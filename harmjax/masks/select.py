@@ -40,6 +40,7 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
+from harmjax.distributed import to_host
 from harmjax.masks.algebra import MaskMismatchError, check_same_structure, hf_sorted_leaves
 from harmjax.tree import unflatten
 
@@ -345,7 +346,7 @@ def _global_counter(out_sharding, strict: bool):
 
 
 def _host_ints(x) -> list[int]:
-    return [int(v) for v in np.asarray(jax.device_get(x)).astype(np.int64)]
+    return [int(v) for v in to_host(x).astype(np.int64)]
 
 
 def _global_plan(leaves: list[Any], k: int, flip: bool) -> tuple[np.uint32, list[int]]:

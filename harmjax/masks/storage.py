@@ -33,7 +33,7 @@ import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
-from harmjax import checkpoint
+from harmjax import checkpoint, distributed
 from harmjax.errors import CheckpointError, MissingFileError
 from harmjax.io.safetensors_io import read_header
 from harmjax.masks.algebra import MaskMismatchError, mask_counts
@@ -113,6 +113,7 @@ def export_safetensors(
             f.close()
     if writer:
         os.replace(tmp, path)
+    distributed.barrier(f"exported {path}")
     return path
 
 
@@ -210,6 +211,7 @@ def _save_dir(out_dir: str, stem: str, tree: Mapping[str, Any], summary: dict[st
     if safetensors:
         export_safetensors(tree, os.path.join(out_dir, f"{stem}.safetensors"), metadata={"harmjax_kind": stem})
     _write_summary(out_dir, summary)  # last: its presence marks a complete directory
+    distributed.barrier(f"saved {out_dir}")  # process 0 wrote the files; all may read them now
     return out_dir
 
 

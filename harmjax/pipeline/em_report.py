@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from harmjax import distributed
 from harmjax.pipeline.report import fmt, fmt_pct, timings_markdown
 from harmjax.pipeline.stages import write_json_atomic
 
@@ -43,14 +44,17 @@ def write_em_report(run_dir, *, cfg, model, data, prune, training, results, timi
         "rule": "EM emerges when the fine-tuned model's EM-rate interval lies above the original's rate; pruning "
                 "reduces it by the share of that increase the pruned + fine-tuned model no longer shows.",
     }
-    plot = _plot(run_dir, rows)
+    # Every process computes the metrics; process 0 draws, writes and prints.
+    plot = distributed.broadcast_json(_plot(run_dir, rows) if distributed.is_writer() else None)
     metrics = {"model": {"source": cfg.model, "parameters": model.num_params(), "dtype": cfg.dtype},
                "settings": cfg.to_dict(), "data": data, "prune": prune, "training": training, "table": rows,
                "claim4": claim, "results": results, "plot": plot, "timings": timings, "wall_seconds": wall_seconds}
     write_json_atomic(os.path.join(run_dir, "metrics.json"), metrics)
-    with open(os.path.join(run_dir, "report.md"), "w") as f:
-        f.write(_markdown(metrics))
-    print(summary_text(metrics, run_dir))
+    if distributed.is_writer():
+        with open(os.path.join(run_dir, "report.md"), "w") as f:
+            f.write(_markdown(metrics))
+        print(summary_text(metrics, run_dir))
+    distributed.barrier(f"report {run_dir}")
     return metrics
 
 

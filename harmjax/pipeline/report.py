@@ -13,6 +13,7 @@ import math
 import os
 from typing import Any
 
+from harmjax import distributed
 from harmjax.pipeline.stages import write_json_atomic
 
 # The rules behind the report's verdicts (stated in the report too).
@@ -123,13 +124,16 @@ def claim2(overlap, transfer) -> dict[str, Any]:
 
 
 def write_report(run_dir, *, cfg, model, model_source, data, masks, results, overlap, timings, wall_seconds) -> dict:
-    """Writes metrics.json, report.md and the plots into `run_dir`; prints and returns the metrics."""
+    """Writes metrics.json, report.md and the plots into `run_dir`; prints and returns the metrics.
+    Every process computes the metrics; process 0 writes the files and prints."""
     sweep, random = sweep_rows(masks, results, "harm"), sweep_rows(masks, results, "random")
     transfer = transfer_matrix(masks, results)
     c1, c2 = claim1(sweep, random), claim2(overlap, transfer)
     headline_q = cfg.masks.headline_q or cfg.masks.category_q
     headline = min((m for m in masks if m["kind"] == "harm"), key=lambda m: abs(math.log(m["q"] / headline_q)), default=None)
-    plots = _plots(run_dir, sweep, random, results["unpruned"], headline, overlap, transfer)
+    plots = _plots(run_dir, sweep, random, results["unpruned"], headline, overlap, transfer) \
+        if distributed.is_writer() else {}
+    plots = distributed.broadcast_json(plots)  # process 0 drew them; every process reports them
     metrics = {
         "model": {"source": model_source, "family": model.config.model_type, "parameters": model.num_params(),
                   "layers": model.config.num_layers, "dtype": cfg.dtype},
@@ -139,9 +143,11 @@ def write_report(run_dir, *, cfg, model, model_source, data, masks, results, ove
         "claims": {"1": c1, "2": c2}, "plots": plots, "timings": timings, "wall_seconds": wall_seconds,
     }
     write_json_atomic(os.path.join(run_dir, "metrics.json"), metrics)
-    with open(os.path.join(run_dir, "report.md"), "w") as f:
-        f.write(_markdown(metrics, results, headline))
-    print(summary_text(metrics, run_dir))
+    if distributed.is_writer():
+        with open(os.path.join(run_dir, "report.md"), "w") as f:
+            f.write(_markdown(metrics, results, headline))
+        print(summary_text(metrics, run_dir))
+    distributed.barrier(f"report {run_dir}")
     return metrics
 
 

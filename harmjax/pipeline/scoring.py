@@ -28,6 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from harmjax import distributed
 from harmjax.attribution import scan
 from harmjax.attribution.scope import scored_names
 from harmjax.data.records import Example
@@ -70,7 +71,7 @@ def scan_to_units(model, examples, kind, unit: str, scan_kwargs: Mapping[str, An
     trees = result.scores if isinstance(kind, tuple) else {kind: result.scores}
     for k, tree in trees.items():
         write_score_unit((names or {}).get(k, unit), tree, {**summary, "kind": k, **stats}, top_fraction)
-    if ckpt:
+    if ckpt and distributed.is_writer():
         shutil.rmtree(ckpt, ignore_errors=True)
 
 

@@ -6,6 +6,10 @@ settings and the keys of the stages it reads. A stage is finished when its `DONE
 setting redoes exactly the stages that depend on it. Inside a stage, work is split into
 units (a chunk of generations, a scan checkpoint, one mask, one evaluation) that are each
 written atomically, so a kill mid-stage loses at most the unit in progress.
+
+In a multi-process job every process runs every stage (the arrays span all of them); process
+0 alone writes and renames files, and the others wait at a barrier until it has, so all of
+them read the same files next.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from typing import Any
 
 from absl import logging
 
+from harmjax import distributed
+
 DONE = "DONE.json"
 
 
@@ -30,13 +36,16 @@ def settings_key(settings: Mapping[str, Any]) -> str:
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
-    """Writes JSON through a temporary file and a rename, so readers never see half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=_jsonable)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Writes JSON through a temporary file and a rename, so readers never see half a file.
+    Every process calls it; process 0 writes and the others wait until the file exists."""
+    if distributed.is_writer():
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, default=_jsonable)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    distributed.barrier(f"wrote {path}")
 
 
 def read_json(path: str) -> Any:
@@ -114,15 +123,19 @@ def unit_done(path: str) -> bool:
 def finish_unit(tmp_path: str, path: str, info: Mapping[str, Any] | None = None) -> None:
     """Marks the unit built in `tmp_path` complete and moves it to `path` (replacing a stale one)."""
     write_json_atomic(os.path.join(tmp_path, DONE), dict(info or {}))
-    if os.path.exists(path):
-        shutil.rmtree(path)
-    os.replace(tmp_path, path)
+    if distributed.is_writer():
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(tmp_path, path)
+    distributed.barrier(f"finished {path}")
 
 
 def fresh_dir(path: str) -> str:
     """An empty `<path>.partial` directory to build a unit in (a leftover from a kill is cleared)."""
     tmp = f"{path}.partial"
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    os.makedirs(tmp)
+    if distributed.is_writer():
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        os.makedirs(tmp)
+    distributed.barrier(f"fresh {tmp}")
     return tmp

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from harmjax import distributed
+from harmjax.distributed import to_host
 from harmjax.io.lora import PEFT_PREFIX  # the key prefix PEFT writes and harmjax.io.lora reads
 from harmjax.masks.storage import export_safetensors, write_mask_indices
 from harmjax.train.lora import LoraConfig
@@ -51,19 +53,28 @@ def peft_config(lora_cfg: LoraConfig, base_model_name_or_path: str = "") -> dict
 def export_peft(adapters: Mapping[str, Any], lora_cfg: LoraConfig, out_dir: str,
                 base_model_name_or_path: str = "", mask: Mapping[str, Any] | None = None) -> str:
     """Writes `adapters` as a PEFT LoRA adapter directory; with `mask`, also
-    mask_indices.safetensors and a README line. Returns `out_dir`."""
+    mask_indices.safetensors and a README line. Returns `out_dir`. In a multi-process job every
+    process calls it and process 0 writes."""
     os.makedirs(out_dir, exist_ok=True)
     tensors = {}
     for name, leaf in iter_leaves(adapters):
         module, which = name.rsplit(".", 1)
-        tensors[f"{PEFT_PREFIX}{module}.{which}.weight"] = np.asarray(leaf, np.float32)
+        tensors[f"{PEFT_PREFIX}{module}.{which}.weight"] = to_host(leaf).astype(np.float32)
     export_safetensors(tensors, os.path.join(out_dir, "adapter_model.safetensors"), progress=False)
+    if mask is not None:  # collective: every process gathers, process 0 writes
+        write_mask_indices(os.path.join(out_dir, "mask_indices.safetensors"), mask)
+    if distributed.is_writer():
+        _write_peft_files(out_dir, lora_cfg, base_model_name_or_path, mask is not None)
+    distributed.barrier(f"exported {out_dir}")
+    return out_dir
+
+
+def _write_peft_files(out_dir: str, lora_cfg: LoraConfig, base_model_name_or_path: str, masked: bool) -> None:
     tmp = os.path.join(out_dir, "adapter_config.json.tmp")
     with open(tmp, "w") as f:
         json.dump(peft_config(lora_cfg, base_model_name_or_path), f, indent=2)
     os.replace(tmp, os.path.join(out_dir, "adapter_config.json"))
-    if mask is not None:
-        write_mask_indices(os.path.join(out_dir, "mask_indices.safetensors"), mask)
+    if masked:
         with open(os.path.join(out_dir, "README.md"), "w") as f:
             f.write(
                 "This LoRA adapter was trained on a pruned model. The adapter alone does not keep the "
@@ -73,7 +84,6 @@ def export_peft(adapters: Mapping[str, Any], lora_cfg: LoraConfig, out_dir: str,
                 "    for name, idx in safetensors.torch.load_file('mask_indices.safetensors').items(): "
                 "model.get_parameter(name).data.view(-1)[idx] = 0\n"
             )
-    return out_dir
 
 
 def export_merged(model, merged_params: Mapping[str, Any], out_dir: str) -> str:

@@ -31,6 +31,7 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
+from harmjax import distributed
 from harmjax.checkpoint import read_metadata, restore_tree, save_tree
 from harmjax.data.records import Example
 from harmjax.errors import HarmjaxError
@@ -188,7 +189,7 @@ def finetune(
             return None
         nll = count = 0.0
         for b in data.val_batches():
-            s, c = eval_step(state["trainable"], frozen, aux, jax.device_put(b, batch_sharding(mesh, 2)))
+            s, c = eval_step(state["trainable"], frozen, aux, _feed(b, batch_sharding(mesh, 2)))
             nll, count = nll + float(s), count + float(c)
         return nll / max(count, 1.0)
 
@@ -197,14 +198,15 @@ def finetune(
     if metrics_path:
         os.makedirs(output_dir, exist_ok=True)
         _rewrite_metrics(metrics_path, history)
-    writer = EventWriter(os.path.join(output_dir, "tb")) if tensorboard else None
+    # Every process computes the same metrics; process 0 alone writes them.
+    writer = EventWriter(os.path.join(output_dir, "tb")) if tensorboard and distributed.is_writer() else None
     last_loss = history[-1].get("loss") if history else None
     tokens = 0
     bar = tqdm(total=total, initial=start, desc="finetune", disable=not progress, unit="step")
 
     def prepare(step):
         batch = data.step_batch(step)
-        return batch, jax.device_put(batch, stacked_sh)
+        return batch, _feed(batch, stacked_sh)
 
     try:
         upcoming = prepare(start) if start < end else None
@@ -281,6 +283,12 @@ def _preflight(train_step, resident, data, step, batch_sh, mesh, knobs: str, mem
                f"{longest} tokens)", resident, devices, knobs, memory_limit)
 
 
+def _feed(batch: Mapping[str, np.ndarray], sharding) -> dict[str, jax.Array]:
+    """A host batch on the mesh: every process computes the same global batch (the order is a
+    function of the step) and hands over only its own rows."""
+    return {k: distributed.process_local_batch(v, sharding) for k, v in batch.items()}
+
+
 def _hashable(tree):
     leaves, treedef = jax.tree.flatten(tree)
     return treedef, tuple(leaves)
@@ -335,7 +343,7 @@ def _mask_fingerprint(mask) -> str | None:
     h = hashlib.sha256()
     for name, m in iter_leaves(mask):
         h.update(name.encode())
-        h.update(np.packbits(np.asarray(jax.device_get(m), bool)).tobytes())
+        h.update(np.packbits(distributed.to_host(m).astype(bool)).tobytes())
     return h.hexdigest()
 
 
@@ -391,8 +399,10 @@ def _save(root: str, state, settings, position) -> None:
     step = int(jax.device_get(state["step"]))
     path = os.path.join(root, f"step_{step:08d}")
     save_tree(path, _pack(state), {"settings": settings, "step": step, "data_position": position})
-    for d in sorted(d for d in os.listdir(root) if _CKPT.match(d))[:-2]:  # keep the latest two
-        shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+    if distributed.is_writer():
+        for d in sorted(d for d in os.listdir(root) if _CKPT.match(d))[:-2]:  # keep the latest two
+            shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+    distributed.barrier(f"pruned checkpoints {root}")
 
 
 def _restore(path: str, state):
@@ -411,6 +421,8 @@ def _read_metrics(path: str, upto: int) -> list[dict[str, Any]]:
 
 
 def _rewrite_metrics(path: str, rows) -> None:
+    if not distributed.is_writer():
+        return
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         for r in rows:
@@ -419,5 +431,7 @@ def _rewrite_metrics(path: str, rows) -> None:
 
 
 def _append_metrics(path: str, row) -> None:
+    if not distributed.is_writer():
+        return
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")

@@ -28,6 +28,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from harmjax.config import ModelConfig
+from harmjax.distributed import to_host
 from harmjax.io.lora import merged_weight
 from harmjax.model.param_specs import linear_names, param_specs
 from harmjax.sharding import logical_to_spec
@@ -208,7 +209,7 @@ pruned_pairs_linear.defvjp(_pairs_fwd, _pairs_bwd)
 def mask_plan(mask_leaf: np.ndarray | jax.Array, sparse: bool | None = None) -> dict[str, Any]:
     """How a LoraWeight removes the pruned part of its delta: {"rows", "cols"} (sparse) or
     {"dense_mask"}; {} for an all-False mask. `sparse=None` picks by the pruned fraction."""
-    m = np.asarray(jax.device_get(mask_leaf), bool)
+    m = to_host(mask_leaf).astype(bool)
     nnz = int(m.sum())
     if nnz == 0:
         return {}
