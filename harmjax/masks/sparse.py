@@ -23,17 +23,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from harmjax.distributed import to_host as _to_host
 from harmjax.masks.algebra import hf_sorted_leaves
 from harmjax.masks.select import _k, _replicated_like, _sort_keys, select
 from harmjax.tree import iter_leaves, unflatten
 
 INDEX_DTYPE = np.int64  # torch indexes with int64; a matrix may exceed 2**31 entries in future models
-
-
-def _to_host(x: Any) -> np.ndarray:
-    from harmjax.masks.storage import _to_host as gather
-
-    return gather(x)
 
 
 def mask_indices(mask: Mapping[str, Any]) -> dict[str, np.ndarray]:

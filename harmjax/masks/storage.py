@@ -34,6 +34,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from harmjax import checkpoint, distributed
+from harmjax.distributed import to_host as _to_host  # gathers arrays that span processes
 from harmjax.errors import CheckpointError, MissingFileError
 from harmjax.io.safetensors_io import read_header
 from harmjax.masks.algebra import MaskMismatchError, mask_counts
@@ -49,19 +50,6 @@ _CODES = {
     np.dtype(np.uint16): "U16", np.dtype(np.uint32): "U32", np.dtype(np.uint64): "U64",
 }
 _DTYPES = {code: dtype for dtype, code in _CODES.items()} | {"BOOL": np.dtype(np.bool_)}  # BOOL: read only
-
-
-def _to_host(x: Any) -> np.ndarray:
-    """The full value of a (possibly multi-host sharded) array as a NumPy array.
-
-    Arrays spread over several processes are all-gathered (a collective: every process must
-    call this in the same order); everything else is a plain device-to-host copy.
-    """
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
 
 
 def export_safetensors(
