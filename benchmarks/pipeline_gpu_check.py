@@ -115,6 +115,8 @@ def main(argv):
     cfg.answers.max_new_tokens, cfg.answers.batch_size, cfg.answers.chunk = 128, 128, 256
     cfg.answers.min_words = 0  # random weights never refuse by phrase; keep every answer
     cfg.scoring.batch_size, cfg.scoring.max_length, cfg.scoring.abs_chunk = 16, 256, 4
+    if _SHAPE.value:  # as the paper configs: remat, and one accumulator tree per retain pass
+        cfg.scoring.remat, cfg.scoring.separate_retain_passes = True, True
     cfg.masks.q_sweep = (1e-5, 1e-4, 1e-3)
     cfg.evaluation.max_length, cfg.evaluation.batch_size = 256, 64
     cfg.evaluation.generation_prompts, cfg.evaluation.max_new_tokens = 48, 64
@@ -133,7 +135,7 @@ def main(argv):
               "mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
               "mesh": [int(x) for x in _MESH.value], "jax": jax.__version__, "build_model_s": build,
               "wall_s": metrics["wall_seconds"], "timings": metrics["timings"], "data": metrics["data"],
-              "hidden": _HIDDEN.value, "layers": _LAYERS.value, "parameters": metrics["model"]["parameters"]}
+              **({} if _SHAPE.value else {"hidden": _HIDDEN.value, "layers": _LAYERS.value}), "parameters": metrics["model"]["parameters"]}
     for name in os.listdir(cfg.output_dir):
         if name.endswith((".md", ".json", ".png")):
             shutil.copy(os.path.join(cfg.output_dir, name), _OUT.value)

@@ -146,16 +146,17 @@ def test_killed_mid_stage_resumes_without_redoing_work(setup, tmp_path):
     stamps = {p: p.stat().st_mtime_ns for p in (answers_done, first_unit)}
     assert not next((out / "cache").glob("scores-*")).joinpath("DONE.json").exists()
 
-    # A disk too small for the score trees still to write fails at once, naming what it needs
-    # (3 categories + their sum + retain + benign = 6 trees, 1 already written), and keeps
-    # everything finished.
+    # A disk too small for the score units still to write fails at once, naming what it needs
+    # (3 categories + their sum + retain + benign = 6 units, minus those finished before the
+    # kill: at least the first, more when the kill came late), and keeps everything finished.
     from harmjax.errors import DiskSpaceError
     from harmjax.io import disk_space
 
+    finished = len(list(first_unit.parent.parent.glob("*/DONE.json")))
     real = disk_space.shutil.disk_usage
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(disk_space.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
-        with pytest.raises(DiskSpaceError, match=r"scores stage \(5 candidate units of .* only 1000 B free"):
+        with pytest.raises(DiskSpaceError, match=rf"scores stage \({6 - finished} candidate units of .* only 1000 B free"):
             run_experiment(_config(overrides, out), progress=False)
 
     # A scan step that cannot fit the device fails before its first batch, with one line naming
