@@ -51,8 +51,11 @@ def _run(procs: list[subprocess.Popen]) -> None:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    for i, (p, out) in enumerate(zip(procs, outputs)):
-        assert p.returncode == 0, f"process {i} failed (rc {p.returncode}):\n{out[-6000:]}"
+    # Every failed process's output: one that dies first makes the others fail in a collective
+    # ("connection closed by peer"), and the first failure is the one worth reading.
+    failed = [f"process {i} failed (rc {p.returncode}):\n{out[-4000:]}"
+              for i, (p, out) in enumerate(zip(procs, outputs)) if p.returncode != 0]
+    assert not failed, "\n\n".join(failed)
 
 
 @pytest.fixture(scope="module")

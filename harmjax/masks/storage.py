@@ -172,12 +172,14 @@ def _version() -> str:
 
 
 def _write_summary(out_dir: str, summary: Mapping[str, Any]) -> None:
-    if jax.process_index() != 0:
-        return
-    path = os.path.join(out_dir, SUMMARY_FILE)
-    with open(path + ".tmp", "w") as f:
-        json.dump(summary, f, indent=2, default=_jsonable)
-    os.replace(path + ".tmp", path)
+    """Process 0 writes summary.json (the mark of a complete directory); every process calls
+    this and waits until it exists, so any process may read the directory next."""
+    if jax.process_index() == 0:
+        path = os.path.join(out_dir, SUMMARY_FILE)
+        with open(path + ".tmp", "w") as f:
+            json.dump(summary, f, indent=2, default=_jsonable)
+        os.replace(path + ".tmp", path)
+    distributed.barrier(f"summary {out_dir}")
 
 
 def read_summary(out_dir: str) -> dict[str, Any]:
@@ -198,8 +200,7 @@ def _save_dir(out_dir: str, stem: str, tree: Mapping[str, Any], summary: dict[st
     checkpoint.save_tree(os.path.join(out_dir, stem), tree, metadata=summary)
     if safetensors:
         export_safetensors(tree, os.path.join(out_dir, f"{stem}.safetensors"), metadata={"harmjax_kind": stem})
-    _write_summary(out_dir, summary)  # last: its presence marks a complete directory
-    distributed.barrier(f"saved {out_dir}")  # process 0 wrote the files; all may read them now
+    _write_summary(out_dir, summary)  # last: its presence marks a complete directory (a barrier)
     return out_dir
 
 
