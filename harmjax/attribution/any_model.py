@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from harmjax.attribution.step import accumulator_mode, finalize
 from harmjax.data.records import DatasetFormatError
+from harmjax.distributed import process_local_batch
 from harmjax.model.loss import mean_nll_per_example
 from harmjax.sharding import MeshConfig, batch_divisor, batch_sharding, make_mesh, replicated, sharded_zeros
 from harmjax.tree import iter_leaves, path_name, unflatten
@@ -204,7 +205,7 @@ def attribute(
         raise ValueError("No batches to score.")
     for position_, batch in enumerate(tqdm(batches, desc=f"attribute {kinds}", unit="batch", disable=not progress)):
         arrays = _pad_rows(_host_batch(batch, position_), rows_multiple)
-        device = [jax.make_array_from_callback(a.shape, sharding, lambda idx, a=a: a[idx]) for a in arrays]
+        device = [process_local_batch(a, sharding) for a in arrays]
         accs, _ = step(leaves, accs, *device)
 
     def scores_of(k: str) -> dict[str, Any]:

@@ -209,7 +209,7 @@ def save_hf(
     """
     hf = config_for_params(hf_config, params, config)
     tensors = _host_tensors(params, config)
-    if jax.process_index() != 0:
+    if not distributed.is_writer():
         for _ in tensors:  # join the gathers, write nothing
             pass
     else:

@@ -87,9 +87,9 @@ class JsonlWriter:
         self._file = None
 
     def __enter__(self) -> "JsonlWriter":
-        import jax
+        from harmjax import distributed
 
-        self._writer = jax.process_index() == 0
+        self._writer = distributed.is_writer()
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         if os.path.isfile(self.path):
             records = read_jsonl(self.path)

@@ -83,7 +83,7 @@ def export_safetensors(
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
 
-    writer = jax.process_index() == 0
+    writer = distributed.is_writer()
     tmp = path + ".tmp"
     f = None
     if writer:
@@ -174,7 +174,7 @@ def _version() -> str:
 def _write_summary(out_dir: str, summary: Mapping[str, Any]) -> None:
     """Process 0 writes summary.json (the mark of a complete directory); every process calls
     this and waits until it exists, so any process may read the directory next."""
-    if jax.process_index() == 0:
+    if distributed.is_writer():
         path = os.path.join(out_dir, SUMMARY_FILE)
         with open(path + ".tmp", "w") as f:
             json.dump(summary, f, indent=2, default=_jsonable)

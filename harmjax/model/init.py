@@ -29,17 +29,6 @@ def init_leaf(config: ModelConfig, kind: str, shape: tuple[int, ...], key: jax.A
     return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
-def random_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> dict:
-    """Random params of `config` as plain (unsharded) arrays: a pure function of `key`, so it
-    can run inside `jax.jit` or a Flax `init`. Same distribution as `init_params`."""
-    specs = param_specs(config)
-    keys = jax.random.split(key, len(specs))
-    return unflatten({
-        name: init_leaf(config, leaf_kind(name), spec.shape, k, dtype, std)
-        for k, (name, spec) in zip(keys, specs.items())
-    })
-
-
 def init_params(config: ModelConfig, key: jax.Array, mesh: Mesh, dtype=jnp.bfloat16, std: float = 0.02):
     """Normal(0, std) matrices, norm weights at their identity value, biases at zero.
 
