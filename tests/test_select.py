@@ -207,3 +207,26 @@ def test_bad_arguments_are_named():
         select(harm, unflatten(retain), q=0.1, p=0.1)
     with pytest.raises(MaskMismatchError, match="floating point"):
         select({"w": np.ones((2, 2), np.int32)}, q=0.5)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_global_radix_passes_select_exactly(monkeypatch, bits):
+    """The accelerators' global threshold search (several bits per pass, one program per
+    leaf), forced on CPU: the same exact masks as the reference, ties and controls included."""
+    import importlib
+
+    select_module = importlib.import_module("harmjax.masks.select")
+    monkeypatch.setattr(select_module, "_radix_bits", lambda leaf: bits)
+    mesh = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2), jax.devices()[:8])
+    harm, retain = score_tree(7, "ties"), score_tree(8, "ties")
+
+    def place(flat):
+        return unflatten({n: jax.device_put(s, NamedSharding(mesh, P(None, "fsdp" if s.shape[1] % 4 == 0 else None)))
+                          for n, s in flat.items()})
+
+    for q, p, flip, skip in [(0.3, 0.1, False, True), (0.05, 0.0, True, False), (0.0, 0.2, False, False)]:
+        want = reference(harm, retain if p else None, q, p, "global", flip, skip)
+        got = flatten(select(place(harm), place(retain) if p else None, q=q, p=p, granularity="global",
+                             sign_flip=flip, skip_first=skip, progress=False))
+        for n in HF_ORDER:
+            np.testing.assert_array_equal(np.asarray(got[n]), want[n], err_msg=f"{n} q={q}")

@@ -26,27 +26,35 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+
+from harmjax.attribution import abs_kernel
 
 MODES = ("signed", "abs", "both")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def probed_linear(x: jax.Array, weight: jax.Array, acc: jax.Array, mode: str, chunk: int) -> jax.Array:
-    """`x @ weight.T`; the backward pass adds this batch's gradient statistic to `acc`."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def probed_linear(x: jax.Array, weight: jax.Array, acc: jax.Array, mode: str, chunk: int,
+                  sharding: NamedSharding | None = None) -> jax.Array:
+    """`x @ weight.T`; the backward pass adds this batch's gradient statistic to `acc`
+    (`sharding`, the accumulator's, lets "abs" mode use the fused kernel per device)."""
     del acc
     return jnp.einsum("...i,oi->...o", x, weight)
 
 
-def _fwd(x, weight, acc, mode, chunk):
-    return probed_linear(x, weight, acc, mode, chunk), (x, weight, acc)
+def _fwd(x, weight, acc, mode, chunk, sharding):
+    return probed_linear(x, weight, acc, mode, chunk, sharding), (x, weight, acc)
 
 
-def _bwd(mode, chunk, residuals, g):
+def _bwd(mode, chunk, sharding, residuals, g):
     x, weight, acc = residuals
     dx = jnp.einsum("...o,oi->...i", g, weight)
     if mode == "signed":
         contribution = jnp.einsum("...o,...i->oi", g, x, preferred_element_type=jnp.float32)
         return dx, None, acc + contribution
+    if mode == "abs" and abs_kernel.applicable(x, g, sharding):
+        # One fused pass, no per-example block in memory (harmjax.attribution.abs_kernel).
+        return dx, None, acc + abs_kernel.abs_grad_sum(x, g, sharding)
     # x: (batch, seq, in), g: (batch, seq, out). One (chunk, out, in) float32 block of
     # per-example gradients at a time bounds the transient memory. In "both" mode the signed
     # sum comes from the same blocks, so one backward pass serves both statistics.
@@ -82,13 +90,16 @@ class ProbedWeight:
       mode: "signed" (sum of gradients), "abs" (sum of per-example absolute gradients) or
         "both" (the two at once, from one backward pass).
       chunk: examples per per-example block in "abs" mode.
+      sharding: the accumulator's sharding; in "abs" mode it lets the backward pass run the
+        fused per-example |grad| kernel per device (`abs_kernel`), None keeps the XLA path.
     """
 
     weight: jax.Array
     acc: jax.Array | tuple[jax.Array, jax.Array]
     mode: str = dataclasses.field(metadata=dict(static=True), default="signed")
     chunk: int = dataclasses.field(metadata=dict(static=True), default=8)
+    sharding: NamedSharding | None = dataclasses.field(metadata=dict(static=True), default=None)
 
     def linear(self, x: jax.Array) -> jax.Array:
         """`x @ weight.T` with the accumulating backward rule."""
-        return probed_linear(x, self.weight, self.acc, self.mode, self.chunk)
+        return probed_linear(x, self.weight, self.acc, self.mode, self.chunk, self.sharding)

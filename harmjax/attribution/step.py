@@ -85,8 +85,11 @@ def init_accumulators(config: ModelConfig, mesh: Mesh, names: Sequence[str], mod
     }))
 
 
-def _probe(params: dict[str, Any], accs: dict[str, Any], mode: str, chunk: int) -> dict[str, Any]:
-    """params with each scored weight replaced by a ProbedWeight carrying its accumulator."""
+def _probe(params: dict[str, Any], accs: dict[str, Any], mode: str, chunk: int,
+           shardings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """params with each scored weight replaced by a ProbedWeight carrying its accumulator (and,
+    given `shardings`, the accumulator's sharding, which lets "abs" mode use the fused kernel)."""
+    shardings = shardings or {}
     flat = flatten(params)
     if mode == "both":
         signed = flatten(accs["signed"])
@@ -94,23 +97,27 @@ def _probe(params: dict[str, Any], accs: dict[str, Any], mode: str, chunk: int) 
             flat[name] = ProbedWeight(flat[name], (acc, signed[name]), mode, chunk)
     else:
         for name, acc in flatten(accs).items():
-            flat[name] = ProbedWeight(flat[name], acc, mode, chunk)
+            flat[name] = ProbedWeight(flat[name], acc, mode, chunk, shardings.get(name))
     return unflatten(flat)
 
 
 @functools.lru_cache(maxsize=16)
 def jit_accumulate(
-    config: ModelConfig, mesh: Mesh, names: tuple[str, ...], kind, remat: bool = False, chunk: int = 8
+    config: ModelConfig, mesh: Mesh, names: tuple[str, ...], kind, remat: bool = False, chunk: int = 8,
+    fused_abs: bool = True,
 ):
     """The jitted step f(params, accs, input_ids, attention_mask, loss_mask) -> (accs, loss_sum).
 
     `accs` is donated and updated in place; `loss_sum` is the sum over the batch of each
-    example's mean response NLL (filler rows contribute 0).
+    example's mean response NLL (filler rows contribute 0). `fused_abs=False` keeps the
+    retain kind on XLA's per-example blocks even where the fused kernel applies
+    (`harmjax.attribution.abs_kernel`; benchmarks compare the two).
     """
     mode = accumulator_mode(kind)
+    flat_acc_sh = flatten(scope_shardings(config, mesh, names)) if fused_abs and mode == "abs" else None
 
     def loss_fn(accs, params, input_ids, attention_mask, loss_mask):
-        probed = _probe(params, accs, mode, chunk)
+        probed = _probe(params, accs, mode, chunk, flat_acc_sh)
         logits = forward(probed, config, input_ids, attention_mask, remat=remat)
         return mean_nll_per_example(logits, input_ids, loss_mask).sum()
 

@@ -1,0 +1,179 @@
+"""The retain scan's per-example |gradient| sum as one fused Pallas kernel for GPUs.
+
+The `retain` score needs, per weight matrix (out, in) of a linear map y = x W^T,
+    A = sum_b |sum_t g[b, t, :]^T x[b, t, :]|          (g = dL/dy of example b)
+XLA forms it as a batched matmul writing a (chunk, out, in) float32 block of per-example
+gradients to memory, then a reduction reading it back: 8 bytes of traffic per element per
+example against 2 * seq FLOPs, so at 256 tokens the step is memory bound and the retain scan
+ran at 68% of the harm scan's speed (Qwen2.5-32B, 2 x H200). This kernel keeps each example's
+(block_o, block_i) tile in registers, adds its absolute value to a float32 running sum, and
+writes every output tile once: the same FLOPs as the harm scan's gradient, no per-example
+block in memory.
+
+Grid: (out / block_o, in / block_i). Each program loops over the examples of the local batch
+and, inside, over `block_t`-token slices of the sequence, accumulating the example's tile with
+tensor-core dots (16-bit inputs, float32 accumulation), then adds |tile| to its sum.
+
+The sum over t runs in `block_t` slices instead of cuBLAS's order, so results equal the XLA
+path's within float32 rounding (tested against float64 in Pallas' interpreter).
+
+XLA does not partition a pallas_call, so on a mesh the kernel runs per device under
+`jax.shard_map` on the local examples, and the per-device partial sums are reduce-scattered
+into the accumulator's own sharding (summed over the batch axes it is not split on). It serves
+meshes without tensor parallelism; elsewhere, or for float32 activations (the kernel's dots
+would round to TF32), the XLA path runs. HARMJAX_ABS_KERNEL: "0" (default until measured on
+GPUs: the XLA path), "1" (the kernel on GPUs where it applies), "interpret" (Pallas'
+interpreter on any backend, for tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from harmjax.sharding import active_axes, spec_entry
+
+
+@dataclasses.dataclass(frozen=True)
+class AbsKernelConfig:
+    """Tiling: output tile (block_o, block_i), tokens per dot (block_t), and Triton's
+    num_warps / num_stages (software pipelining of the token loop)."""
+
+    block_o: int = 128
+    block_i: int = 128
+    block_t: int = 32
+    num_warps: int = 8
+    num_stages: int = 3
+
+
+def _config_from_env() -> AbsKernelConfig:
+    # "bo,bi,bt,warps,stages" (benchmarks sweep tilings through it).
+    value = os.environ.get("HARMJAX_ABS_KERNEL_CONFIG", "")
+    if not value:
+        return AbsKernelConfig()
+    fields = [int(v) for v in value.split(",")]
+    if len(fields) != 5:
+        raise ValueError(f"HARMJAX_ABS_KERNEL_CONFIG must be 'block_o,block_i,block_t,num_warps,num_stages', got {value!r}.")
+    return AbsKernelConfig(*fields)
+
+
+def mode() -> str:
+    """HARMJAX_ABS_KERNEL: "1" -> "on", "0" (default) -> "off", "interpret"."""
+    value = os.environ.get("HARMJAX_ABS_KERNEL", "0")
+    if value not in ("1", "0", "interpret"):
+        raise ValueError(f"HARMJAX_ABS_KERNEL must be 1, 0 or interpret, got {value!r}.")
+    return {"1": "on", "0": "off", "interpret": "interpret"}[value]
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _plan(x: jax.Array, g: jax.Array, sharding: NamedSharding | None, config: AbsKernelConfig):
+    """(mesh, batch spec entry, acc spec) when the kernel serves this call, else None."""
+    if sharding is None or not isinstance(sharding, NamedSharding):
+        return None
+    mesh, spec = sharding.mesh, sharding.spec
+    if mesh.shape.get("tensor", 1) > 1 or x.ndim != 3 or g.ndim != 3:
+        return None
+    batch_axes = active_axes("batch", mesh)
+    per_device = math.prod(mesh.shape[a] for a in batch_axes)
+    b, t, i = x.shape
+    o = g.shape[-1]
+    if b % per_device or not _pow2(b // per_device) or not _pow2(t) or t % config.block_t:
+        return None  # Triton blocks are powers of two; other shapes take the XLA path
+    if o % config.block_o or i % config.block_i:
+        return None
+    for entry in spec:  # the accumulator may only be split over the batch axes (fsdp, data)
+        axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        if any(a not in batch_axes for a in axes):
+            return None
+    return mesh, spec_entry(batch_axes), spec
+
+
+def applicable(x: jax.Array, g: jax.Array, sharding: NamedSharding | None) -> bool:
+    """Whether `abs_grad_sum` may run the kernel for these operands (see the module doc)."""
+    kind = mode()
+    if kind == "off":
+        return False
+    if kind == "on" and (jax.default_backend() != "gpu" or x.dtype not in (jnp.bfloat16, jnp.float16)):
+        return False
+    if x.dtype != g.dtype:
+        return False
+    return _plan(x, g, sharding, _config_from_env()) is not None
+
+
+def _kernel(g_ref, x_ref, o_ref, *, batch: int, seq: int, block_t: int):
+    bo, bi = o_ref.shape
+
+    def example(b, total):
+        def tokens(s, tile):
+            sl = pl.ds(pl.multiple_of(s * block_t, block_t), block_t)
+            return tile + plgpu.dot(g_ref[b, sl, :], x_ref[b, sl, :], trans_a=True)
+
+        tile = lax.fori_loop(0, seq // block_t, tokens, jnp.zeros((bo, bi), jnp.float32))
+        return total + jnp.abs(tile)
+
+    o_ref[...] = lax.fori_loop(0, batch, example, jnp.zeros((bo, bi), jnp.float32))
+
+
+def local_abs_grad_sum(x: jax.Array, g: jax.Array, config: AbsKernelConfig | None = None,
+                       interpret: bool = False) -> jax.Array:
+    """sum_b |g[b]^T x[b]| as a float32 (out, in) array, on one device.
+
+    x: (batch, seq, in), g: (batch, seq, out), same 16-bit dtype (float32 in interpret mode).
+    """
+    config = config or _config_from_env()
+    b, t, i = x.shape
+    o = g.shape[-1]
+    bo, bi = config.block_o, config.block_i
+    return pl.pallas_call(
+        functools.partial(_kernel, batch=b, seq=t, block_t=config.block_t),
+        grid=(o // bo, i // bi),
+        in_specs=[
+            pl.BlockSpec((b, t, bo), lambda m, n: (0, 0, m)),
+            pl.BlockSpec((b, t, bi), lambda m, n: (0, 0, n)),
+        ],
+        out_specs=pl.BlockSpec((bo, bi), lambda m, n: (m, n)),
+        out_shape=jax.ShapeDtypeStruct((o, i), jnp.float32),
+        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
+        interpret=interpret,
+        name="harmjax_abs_grad_sum",
+    )(g, x)
+
+
+def abs_grad_sum(x: jax.Array, g: jax.Array, sharding: NamedSharding) -> jax.Array:
+    """sum_b |g[b]^T x[b]| (float32, (out, in)) in `sharding`, the accumulator's; call only
+    where `applicable` holds. On a mesh each device sums its own examples and the partial
+    sums are reduce-scattered (or all-reduced) over the batch axes."""
+    config = _config_from_env()
+    interpret = mode() == "interpret"
+    mesh, batch, spec = _plan(x, g, sharding, config)
+    batch_axes = active_axes("batch", mesh)
+    if not batch_axes:
+        return local_abs_grad_sum(x, g, config, interpret)
+
+    def local(xl, gl):
+        part = local_abs_grad_sum(xl, gl, config, interpret)
+        done: set[str] = set()
+        for dim, entry in enumerate(spec):
+            axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+            if axes:
+                part = lax.psum_scatter(part, axes if len(axes) > 1 else axes[0], scatter_dimension=dim, tiled=True)
+                done.update(axes)
+        rest = tuple(a for a in batch_axes if a not in done)
+        return lax.psum(part, rest) if rest else part
+
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=(P(batch, None, None), P(batch, None, None)), out_specs=P(*spec),
+        check_vma=False,
+    )(x, g)
