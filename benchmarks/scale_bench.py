@@ -1,6 +1,17 @@
-"""Attribution scans at the paper's model sizes on the local GPUs: harmjax's scan step
-(`harmjax.attribution.step.jit_accumulate`, what `harmjax.score` and the experiment run),
-random bf16 weights made on the devices (never on the host), synthetic 256-token examples.
+"""Throughput at the paper's model sizes on the local GPUs, printed as JSON rows, in parts:
+
+  scan:     harmjax's scan step (`harmjax.attribution.step.jit_accumulate`, what `harmjax.score`
+            and the experiment run); --abs_kernel=0,1 runs the retain kind once per setting of
+            HARMJAX_ABS_KERNEL (XLA's per-example blocks, then the fused kernel) and reports
+            the largest relative difference of two accumulators against the first setting.
+  select:   `harmjax.select` on random float32 score trees of --select_shape (q=1e-5,
+            p=5e-5), first call (compilation included) and warm, per granularity; global
+            once with one program over every leaf (the CPU path, the old accelerator path)
+            and once with per-leaf radix passes (the accelerator path).
+  generate: `harmjax.generate.generate_ids` greedy decoding on --gen_mesh, per batch size:
+            decode step time against its floor (weight bytes per device / copy bandwidth).
+
+Random bf16 weights are made on the devices (never on the host), examples are synthetic.
 
 For each repeat it runs every kind in --kinds one after the other in this one process (a
 retain scan after a harm scan once died in an XLA collective rendezvous at 32B on 2 GPUs), and
@@ -32,6 +43,13 @@ _SEQ = flags.DEFINE_integer("seq", 256, "Tokens per example.")
 _REMAT = flags.DEFINE_bool("remat", False, "Rematerialise blocks.")
 _ABS_CHUNK = flags.DEFINE_integer("abs_chunk", 8, "Per-example block of the retain scan.")
 _OUT = flags.DEFINE_string("out", "", "Also write the rows here (JSON lines).")
+_PARTS = flags.DEFINE_list("parts", ["scan"], "Parts to run, in this order: scan, select, generate.")
+_ABS_KERNEL = flags.DEFINE_list("abs_kernel", ["0"], "HARMJAX_ABS_KERNEL settings for the retain kind.")
+_SELECT_SHAPE = flags.DEFINE_string("select_shape", "", "Shape of the score trees (default --shape).")
+_GEN_MESH = flags.DEFINE_list("gen_mesh", ["1", "1", "-1"], "Mesh of the generate part.")
+_GEN_BATCHES = flags.DEFINE_list("gen_batches", ["1", "64"], "Batch sizes of the generate part.")
+_GEN_NEW = flags.DEFINE_integer("gen_new", 256, "New tokens per sequence.")
+_GEN_PROMPT = flags.DEFINE_integer("gen_prompt", 128, "Prompt tokens.")
 
 QWEN25 = dict(model_type="qwen2", vocab_size=152064, num_heads=40, num_kv_heads=8, head_dim=128,
               rms_norm_eps=1e-6, max_position_embeddings=32768, qkv_bias=True)
@@ -44,34 +62,60 @@ SHAPES = {
 }
 
 
-def main(argv):
-    del argv
-    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")  # launch.common's default
+def _config(shape_name):
+    from bench_common import LLAMA31_8B_SHAPE
+    from harmjax.config import ModelConfig, RopeConfig
+
+    shape = SHAPES[shape_name] or LLAMA31_8B_SHAPE
+    rope = RopeConfig(theta=1e6)
+    return ModelConfig(**shape, rope=rope, rope_local=rope)
+
+
+def _params(config, mesh, tiny):
     import jax
     import jax.numpy as jnp
 
-    import harmjax
-    from bench_common import LLAMA31_8B_SHAPE, matmul_tflops, synthetic_examples
-    from harmjax.attribution.step import abstract_accumulators, accumulator_mode, init_accumulators, jit_accumulate, names_for
-    from harmjax.config import ModelConfig, RopeConfig
-    from harmjax.data.calibration import make_batches
-    from harmjax.memory import program_bytes
     from harmjax.model.init import init_params
-    from harmjax.sharding import batch_sharding
 
-    shape = SHAPES[_SHAPE.value] or LLAMA31_8B_SHAPE
-    rope = RopeConfig(theta=1e6)
-    config = ModelConfig(**shape, rope=rope, rope_local=rope)
-    mesh = harmjax.make_mesh(harmjax.MeshConfig(*(int(x) for x in _MESH.value)))
-    tiny = _SHAPE.value == "tiny"
     t = time.perf_counter()
     params = init_params(config, jax.random.key(0), mesh, jnp.float32 if tiny else jnp.bfloat16)
     jax.block_until_ready(params)
-    init_s = time.perf_counter() - t
+    return params, time.perf_counter() - t
+
+
+def _peak_gib():
+    import jax
+
+    return round(max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in jax.local_devices()) / 2**30, 2)
+
+
+def _emit(rows, row):
+    print(json.dumps(row), flush=True)
+    rows.append(row)
+
+
+def scan_part(rows, rate):
+    """Warm scan throughput per kind (and per abs-kernel setting for retain)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import harmjax
+    from bench_common import synthetic_examples
+    from harmjax.attribution.step import abstract_accumulators, accumulator_mode, init_accumulators, jit_accumulate, names_for
+    from harmjax.data.calibration import make_batches
+    from harmjax.memory import program_bytes
+    from harmjax.sharding import batch_sharding
+    from harmjax.tree import flatten
+
+    config = _config(_SHAPE.value)
+    mesh = harmjax.make_mesh(harmjax.MeshConfig(*(int(x) for x in _MESH.value)))
+    tiny = _SHAPE.value == "tiny"
+    params, init_s = _params(config, mesh, tiny)
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    rate = matmul_tflops(1024 if tiny else 8192)
     names = names_for(config, None)
-    batches = make_batches(synthetic_examples(_N.value, _SEQ.value, shape["vocab_size"], seed=1), _BATCH.value, 0,
+    probe_names = (names[0], names[-1])  # two accumulators compared across kernel settings
+    batches = make_batches(synthetic_examples(_N.value, _SEQ.value, config.vocab_size, seed=1), _BATCH.value, 0,
                            [_SEQ.value])
     sharding = batch_sharding(mesh)
     tokens = sum(b.num_tokens for b in batches)
@@ -80,42 +124,164 @@ def main(argv):
         return [jax.make_array_from_callback(a.shape, sharding, lambda i, a=a: a[i])
                 for a in (b.input_ids, b.attention_mask, b.loss_mask)]
 
-    rows = []
+    reference = {}
     for repeat in range(_REPEATS.value):
         for kind in _KINDS.value:
-            mode = accumulator_mode(kind)
-            step = jit_accumulate(config, mesh, names, kind, _REMAT.value, _ABS_CHUNK.value)
+            for setting in (_ABS_KERNEL.value if kind == "retain" else ["-"]):
+                if setting != "-":
+                    os.environ["HARMJAX_ABS_KERNEL"] = setting
+                    jit_accumulate.cache_clear()  # the setting is read when the step is traced
+                mode = accumulator_mode(kind)
+                step = jit_accumulate(config, mesh, names, kind, _REMAT.value, _ABS_CHUNK.value)
+                t = time.perf_counter()
+                specs = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
+                         for a in (batches[0].input_ids, batches[0].attention_mask, batches[0].loss_mask)]
+                estimate = program_bytes(step.lower(params, abstract_accumulators(config, mesh, names, mode), *specs).compile())
+                accs = init_accumulators(config, mesh, names, mode)
+                accs, loss = step(params, accs, *place(batches[0]))
+                loss.block_until_ready()
+                compile_s = time.perf_counter() - t
+                del accs, loss
+                accs = init_accumulators(config, mesh, names, mode)
+                jax.block_until_ready(accs)
+                t = time.perf_counter()
+                for b in batches:
+                    accs, loss = step(params, accs, *place(b))
+                jax.block_until_ready(accs)
+                seconds = time.perf_counter() - t
+                finite = bool(all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(accs)))
+                flat = flatten(accs)
+                probe = {n: np.asarray(flat[n]) for n in probe_names}
+                key = (kind, repeat)
+                diff = None
+                if key in reference:
+                    diff = max(float(np.abs(probe[n] - reference[key][n]).max() / max(np.abs(reference[key][n]).max(), 1e-30))
+                               for n in probe_names)
+                else:
+                    reference[key] = probe
+                del accs, loss, flat
+                _emit(rows, {
+                    "part": "scan", "shape": _SHAPE.value, "mesh": dict(mesh.shape), "kind": kind, "repeat": repeat,
+                    "abs_kernel": setting, "remat": _REMAT.value, "batch": _BATCH.value, "examples": _N.value,
+                    "tokens": tokens, "params": n_params, "init_s": round(init_s, 1), "compile_s": round(compile_s, 1),
+                    "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds),
+                    "mfu": round(6 * n_params * tokens / seconds / 1e12 / (rate * mesh.devices.size), 3),
+                    "peak_gib_per_device": _peak_gib(), "preflight_estimate_gib": round(estimate / 2**30, 2),
+                    "accumulators_finite": finite, "max_rel_diff_vs_first_setting": diff,
+                })
+    del params
+
+
+def select_part(rows):
+    """`select` first-call and warm seconds per granularity on random score trees."""
+    import importlib
+
+    import jax
+    import jax.numpy as jnp
+
+    import harmjax
+    from harmjax.attribution.step import names_for, scope_shardings
+    from harmjax.model.param_specs import param_specs
+    from harmjax.tree import flatten, unflatten
+
+    select_module = importlib.import_module("harmjax.masks.select")
+    shape = _SELECT_SHAPE.value or _SHAPE.value
+    config = _config(shape)
+    mesh = harmjax.make_mesh(harmjax.MeshConfig(*(int(x) for x in _MESH.value)))
+    names = names_for(config, None)
+    shardings, specs = flatten(scope_shardings(config, mesh, names)), param_specs(config)
+
+    def scores(seed):
+        out = {}
+        for i, n in enumerate(names):
+            make = jax.jit(lambda k, s=specs[n].shape: jax.random.normal(k, s, jnp.float32), out_shardings=shardings[n])
+            out[n] = make(jax.random.key(seed * 10_000 + i))
+        return unflatten(out)
+
+    harm, retain = scores(1), scores(2)
+    jax.block_until_ready((harm, retain))
+    real_bits = select_module._radix_bits
+    variants = [("matrix", None), ("row", None), ("global", "one_program"), ("global", "radix")]
+    for granularity, path in variants:
+        select_module._radix_bits = real_bits if path != "one_program" else (lambda leaf: 1)
+        jax.clear_caches()
+        for cache in (select_module._leaf_selector, select_module._global_leaf_selector,
+                      select_module._leaf_counter, select_module._global_counter):
+            cache.cache_clear()
+        times = []
+        for _ in range(2):
             t = time.perf_counter()
-            specs = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
-                     for a in (batches[0].input_ids, batches[0].attention_mask, batches[0].loss_mask)]
-            estimate = program_bytes(step.lower(params, abstract_accumulators(config, mesh, names, mode), *specs).compile())
-            accs = init_accumulators(config, mesh, names, mode)
-            accs, loss = step(params, accs, *place(batches[0]))
-            loss.block_until_ready()
-            compile_s = time.perf_counter() - t
-            del accs, loss
-            accs = init_accumulators(config, mesh, names, mode)
-            jax.block_until_ready(accs)
-            t = time.perf_counter()
-            for b in batches:
-                accs, loss = step(params, accs, *place(b))
-            jax.block_until_ready(accs)
-            seconds = time.perf_counter() - t
-            finite = bool(all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(accs)))
-            del accs, loss
-            peak = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in jax.local_devices())
-            row = {
-                "shape": _SHAPE.value, "mesh": dict(mesh.shape), "kind": kind, "repeat": repeat, "remat": _REMAT.value,
-                "batch": _BATCH.value, "examples": _N.value, "tokens": tokens, "params": n_params,
-                "init_s": round(init_s, 1), "compile_s": round(compile_s, 1), "seconds": round(seconds, 2),
-                "tokens_per_s": round(tokens / seconds), "mfu": round(6 * n_params * tokens / seconds / 1e12
-                                                                     / (rate * mesh.devices.size), 3),
-                "peak_gib_per_device": round(peak / 2**30, 2), "preflight_estimate_gib": round(estimate / 2**30, 2),
-                "accumulators_finite": finite, "device": jax.devices()[0].device_kind,
-                "mem_fraction": os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"], "matmul_tflops": round(rate, 1),
-            }
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+            mask = harmjax.select(harm, retain, q=1e-5, p=5e-5, granularity=granularity, progress=False)
+            jax.block_until_ready(mask)
+            times.append(time.perf_counter() - t)
+        pruned = sum(int(x.sum()) for x in jax.tree.leaves(mask))
+        del mask
+        _emit(rows, {"part": "select", "shape": shape, "mesh": dict(mesh.shape), "granularity": granularity,
+                     "global_path": path, "first_call_s": round(times[0], 2), "warm_s": round(times[1], 2),
+                     "pruned": pruned, "scored_weights": sum(x.size for x in jax.tree.leaves(harm)),
+                     "peak_gib_per_device": _peak_gib()})
+    select_module._radix_bits = real_bits
+    del harm, retain
+
+
+def generate_part(rows):
+    """Greedy decode step time per batch size against the weight-read floor."""
+    import jax
+    import numpy as np
+
+    import harmjax
+    from harmjax.generate import generate_ids
+
+    config = _config(_SHAPE.value)
+    mesh = harmjax.make_mesh(harmjax.MeshConfig(*(int(x) for x in _GEN_MESH.value)))
+    params, _ = _params(config, mesh, _SHAPE.value == "tiny")
+    x = jax.numpy.ones((int(2e9) // 4,), jax.numpy.float32)
+    copy = jax.jit(jax.numpy.copy)
+    copy(x).block_until_ready()
+    t = time.perf_counter()
+    for _ in range(5):
+        y = copy(x)
+    y.block_until_ready()
+    bandwidth = 2 * x.nbytes * 5 / (time.perf_counter() - t)
+    del x, y
+    leaves = jax.tree.leaves(params)
+    embed = params["model"]["embed_tokens"]["weight"]
+    weight_bytes = sum(a.size * a.dtype.itemsize for a in leaves) - embed.size * embed.dtype.itemsize
+    per_device = weight_bytes / mesh.devices.size
+    rng = np.random.default_rng(0)
+    for b in (int(v) for v in _GEN_BATCHES.value):
+        ids = rng.integers(3, config.vocab_size, (b, _GEN_PROMPT.value)).tolist()
+        kw = dict(max_new_tokens=_GEN_NEW.value, pad_id=0, eos_ids=(), batch_size=b, progress=False)
+        t = time.perf_counter()
+        generate_ids(params, config, mesh, ids, **kw)
+        first = time.perf_counter() - t
+        s = generate_ids(params, config, mesh, ids, **kw).stats
+        step = s["decode_s"] / s["decode_steps"]
+        _emit(rows, {"part": "generate", "shape": _SHAPE.value, "mesh": dict(mesh.shape), "batch": b,
+                     "new_tokens": _GEN_NEW.value, "decode_step_ms": round(step * 1e3, 2),
+                     "floor_ms": round(per_device / bandwidth * 1e3, 2),
+                     "step_over_floor": round(step / (per_device / bandwidth), 2),
+                     "decode_tokens_per_s": round(b / step), "prefill_s": round(s["prefill_s"], 3),
+                     "compile_and_first_s": round(first, 1), "copy_bandwidth_tb_s": round(bandwidth / 1e12, 2),
+                     "peak_gib_per_device": _peak_gib()})
+    del params
+
+
+def main(argv):
+    del argv
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")  # launch.common's default
+    import jax
+
+    from bench_common import matmul_tflops
+
+    rate = matmul_tflops(1024 if _SHAPE.value == "tiny" else 8192)
+    rows = []
+    for part in _PARTS.value:
+        {"scan": lambda: scan_part(rows, rate), "select": lambda: select_part(rows),
+         "generate": lambda: generate_part(rows)}[part]()
+    for row in rows:
+        row.update(device=jax.devices()[0].device_kind, devices=jax.device_count(), jax=jax.__version__,
+                   mem_fraction=os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"], matmul_tflops=round(rate, 1))
     if _OUT.value:
         with open(_OUT.value, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
