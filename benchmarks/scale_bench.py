@@ -191,11 +191,16 @@ def select_part(rows):
     names = names_for(config, None)
     shardings, specs = flatten(scope_shardings(config, mesh, names)), param_specs(config)
 
+    makers = {}
+
     def scores(seed):
         out = {}
         for i, n in enumerate(names):
-            make = jax.jit(lambda k, s=specs[n].shape: jax.random.normal(k, s, jnp.float32), out_shardings=shardings[n])
-            out[n] = make(jax.random.key(seed * 10_000 + i))
+            key = (specs[n].shape, shardings[n])
+            if key not in makers:  # one compilation per leaf shape
+                makers[key] = jax.jit(lambda k, s=specs[n].shape: jax.random.normal(k, s, jnp.float32),
+                                      out_shardings=shardings[n])
+            out[n] = makers[key](jax.random.key(seed * 10_000 + i))
         return unflatten(out)
 
     harm, retain = scores(1), scores(2)

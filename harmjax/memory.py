@@ -20,6 +20,7 @@ caps accelerators (e.g. to leave room for another job on the card).
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Iterable
 from typing import Any
@@ -103,6 +104,11 @@ def check_fits(needed: int, what: str, args: Any, devices: Iterable[Any], knobs:
         if found is None:
             continue
         available, source = found
+        if needed > available:
+            # Arrays waiting for Python's cycle collector still count as in use (a resumed
+            # 32B experiment was refused by 1 GiB right after loading); collect, then decide.
+            gc.collect()
+            available, source = available_bytes(device, resident, limit_bytes) or found
         if needed > available:
             fraction = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "unset (JAX default 0.75)")
             raise DeviceMemoryError(

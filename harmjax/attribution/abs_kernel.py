@@ -48,10 +48,12 @@ class AbsKernelConfig:
     """Tiling: output tile (block_o, block_i), tokens per dot (block_t), and Triton's
     num_warps / num_stages (software pipelining of the token loop)."""
 
+    # The fastest of 5 tilings at Qwen2.5-32B's per-device shapes on an H200 (8 x 256 tokens;
+    # benchmarks/abs_kernel_check.py): 1.5-2.1x XLA's per-example blocks on every projection.
     block_o: int = 128
-    block_i: int = 128
+    block_i: int = 64
     block_t: int = 32
-    num_warps: int = 8
+    num_warps: int = 4
     num_stages: int = 3
 
 

@@ -373,7 +373,9 @@ def _counts_per_leaf(leaves: list[Any], cands: list[int], flip: bool, width: int
         parts.append(counter(x, padded, valid, np.bool_(flip)))
         if cpu:
             _wait_if_collective(parts[-1])
-    return np.stack([to_host(p) for p in parts]).astype(np.int64)[:, : len(cands)]
+    # One transfer per pass: fetching each leaf's counts apart cost ~1 ms of synchronisation
+    # each, 5 s of a 7.4 s warm global selection at 14B (measured on 2 x H200).
+    return to_host(jnp.stack(parts)).astype(np.int64)[:, : len(cands)]
 
 
 def _global_plan(leaves: list[Any], k: int, flip: bool) -> tuple[np.uint32, list[int]]:
