@@ -81,6 +81,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.evaluation.category_benign = True  # also benign NLL for the category masks (transfer vs damage)
     c.evaluation.random_generations = False  # also generate with the random control masks
 
+    # Claim 2's benign baselines: T_q(benign signed) \ T_p(retain) at category_q and at the q
+    # whose benign NLL rise matches the headline harm mask's (BUILD_NOTES "The overlap baseline").
+    c.baselines = ml_collections.ConfigDict()
+    c.baselines.enabled = True
+    c.baselines.match_steps = 3  # halvings and bisection steps of the q search (each step: one NLL evaluation)
+    c.baselines.generations = True  # generations (refusal, samples, judge) for the same-q and matched masks
+
     # The StrongREJECT fine-tuned evaluator (local copies of google/gemma-2b and
     # qylu4156/strongreject-15k-v1); "" = not run.
     c.judge = ml_collections.ConfigDict()

@@ -149,6 +149,8 @@ def main(model_dir: str, prompts_dir: str, work: str, address=None, num=None, pi
     metrics = run_experiment(with_overrides(get_config(), overrides, os.path.join(work, "experiment")),
                              progress=False)
     results["experiment_metrics"] = np.asarray(json.dumps(metrics["sweep"], sort_keys=True))
+    # Claim 2's baselines stage (a q search, masks, NLLs and generations) as one process of two.
+    results["experiment_baselines"] = np.asarray(json.dumps(metrics["benign_baselines"], sort_keys=True))
 
     if distributed.is_writer():
         np.savez(os.path.join(work, "results.npz"), **results)

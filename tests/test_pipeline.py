@@ -117,10 +117,68 @@ def test_every_stage_and_a_consistent_report(setup):
     for heading in ("Claim 1", "Claim 2", "Random control", "Sample generations", "can and cannot show"):
         assert heading in report
 
+    _check_benign_baselines(m, out, report)
+
     # A rerun is served from the cache: every stage cached, same numbers.
     again = run_experiment(_config(overrides, out), progress=False)
     assert all(v.get("cached") for k, v in again["timings"].items() if k != "load")
     assert again["sweep"] == m["sweep"]
+    # Without the baselines (a config from before them): the same cached stages and numbers, no baseline rows.
+    without = run_experiment(_config(overrides + [("baselines.enabled", False)], out), progress=False)
+    assert "baselines" not in without["timings"]
+    assert all(v.get("cached") for k, v in without["timings"].items() if k != "load")
+    assert without["sweep"] == m["sweep"] and without["overlap"] == m["overlap"]
+    assert [r["role"] for r in without["benign_baselines"]["rows"]] == ["benign-data mask"]
+    assert {k: without["claims"]["2"][k] for k in ("overlap_supported", "transfer_supported")} == \
+        {k: m["claims"]["2"][k] for k in ("overlap_supported", "transfer_supported")}
+    assert without["claims"]["2"]["distinct_supported"] is None
+
+
+def _check_benign_baselines(m, out, report):
+    """Claim 2's benign baselines in a finished run: the benign-data mask's evaluation, every
+    benign \\ retain mask against a NumPy top-k set difference of the stored scores, the
+    generations of the two masks the verdict uses, and the verdict recomputed from the rows."""
+    from harmjax.masks import load_mask_indices
+    from harmjax.masks.storage import load_candidates
+    from harmjax.pipeline.report import claim2_baselines, summary_text
+
+    base, rows = m["baseline"], m["benign_baselines"]["rows"]
+    roles = [r["role"] for r in rows]
+    assert roles[0] == "benign-data mask" and len(rows) >= 2
+    assert any("same q" in r for r in roles) and any("matched" in r for r in roles)
+    ev_benign = json.load(open(next((out / "cache").glob("evaluation-*")) / "benign.json"))
+    assert rows[0]["d_harm"] == pytest.approx(ev_benign["harm_nll"] - base["harm_nll"])
+    assert rows[0]["d_benign"] == pytest.approx(ev_benign["benign_nll"] - base["benign_nll"])
+    scores = next((out / "cache").glob("scores-*"))
+    cands_b, shapes, _ = load_candidates(str(scores / "benign_signed"))
+    cands_r, _, _ = load_candidates(str(scores / "retain"))
+    p = dict(OVERRIDES)["masks.p"]
+
+    def top(cands, name, fraction):  # the first floor(f * |M|) by descending score, then index
+        idx, values = cands[name]
+        return idx[np.lexsort((idx, -values))][: int(np.floor(fraction * np.prod(shapes[name])))]
+
+    stage = next((out / "cache").glob("baselines-*"))
+    for r in rows[1:]:
+        on_disk, _ = load_mask_indices(str(stage / f"benign_minus_retain_q{r['q']:g}"))
+        for name in shapes:
+            expected = np.setdiff1d(top(cands_b, name, r["q"]), top(cands_r, name, p))
+            np.testing.assert_array_equal(on_disk[name], expected, err_msg=f"{r['q']} {name}")
+        assert sum(len(v) for v in on_disk.values()) == r["pruned"] and r["p"] == p
+        assert r["d_harm"] == pytest.approx(r["harm_nll"] - base["harm_nll"])
+        # Generations (refusal rate) for the masks the verdict uses, NLLs only for the other searched q's.
+        assert (r["refusal_rate"] is not None) == (r["role"] != "search")
+    assert next(r for r in rows if "same q" in r["role"])["q"] == dict(OVERRIDES)["masks.category_q"]
+    c2 = m["claims"]["2"]
+    pick = {k: next(r for r in rows if k in r["role"].split(", ")) for k in ("benign-data mask", "same q", "matched")}
+    harm = next(r for r in m["sweep"] if r["name"] == c2["harm_mask"]["name"])
+    expected = claim2_baselines(harm, pick["benign-data mask"], pick["same q"], pick["matched"],
+                                c2["mean_jaccard_category_pairs"])
+    assert {k: c2[k] for k in expected} == json.loads(json.dumps(expected))
+    assert c2["distinct_supported"] in (True, False, None) and c2["overlap_vs_baseline_supported"] in (True, False)
+    assert "Benign baselines" in report and "| same q" in report and "matched" in report
+    summary = summary_text(m, str(out))
+    assert "benign mask" in summary and "matched     benign \\ retain" in summary
 
 
 def test_killed_mid_stage_resumes_without_redoing_work(setup, tmp_path):
@@ -225,6 +283,8 @@ def test_sparse_scores_give_bit_identical_masks_to_dense_scores(setup, tmp_path)
     assert sum(f.stat().st_size for f in files) <= budget["scores"]
     mask_files = list(Path(sparse["timings"]["masks"]["dir"]).glob("*/mask_indices.safetensors"))
     assert sum(f.stat().st_size for f in mask_files) <= budget["masks"]
+    baseline_files = list(Path(sparse["timings"]["baselines"]["dir"]).glob("*/mask_indices.safetensors"))
+    assert baseline_files and sum(f.stat().st_size for f in baseline_files) <= budget["baselines"]
 
     # harm_all: its candidates equal the top entries of the dense sum, indices and values bitwise.
     dense_all, _ = load_scores(str(sc_dense / "harm_all"))

@@ -3,8 +3,10 @@ alone: the README's disk table and a check before a large run (no weights needed
 
 Sparse mode (the default): each score unit holds per matrix floor(f * |M|) candidates of 12
 bytes (int64 index + float32 score), f = the largest q, category_q and p; each mask holds at
-most floor(q * |M|) int64 indices per matrix (T_p removes some). Dense mode
-(`scoring.keep_dense_scores`): each unit is a float32 tree, plus a two-tree scan checkpoint.
+most floor(q * |M|) int64 indices per matrix (T_p removes some), and so does each of the
+benign \\ retain baselines the benign-cost search builds (at most `max_searched` of them).
+Dense mode (`scoring.keep_dense_scores`): each unit is a float32 tree, plus a two-tree scan
+checkpoint.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 
 from harmjax.attribution.scope import scored_names
 from harmjax.model.param_specs import param_specs
+from harmjax.pipeline.baselines import max_searched
 
 _HEADER_PER_TENSOR = 200  # safetensors header entry + shapes metadata, bytes (generous)
 
@@ -29,7 +32,8 @@ def experiment_output_bytes(config, cfg, n_categories: int) -> dict[str, Any]:
     """Bytes the experiment's scores and masks stages write for `config` under settings `cfg`
     (configs/embedded.py fields) with `n_categories` harm categories: {"scored": N, "scores":
     bytes, "masks": bytes, "total": bytes, "dense_tree": one float32 tree, "dense_mask": one
-    uint8 mask}. Answers, evaluation JSON, report and plots (a few MB) are not counted."""
+    uint8 mask, "baselines": claim 2's benign \\ retain masks}. Answers, evaluation JSON, report and
+    plots (a few MB) are not counted."""
     sizes = _sizes(config)
     n = sum(sizes)
     M, S = cfg.masks, cfg.scoring
@@ -48,5 +52,11 @@ def experiment_output_bytes(config, cfg, n_categories: int) -> dict[str, Any]:
     masks += (n_categories + 1) * mask(M.category_q)
     if M.dense_copy:
         masks += len(M.q_sweep) * n
-    return {"scored": n, "scores": scores, "masks": masks, "total": scores + masks,
-            "dense_tree": 4 * n, "dense_mask": n}
+    # Claim 2's benign \ retain baselines: every q the benign-cost search evaluates, each at most q_max.
+    baselines = 0
+    B = cfg.get("baselines")
+    if B is not None and B.enabled:
+        q_max = max([*M.q_sweep, M.category_q, M.p])
+        baselines = max_searched(M.category_q, q_max, B.match_steps) * mask(q_max)
+    return {"scored": n, "scores": scores, "masks": masks, "baselines": baselines,
+            "total": scores + masks + baselines, "dense_tree": 4 * n, "dense_mask": n}

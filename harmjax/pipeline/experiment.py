@@ -1,10 +1,10 @@
 """The paper's experiment end to end, as cached stages (see `harmjax.pipeline.stages`):
 
-  prompts  -> answers  -> scores  -> masks  -> evaluation  -> report
-  (split)     (greedy,     (harm per   (q sweep,  (per mask:   (report.md, metrics.json,
-              refusals     category,   random,    NLLs,        plots, summary)
-              attacked)    retain +    category,  refusals,
-                           benign)     benign)    samples)
+  prompts  -> answers  -> scores  -> masks  -> evaluation  -> baselines  -> report
+  (split)     (greedy,     (harm per   (q sweep,  (per mask:   (benign \\     (report.md,
+              refusals     category,   random,    NLLs,        retain at      metrics.json,
+              attacked)    retain +    category,  refusals,    category_q     plots,
+                           benign)     benign)    samples)     and matched)   summary)
 
 `run_experiment(cfg)` takes the settings of `configs/embedded.py` (an ml_collections
 ConfigDict, or a nested dict with the same fields) and returns the metrics dict it writes.
@@ -20,11 +20,13 @@ from typing import Any
 from tqdm import tqdm
 
 from harmjax.pipeline import answers as answers_mod
+from harmjax.pipeline.baselines import build_baselines
 from harmjax.pipeline.mask_sweep import build_masks, mask_overlap
-from harmjax.pipeline.measure import measure
+from harmjax.pipeline.measure import generation_metrics, measure, nll_metrics
 from harmjax.pipeline.prompt_sets import (
     load_benign_prompts, load_harmful_prompts, load_pruning_prompts, split_per_category,
 )
+from harmjax.pipeline.report import headline_mask
 from harmjax.pipeline.scoring import (
     benign_scores, check_score_disk, experiment_score_units, harm_scores_per_category,
 )
@@ -154,8 +156,6 @@ def run_experiment(cfg, progress: bool = True) -> dict[str, Any]:
     utility = _utility(cfg.utility, model)
 
     def evaluate_stage(d):
-        from harmjax.masks import apply_mask, load_mask
-
         todo = [{"name": "unpruned", "kind": "none", "dir": None}] + masks
         results = {}
         for entry in tqdm(todo, desc="evaluate masks", unit="mask", disable=not progress):
@@ -164,10 +164,7 @@ def run_experiment(cfg, progress: bool = True) -> dict[str, Any]:
                 results[entry["name"]] = read_json(unit)
                 continue
             kind = entry["kind"]
-            params = model.params
-            if entry["dir"]:
-                mask, _ = load_mask(entry["dir"], model.params)
-                params = apply_mask(model.params, mask)
+            params = _masked_params(model, entry["dir"])
             full = kind in ("none", "harm", "random")
             generate = kind in ("none", "harm") or (kind == "random" and E.random_generations)
             t0 = time.perf_counter()
@@ -192,6 +189,41 @@ def run_experiment(cfg, progress: bool = True) -> dict[str, Any]:
     for entry in [{"name": "unpruned", "kind": "none"}] + masks:
         results[entry["name"]] = read_json(os.path.join(ev_dir, f"{_file_name(entry)}.json"))
 
+    # --- benign baselines (claim 2) -------------------------------------------------------
+    baselines = None
+    B = cfg.get("baselines")  # None in a config written before the baselines existed
+    headline = headline_mask(masks, M.headline_q or M.category_q)
+    if B is not None and B.enabled and headline is not None:
+        bl_settings = {"masks": settings_key(mk_settings), "evaluation": settings_key(ev_settings), **B.to_dict()}
+        nll_kw = dict(text_format=S.text_format, max_length=E.max_length, batch_size=E.batch_size)
+        gen_kw = dict(max_new_tokens=E.max_new_tokens, generation_batch_size=E.generation_batch_size,
+                      prefixes=prefixes, judge=judge, refusal_min_words=E.refusal_min_words)
+        base_benign = results["unpruned"]["benign_nll"]
+
+        def evaluate(unit):
+            t0 = time.perf_counter()
+            metrics = nll_metrics(model, _masked_params(model, unit), ex_held, ex_held_b, **nll_kw)
+            return {**metrics, "seconds": time.perf_counter() - t0}
+
+        def generate(unit):
+            return generation_metrics(model, _masked_params(model, unit), gen_prompts, **gen_kw)
+
+        def baseline_stage(d):
+            # Matched to the headline harm mask's benign NLL rise, within the candidates' reach.
+            return build_baselines(
+                model, score_units, d, q0=M.category_q, q_max=max([*M.q_sweep, M.category_q, M.p]), p=M.p,
+                granularity=M.granularity, seed=cfg.seed,
+                target=results[headline["name"]]["benign_nll"] - base_benign, base_benign_nll=base_benign,
+                steps=B.match_steps, evaluate=evaluate,
+                generate=generate if B.generations and gen_prompts else None,
+                category_dirs=[m["dir"] for m in masks if m["kind"] == "category"])
+
+        baselines = stages.run("baselines", bl_settings, baseline_stage)
+        bl_dir = stages.path("baselines", bl_settings)
+        baselines = {**baselines, "masks": [{**e, "dir": os.path.join(bl_dir, e["dir"])} for e in baselines["masks"]]}
+        for e in baselines["masks"]:
+            results[e["name"]] = read_json(os.path.join(bl_dir, e["metrics"]))
+
     # --- report --------------------------------------------------------------------------
     from harmjax.pipeline.report import write_report
 
@@ -205,7 +237,7 @@ def run_experiment(cfg, progress: bool = True) -> dict[str, Any]:
     timings = {**stages.timings, "load": {"seconds": load_seconds}}
     metrics = write_report(
         run_dir, cfg=cfg, model=model, model_source=source, data=data, masks=masks, results=results,
-        overlap=mk_info["overlap"],
+        overlap=mk_info["overlap"], baselines=baselines,
         timings=timings, wall_seconds=time.perf_counter() - t_start,
     )
     return metrics
@@ -220,6 +252,15 @@ def candidate_fraction(cfg) -> float | None:
     if cfg.scoring.keep_dense_scores or M.granularity != "matrix":
         return None
     return float(max([*M.q_sweep, M.category_q, M.p]))
+
+
+def _masked_params(model, mask_dir: str | None):
+    """The model's params with the mask in `mask_dir` applied (the params as they are for None)."""
+    if not mask_dir:
+        return model.params
+    from harmjax.masks import apply_mask, load_mask
+
+    return apply_mask(model.params, load_mask(mask_dir, model.params)[0])
 
 
 def _file_name(entry) -> str:

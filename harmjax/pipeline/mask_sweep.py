@@ -118,7 +118,8 @@ def build_masks(
     units.append(unit)
     if not unit_done(unit):
         # The benign-data mask: top-q signed SNIP on benign answers, no T_p (the retain set is
-        # the same data, so subtracting it would cancel the mask).
+        # the same data, and T_p holds most of it: 79% on the embedded model). Claim 2's
+        # same-procedure baseline, T_q(benign) \ T_p(retain), is built in `baselines.py`.
         mask = top_mask("benign_signed", category_q)
         _save(unit, mask, {"name": "benign", "mask_kind": "benign", "q": category_q, "p": 0.0,
                            "granularity": granularity, "seed": seed}, n_params, dense_copy)
