@@ -23,6 +23,7 @@ OVERRIDES = [
     ("prompts.prompt_key", "prompt"), ("prompts.per_category", 6), ("prompts.heldout_fraction", 0.34),
     ("prompts.benign_per_category", 4), ("prompts.benign_heldout_fraction", 0.5),
     ("data.harmful_per_category", 0), ("data.eval_fraction", 0.2), ("data.benign_eval_fraction", 0.2),
+    ("data.benign_openings", 4),  # exercised here; off in the embedded config
     ("answers.max_new_tokens", 8), ("answers.batch_size", 8), ("answers.chunk", 8),
     ("lora.r", 4), ("lora.alpha", 8.0),
     ("train.lr", 1e-2), ("train.batch_size", 4), ("train.micro_batch_size", 2), ("train.max_steps", 4),

@@ -30,6 +30,7 @@ from harmjax.data.records import Example
 from harmjax.pipeline.prompt_sets import load_benign_prompts, load_harmful_prompts, split_per_category
 
 TEXT_FORMAT = "raw"  # the rendered examples below already hold the chat template
+OPENING_SUFFIX = "-opening"  # id suffix of an answer's opening copy (`opening_copies`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,3 +164,15 @@ def answer_examples(tokenizer, rows: Sequence[dict], max_new_tokens: int, max_le
             out.append(ex)
     return out
 
+
+
+def opening_copies(tokenizer, rows: Sequence[dict], n_tokens: int) -> list[Example]:
+    """Each answer row's first `n_tokens` tokens as an extra, unfinished example: the answer's
+    opening is where the model decides between answering and refusing, and in a whole answer
+    it is one token among ~50 of the loss, against a refusal's ~12."""
+    out = []
+    for r in rows:
+        ids = tokenizer(r["response"], add_special_tokens=False)["input_ids"][:n_tokens]
+        if ids:
+            out.append(render(tokenizer, r["prompt"], tokenizer.decode(ids), False, r["id"] + OPENING_SUFFIX, r["category"]))
+    return out

@@ -28,7 +28,7 @@ from typing import Any
 from harmjax import distributed
 from harmjax.pipeline import answers as answers_mod
 from harmjax.pipeline.refusal_data import (
-    RefusalSplit, answer_examples, check_disjoint, main_job_heldout, refusal_examples, split_prompts,
+    OPENING_SUFFIX, RefusalSplit, answer_examples, check_disjoint, main_job_heldout, opening_copies, refusal_examples, split_prompts,
 )
 from harmjax.pipeline.stages import (
     StageCache, as_config, default_run_dir, fresh_dir, read_json, settings_key, write_json_atomic,
@@ -95,36 +95,35 @@ def run_refusal_tuning(cfg, progress: bool = True) -> dict[str, Any]:
     t_start = time.perf_counter()
     p = _prepare(as_config(cfg), progress)
     cfg, E = p.cfg, p.cfg.evaluation
-    ev_settings = {"tune": os.path.basename(os.path.dirname(p.model_dir)), "evaluation": E.to_dict(),
-                   "heldout": [e.id for e in p.split.heldout], "benign_heldout": [e.id for e in p.split.benign_heldout],
-                   "answers": os.path.basename(p.answers_dir)}
+    common = {"evaluation": E.to_dict(), "heldout": [e.id for e in p.split.heldout],
+              "benign_heldout": [e.id for e in p.split.benign_heldout], "answers": os.path.basename(p.answers_dir)}
+    # One stage per model: the original's measurements do not depend on the tuning settings,
+    # so retuning re-measures only the tuned model.
+    keys = {"original": common, "refusal_tuned": {**common, "tune": os.path.basename(os.path.dirname(p.model_dir))}}
 
-    def evaluate_stage(d):
-        import harmjax
-        from harmjax.pipeline.refusal_eval import measure_refusal
+    def evaluate_stage(name):
+        def compute(d):
+            import harmjax
+            from harmjax.pipeline.refusal_eval import measure_refusal
 
-        model = p.base.model
-        rows = answers_mod.read_rows(os.path.join(p.answers_dir, "benign.jsonl"))
-        held_ids = {e.id for e in p.split.benign_heldout}
-        benign_nll_set = answer_examples(model.tokenizer, [r for r in rows if r["id"] in held_ids],
-                                         cfg.answers.max_new_tokens, E.max_length)
-        main_ids = {e.id for e in p.split.main_heldout}
-        benign_prompts = list(p.split.benign_heldout) if E.benign_generations else []
-        for name in MODELS:
-            unit = os.path.join(d, f"{name}.json")
-            if os.path.isfile(unit):
-                continue
+            model = p.base.model
+            rows = answers_mod.read_rows(os.path.join(p.answers_dir, "benign.jsonl"))
+            held_ids = {e.id for e in p.split.benign_heldout}
+            benign_nll_set = answer_examples(model.tokenizer, [r for r in rows if r["id"] in held_ids],
+                                             cfg.answers.max_new_tokens, E.max_length)
             params = model.params if name == "original" else harmjax.load(
                 p.model_dir, dtype=cfg.dtype, mesh=model.mesh).params
-            t0 = time.perf_counter()
-            r = measure_refusal(model, params, p.split.heldout, main_ids, benign_nll_set, benign_prompts, E)
-            r["seconds"] = time.perf_counter() - t0
-            write_json_atomic(unit, r)
-        return {"models": list(MODELS), "benign_nll_examples": len(benign_nll_set)}
+            benign_prompts = list(p.split.benign_heldout) if E.benign_generations else []
+            r = measure_refusal(model, params, p.split.heldout, {e.id for e in p.split.main_heldout},
+                                benign_nll_set, benign_prompts, E)
+            write_json_atomic(os.path.join(d, "results.json"), r)
+            return {"benign_nll_examples": len(benign_nll_set)}
+        return compute
 
-    ev_info = p.stages.run("evaluation", ev_settings, evaluate_stage)
-    ev_dir = p.stages.path("evaluation", ev_settings)
-    results = {name: read_json(os.path.join(ev_dir, f"{name}.json")) for name in MODELS}
+    results, ev_info = {}, {}
+    for name in MODELS:
+        ev_info = p.stages.run(f"evaluate_{name}", keys[name], evaluate_stage(name))
+        results[name] = read_json(os.path.join(p.stages.path(f"evaluate_{name}", keys[name]), "results.json"))
 
     from harmjax.pipeline.refusal_report import write_refusal_report
 
@@ -180,8 +179,15 @@ def _prepare(cfg, progress: bool, experiment_cfg=None) -> _Prepared:
     train_b = {e.id for e in split.benign_train}
     rows = [r for r in answers_mod.read_rows(os.path.join(answers_dir, "benign.jsonl")) if r["id"] in train_b]
     benign_ex = answer_examples(base.tokenizer, rows, A.max_new_tokens, T.max_length)
+    if cfg.data.benign_openings:
+        benign_ex += opening_copies(base.tokenizer, rows, cfg.data.benign_openings)
     examples = harmful_ex + benign_ex
-    check_disjoint(examples, split.heldout + split.benign_heldout)
+    # Every example comes from a training prompt (split_prompts checked those against the
+    # held-out ones, by id and text); opening copies carry their answer's id plus a suffix.
+    allowed = {e.id for e in split.train + split.benign_train}
+    strays = sorted({e.id for e in examples if e.id.removesuffix(OPENING_SUFFIX) not in allowed})
+    if strays:
+        raise ValueError(f"Training examples from outside the training prompts: {strays[:5]}.")
     tune_settings = {"answers": settings_key(ans_settings), "examples": _digest(examples),
                      "train": T.to_dict(), "lora": cfg.lora.to_dict()}
     name = f"{os.path.basename(os.path.normpath(source))}-refusal"

@@ -12,6 +12,7 @@ from harmjax.pipeline.report import fmt, timings_markdown
 from harmjax.pipeline.stages import write_json_atomic
 
 LABELS = {"original": "original", "refusal_tuned": "refusal-tuned"}
+ISSUE_TARGETS = ("refusal_rate", "logprob_refusal_fraction", "benign_nll_rise", "attack_harmful_rate")
 
 
 def targets(cfg, before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
@@ -27,8 +28,14 @@ def targets(cfg, before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any
         "attack_harmful_rate": (after["attack_harmful_rate"], after["attack_harmful_rate"] >= t.attack_harmful_rate,
                                 f">= {t.attack_harmful_rate:.0%}"),
     }
+    if "benign_refusal_rate_phrase" in after and "benign_refusal_rate_phrase" in before:
+        # Not one of the issue's targets: over-refusal of benign instructions, which the benign NLL
+        # of whole answers hardly sees (one opening token among ~50).
+        over = after["benign_refusal_rate_phrase"] - before["benign_refusal_rate_phrase"]
+        rows["benign_refusal_rise"] = (over, over <= t.benign_refusal_rise, f"<= {t.benign_refusal_rise:.0%} (harmjax's)")
     out = {k: {"value": v, "met": bool(ok), "target": goal} for k, (v, ok, goal) in rows.items()}
-    out["all_met"] = all(v["met"] for v in out.values())
+    # The issue's four targets decide all_met; the over-refusal check is reported beside them.
+    out["all_met"] = all(out[k]["met"] for k in ISSUE_TARGETS)
     return out
 
 
@@ -125,7 +132,7 @@ def _markdown(m) -> str:
     out.append("\n## Targets (issue 13)\n\n| target | goal | measured | met |\n|---|---|---|---|\n")
     for k, v in t.items():
         if k != "all_met":
-            spec = "{:+.3f}" if k == "benign_nll_rise" else "{:.0%}"
+            spec = "{:+.3f}" if k == "benign_nll_rise" else "{:+.0%}" if k == "benign_refusal_rise" else "{:.0%}"
             out.append(f"| {k} | {v['target']} | {fmt(v['value'], spec)} | {'yes' if v['met'] else '**no**'} |\n")
     out.append("\n## Sample answers (refusal-tuned, held out)\n\n")
     for r in m["samples"]["refusal_tuned"][:8]:
@@ -154,6 +161,9 @@ def summary_text(m, run_dir) -> str:
              f"prefill attack: harmful             {fmt(a['attack_harmful_rate'], '{:.0%}'):>8}   "
              f"{fmt(b['attack_harmful_rate'], '{:.0%}'):>8}",
              f"benign NLL                          {fmt(a['benign_nll']):>8}   {fmt(b['benign_nll']):>8}",
-             f"targets     {'all met' if t['all_met'] else 'NOT all met: ' + ', '.join(k for k, v in t.items() if k != 'all_met' and not v['met'])}",
+             f"targets     {'all met' if t['all_met'] else 'NOT all met: ' + ', '.join(k for k in ISSUE_TARGETS if not t[k]['met'])}"
+             + ("" if "benign_refusal_rise" not in t else
+                f"; over-refusal check {'met' if t['benign_refusal_rise']['met'] else 'NOT met'} "
+                f"({fmt(t['benign_refusal_rise']['value'], '{:+.0%}')} benign answers refused)"),
              f"report      {os.path.join(run_dir, 'report.md')}  ({m['wall_seconds']:.0f} s)"]
     return "\n".join(lines)
