@@ -142,7 +142,8 @@ def test_end_to_end_kill_and_resume(setup, monkeypatch):
 
     # Held-out prompts are never scored.
     prompts = json.load(open(out / "prompts.json"))
-    assert not (set(prompts["pruning"]) | set(prompts["retain"])) & (set(prompts["heldout"]) | set(prompts["benign_heldout"]))
+    scored, held = set(prompts["pruning"]) | set(prompts["retain"]), set(prompts["heldout"]) | set(prompts["benign_heldout"])
+    assert held and not scored & held
 
     # Masks: the refusal mask is an independent NumPy top-k of its scores minus the retain top-p,
     # per matrix (stable order on (-score, flat index)); the controls match their masks' sizes.
@@ -186,19 +187,22 @@ def test_default_model_is_the_refusal_tuned_one(setup, monkeypatch):
     assert seen and seen[0].prompts.harmful == cfg.refusal.prompts.harmful
 
 
-def _results(harm_nll, refusal, auroc=0.9, expl=1.0):
+def _results(harm_nll, refusal, auroc=0.9, expl=1.0, benign=1.0):
     """Constructed metrics: `harm_nll` / `refusal` / `auroc` / `expl` map mask -> value."""
     out = {}
     for m in dissociation.MASKS:
         out[m] = {"harm_nll": harm_nll[m], "attack_harmful_rate": 0.9, "refusal_rate": refusal[m],
+                  "refusal_rate_phrase": refusal[m],
                   "recognition_auroc": auroc if not isinstance(auroc, dict) else auroc[m],
                   "recognition_separation": 1.0,
-                  "explanation_nll": expl if not isinstance(expl, dict) else expl[m], "benign_nll": 1.0}
+                  "explanation_nll": expl if not isinstance(expl, dict) else expl[m],
+                  "benign_nll": benign if not isinstance(benign, dict) else benign[m]}
     return out
 
 
 RULE = ml_collections.ConfigDict({"harm_nll_effect": 0.2, "nll_spared": 0.1, "rate_effect": 0.15,
-                                  "rate_spared": 0.1, "auroc_spared": 0.1})
+                                  "rate_spared": 0.1, "auroc_spared": 0.1,
+                                  "benign_nll_max": 0.3})
 
 
 def test_verdict_rule_goes_each_way():
@@ -228,6 +232,11 @@ def test_verdict_rule_goes_each_way():
     v = dissociation.verdict(_results({**base, "harm": 2.55, "refusal": 2.04},
                                       {**rates, "harm": 0.6, "refusal": 0.2}, auroc=aur), RULE)
     assert not v["harm_row"] and v["refusal_row"]
+    # A harm mask that breaks benign text as much is not selective.
+    ben = {m: 1.0 for m in dissociation.MASKS} | {"harm": 2.0}
+    v = dissociation.verdict(_results({**base, "harm": 2.55, "refusal": 2.04},
+                                      {**rates, "harm": 0.6, "refusal": 0.2}, benign=ben), RULE)
+    assert not v["cells"]["harm_mask/harmful_generation"]["holds"] and v["refusal_row"]
     v = dissociation.verdict(_results({**base, "harm": float("nan"), "refusal": 2.04},
                                       {**rates, "harm": 0.6, "refusal": 0.2}), RULE)
     assert not v["cells"]["harm_mask/harmful_generation"]["holds"]
