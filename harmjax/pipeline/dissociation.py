@@ -135,8 +135,8 @@ def _sample(examples, per_category: int, seed: int) -> list[Example]:
 
 
 def prefilled_answers(model, examples: Sequence[Example], path: str, *, prefix: str, max_new_tokens: int,
-                      batch_size: int, chunk: int, min_words: int, question: str = "{prompt}",
-                      desc: str = "prefilled") -> list[dict[str, Any]]:
+                      batch_size: int, chunk: int, min_words: int,
+                      question: str = "{prompt}") -> list[dict[str, Any]]:
     """Greedy answers with the assistant turn prefilled by `prefix` (to `question` filled with
     each prompt), resumable in the JSONL file `path`; rows as `answers.generate_answers`
     writes them (response = prefix + continuation; refused by the keyword rule with `min_words`)."""
@@ -259,7 +259,7 @@ def run_dissociation(cfg, progress: bool = True) -> dict[str, Any]:
     def answer_stage(d):
         gen = dict(max_new_tokens=A.max_new_tokens, batch_size=A.batch_size, chunk=A.chunk)
         att = prefilled_answers(model, prune + held, os.path.join(d, "harmful_attacked.jsonl"),
-                                prefix=A.attack_prefix, min_words=A.harmful_min_words, desc="attacked", **gen)
+                                prefix=A.attack_prefix, min_words=A.harmful_min_words, **gen)
         plain = answers_mod.generate_answers(model, prune, os.path.join(d, "harmful_plain.jsonl"),
                                              attack_refusals=False, min_words=A.refusal_min_words, desc="plain answers",
                                              **gen)
@@ -267,7 +267,7 @@ def run_dissociation(cfg, progress: bool = True) -> dict[str, Any]:
                                            attack_refusals=False, desc="benign answers", **gen)
         exp = prefilled_answers(model, held, os.path.join(d, "explanations.jsonl"), prefix=A.explanation_prefix,
                                 max_new_tokens=A.explanation_tokens, batch_size=A.batch_size, chunk=A.chunk,
-                                min_words=0, question=A.explanation_question, desc="explanations")
+                                min_words=0, question=A.explanation_question)
         return {"attacked": len(att), "attacked_refused": sum(r["refused"] for r in att),
                 "plain": len(plain), "plain_refusals": sum(r["refused"] for r in plain), "benign": len(ben),
                 "explanations": len(exp)}
