@@ -162,7 +162,8 @@ def _plots(run_dir, sweep, random, base, headline, overlap, transfer) -> dict[st
     out = {}
     try:
         out["tradeoff"] = plot_tradeoff(
-            {"harm mask": sweep, "random control": random}, os.path.join(run_dir, "harm_vs_utility.png"),
+            {"harm mask": sweep, **({"random control": random} if random else {})},  # masks.random_control=False: none
+            os.path.join(run_dir, "harm_vs_utility.png"),
             baseline={"harm_nll": base["harm_nll"], "benign_nll": base.get("benign_nll")},
             title="held-out harmful vs benign NLL over q (p fixed)")
         if headline is not None:
@@ -236,7 +237,7 @@ def _markdown(m, results, headline) -> str:
     lines.append("\n## Harm mask over q\n")
     lines.append(_table(m["sweep"], cols))
     lines.append("\n## Random control (same count per matrix)\n")
-    lines.append(_table(m["random_control"], cols))
+    lines.append(_table(m["random_control"], cols) if m["random_control"] else "(off: masks.random_control=False)\n")
     if m["plots"].get("tradeoff"):
         lines.append(f"\n![harm vs utility]({m['plots']['tradeoff']})\n")
     if m["plots"].get("layers"):
