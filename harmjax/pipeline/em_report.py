@@ -207,7 +207,9 @@ def _markdown(m) -> str:
         "fine-tuning on text the model already produces changes it little, so the EM increase may be small or absent; "
         "the paper's effect needs its narrow datasets (risky financial advice, bad medical advice, extreme sports, "
         "insecure code) and 8B+ models (`configs/em_llama31_8b.py`).\n"
-        "- Intervals are bootstrap intervals over answers (EM rate) and pairs (preference) at these sample sizes.\n")
+        "- Intervals are bootstrap intervals over answers (EM rate) and pairs (preference), Wilson intervals for the "
+        "refusal rates and Newcombe intervals for their changes (independent-samples: conservative for these paired "
+        "prompts), at these sample sizes.\n")
     out.append("\n## Timings\n\n" + timings_markdown(m["timings"]))
     return "".join(out)
 
