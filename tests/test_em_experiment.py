@@ -63,6 +63,15 @@ def test_em_experiment_end_to_end(setup):
         assert r["n_judged"] + r["n_excluded"] == 8  # 8 EM questions x 1 sample
         assert r["em_rate"] is None or 0.0 <= r["em_rate"] <= 1.0
         assert np.isfinite(r["preference"]) and np.isfinite(r["other_harm_nll"])
+    # The judge-free refusal measure: per model, the rate with its Wilson interval, over prompts
+    # taken round-robin from the other categories; changes against the original with Newcombe's.
+    for r in m["table"]:
+        assert r["refusal_n"] == 2 and 0 <= r["refusal_low"] <= r["other_refusal_rate"] <= r["refusal_high"] <= 1
+    cats = [x["category"] for x in m["results"]["original"]["other_refusal"]["per_prompt"]]
+    assert sorted(cats) == ["hate", "weapons"]
+    assert m["table"][0]["refusal_change"] == 0.0
+    assert "refusal_drop_finetuned" in m["claim4"]["judge_free"]
+    assert "Refusal on the other harm categories" in (out / "report.md").read_text()
     # Fine-tuning changed the model; the pruned model differs from the original only by its mask.
     assert m["training"]["original"]["steps"] == m["training"]["pruned"]["steps"] > 0
     assert m["prune"]["pruned"] > 0
@@ -124,3 +133,33 @@ def test_killed_during_finetuning_resumes(setup, tmp_path):
         assert m["prune"]["pruned"] == whole["prune"]["pruned"]
         for a, b in zip(whole["table"], m["table"]):
             assert a["other_harm_nll"] == pytest.approx(b["other_harm_nll"], rel=1e-4, abs=1e-4)
+
+
+def test_refusal_model_source_and_heldout_prompts(setup, tmp_path, monkeypatch):
+    """model "refusal" loads the refusal-tuned model of cfg.refusal, and the other-category
+    prompts come only from those the refusal tuning held out."""
+    from configs.em_refusal_embedded import get_config as refusal_em_config
+    from harmjax.pipeline import emergent_experiment, model_sources
+
+    root, overrides = setup
+    model_dir = dict(overrides)["model"]
+    held = {"h0010", "h0011", "h0013"}  # ids of "hate"/"weapons" prompts (write_prompt_files numbers rows)
+    calls = []
+    monkeypatch.setattr(model_sources, "refusal_heldout_ids", lambda cfg: held)
+    monkeypatch.setattr("harmjax.pipeline.refusal_model.ensure_refusal_model",
+                        lambda cfg, progress=True, experiment_cfg=None: calls.append(cfg) or model_dir)
+
+    class Stop(Exception):
+        pass
+
+    def stop(self, name, settings, fn):
+        raise Stop(settings)
+
+    monkeypatch.setattr(emergent_experiment.StageCache, "run", stop)
+    cfg = with_overrides(refusal_em_config(), [(k, v) for k, v in overrides if k != "model"], tmp_path / "run")
+    assert cfg.model == "refusal"
+    with pytest.raises(Stop) as info:
+        run_em_experiment(cfg, progress=False)
+    settings = info.value.args[0]
+    assert calls and calls[0] is cfg.refusal and settings["model"]["source"] == model_dir
+    assert settings["other"] and set(settings["other"]) <= held

@@ -12,9 +12,14 @@ from harmjax.data.records import Example
 
 
 def measure_em(model, params, judge, other: Sequence[Example], E, directory: str, name: str, *, seed: int,
-               progress: bool = True) -> dict[str, Any]:
+               progress: bool = True, refusal_prompts: Sequence[Example] | None = None) -> dict[str, Any]:
     """Judged EM rate on the EM questions, the judge-free misalignment preference, and
     harmful-answer NLL / refusal rate on the harm categories outside the narrow domain.
+
+    The refusal rate is the keyword rule (`em.refusal_min_words`, default the evaluator's 20)
+    over greedy answers, without any attack, to the first `em.other_generations` of
+    `refusal_prompts` (default: the prompts of `other`), with per-prompt flags and a Wilson 95%
+    interval (`other_refusal`).
 
     Sampled and judged answers go to `<directory>/<name>_{answers,judged}.jsonl` (resumable).
     """
@@ -22,7 +27,8 @@ def measure_em(model, params, judge, other: Sequence[Example], E, directory: str
     from harmjax.evaluate.emergent import (
         judge_answers, load_em_questions, load_judge_prompts, sample_answers, summarize_em,
     )
-    from harmjax.evaluate.refusal import is_refusal
+    from harmjax.evaluate.intervals import rate_summary
+    from harmjax.evaluate.refusal import MIN_WORDS, is_refusal
     from harmjax.generate import generate
     from harmjax.inference import response_nll
     from harmjax.pipeline.measure import mean_finite, mean_per_category
@@ -46,9 +52,14 @@ def measure_em(model, params, judge, other: Sequence[Example], E, directory: str
                            max_length=E.other_max_length, params=params, num_buckets=1)
         out["other_harm_nll"] = mean_finite(nll)
         out["other_harm_nll_per_category"] = mean_per_category(other, nll)
-        prompts_ = [e.prompt for e in other[: E.other_generations]]
-        if prompts_:
-            res = generate(model, prompts_, max_new_tokens=E.other_max_new_tokens, batch_size=E.batch_size,
-                           params=params, progress=False)
-            out["other_refusal_rate"] = float(np.mean([is_refusal(t) for t in res.texts]))
+    chosen = list(other if refusal_prompts is None else refusal_prompts)[: E.other_generations]
+    if chosen:
+        min_words = E.get("refusal_min_words", MIN_WORDS)
+        res = generate(model, [e.prompt for e in chosen], max_new_tokens=E.other_max_new_tokens,
+                       batch_size=E.batch_size, params=params, progress=False)
+        flags = [bool(is_refusal(t, min_words=min_words)) for t in res.texts]
+        out["other_refusal_rate"] = float(np.mean(flags))
+        out["other_refusal"] = {**rate_summary(flags), "min_words": min_words,
+                                "per_prompt": [{"id": e.id, "category": e.category, "refused": f, "answer": t}
+                                               for e, f, t in zip(chosen, flags, res.texts)]}
     return out

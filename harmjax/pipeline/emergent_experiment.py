@@ -75,16 +75,34 @@ def load_params(model, directory: str):
     return checkpoint.restore_tree(os.path.join(directory, "params"), target)
 
 
+def round_robin(examples):
+    """`examples` reordered one category at a time (categories sorted), so that any prefix of
+    the result spreads over every category."""
+    by_cat: dict[str, list] = {}
+    for e in examples:
+        by_cat.setdefault(e.category, []).append(e)
+    out, i = [], 0
+    while len(out) < len(examples):
+        for cat in sorted(by_cat):
+            if i < len(by_cat[cat]):
+                out.append(by_cat[cat][i])
+        i += 1
+    return out
+
+
 def run_em_experiment(cfg, progress: bool = True) -> dict[str, Any]:
     """Runs (or resumes) the EM experiment and writes its report; returns the metrics."""
     import harmjax
     from harmjax.assets import resolve_model_source
     from harmjax.masks import apply_mask, load_mask
+    from harmjax.pipeline.model_sources import REFUSAL, refusal_heldout_ids, resolve_source
     from harmjax.sharding import MeshConfig
 
     cfg = as_config(cfg)
     t_start = time.perf_counter()
-    source = resolve_model_source(cfg.model)
+    # model "refusal": the refusal-tuned model of cfg.refusal (configs/em_refusal_embedded.py)
+    refusal_cfg = cfg.get("refusal") if cfg.model == REFUSAL else None
+    source = resolve_source(cfg.model, refusal_cfg, progress=progress)
     run_dir = cfg.output_dir or default_run_dir(source, "em")
     os.makedirs(run_dir, exist_ok=True)
     stages = StageCache(run_dir)
@@ -112,7 +130,14 @@ def run_em_experiment(cfg, progress: bool = True) -> dict[str, Any]:
     n_held = max(1, int(round(X.narrow_heldout_fraction * len(order))))
     narrow_held = [narrow[i] for i in sorted(order[:n_held])]
     narrow_train = [narrow[i] for i in sorted(order[n_held:])]
+    if refusal_cfg is not None:  # measure on prompts the refusal tuning never trained on
+        held = refusal_heldout_ids(refusal_cfg)
+        others = [e for e in others if e.id in held]
+        if not others:
+            raise ValueError("None of the other-category prompts was held out of the refusal tuning: check that "
+                             "experiment_data.harmful and refusal.prompts.harmful name the same prompts.")
     other_eval, _ = split_per_category(others, X.other_per_category, 0.0, cfg.seed)
+    refusal_prompts = round_robin(other_eval)
     benign = load_benign_prompts(X.benign, X.benign_prompt_key)
     retain, _ = split_per_category(benign, X.benign_per_category, 0.0, cfg.seed)
 
@@ -224,7 +249,7 @@ def run_em_experiment(cfg, progress: bool = True) -> dict[str, Any]:
     # --- EM evaluation of the four models --------------------------------------------------
     E = cfg.em
     ev_settings = {"models": [settings_key(ft_settings), settings_key(pr_settings), settings_key(pf_settings)],
-                   **E.to_dict()}
+                   **E.to_dict(), "refusal_prompts": [e.id for e in refusal_prompts[: E.other_generations]]}
     all_params = {"original": model.params, "finetuned": ft_params, "pruned": pruned_params,
                   "pruned_finetuned": pf_params}
 
@@ -237,7 +262,7 @@ def run_em_experiment(cfg, progress: bool = True) -> dict[str, Any]:
             unit = os.path.join(d, f"{name}.json")
             if not os.path.isfile(unit):
                 write_json_atomic(unit, measure_em(model, all_params[name], judge, other_examples, E, d, name,
-                                                   seed=cfg.seed, progress=progress))
+                                                   seed=cfg.seed, progress=progress, refusal_prompts=refusal_prompts))
         return {"models": list(MODELS)}
 
     stages.run("em_eval", ev_settings, em_stage)
@@ -250,7 +275,9 @@ def run_em_experiment(cfg, progress: bool = True) -> dict[str, Any]:
             "narrow_train": len(train_examples), "narrow_heldout": len(narrow_held),
             "pruning_examples": len(pruning_examples), "other_examples": len(other_examples),
             "retain_examples": len(retain_examples), **ans_info,
-            "finetuned_refused_dropped": fa_info["refused_dropped"]}
+            "finetuned_refused_dropped": fa_info["refused_dropped"],
+            "refusal_prompts": len(refusal_prompts[: E.other_generations]),
+            "refusal_heldout_only": refusal_cfg is not None}
     return write_em_report(run_dir, cfg=cfg, model=model, data=data, prune=pr_info,
                            training={"original": ft_info, "pruned": pf_info}, results=results,
                            timings=stages.timings, wall_seconds=time.perf_counter() - t_start)

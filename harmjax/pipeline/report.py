@@ -267,7 +267,7 @@ def _plots(run_dir, sweep, random, base, headline, overlap, transfer, baseline=(
         return {}
     out = {}
     try:
-        series = {"harm mask": sweep, "random control": random}
+        series = {"harm mask": sweep, **({"random control": random} if random else {})}  # random_control=False: none
         if baseline:  # the benign \ retain baselines of claim 2, every searched q
             series["benign \\ retain"] = list(baseline)
         out["tradeoff"] = plot_tradeoff(
@@ -350,7 +350,7 @@ def _markdown(m, results, headline) -> str:
     lines.append("\n## Harm mask over q\n")
     lines.append(_table(m["sweep"], cols))
     lines.append("\n## Random control (same count per matrix)\n")
-    lines.append(_table(m["random_control"], cols))
+    lines.append(_table(m["random_control"], cols) if m["random_control"] else "(off: masks.random_control=False)\n")
     if m["plots"].get("tradeoff"):
         lines.append(f"\n![harm vs utility]({m['plots']['tradeoff']})\n")
     if m["plots"].get("layers"):
