@@ -28,6 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Largest q 1e-4 as in the main job: the scores stage keys on it, so a main-job run keeps its scores.
     e.masks.q_sweep = (3e-6, 6e-6, 1e-5, 2e-5, 4e-5, 1e-4)
     e.masks.random_control = False
+    e.baselines.enabled = False  # claim 2's baselines do not enter the compression figure
     e.evaluation.generation_prompts = 8
 
     # The refusal tuning; run_compression gives it the experiment's prompts and seed, so that
