@@ -9,29 +9,16 @@ duplicate ids and duplicate instructions, and `split_benign` partitions by examp
 
 from __future__ import annotations
 
-import importlib.resources
-import os
 import zlib
 from collections.abc import Sequence
 
 import numpy as np
 
-from harmjax.data.records import DatasetFormatError, Example
-from harmjax.errors import MissingFileError
-from harmjax.io.jsonl import json_lines
+from harmjax.data.records import Example
+from harmjax.data.text_set import read_text_set
 
 CATEGORIES = ("facts", "how-to", "writing", "code", "maths", "advice")
 _FIELDS = ("id", "category", "instruction")
-
-
-def _package_text() -> tuple[str, str]:
-    resource = importlib.resources.files("harmjax.data").joinpath("benign", "instructions.jsonl")
-    if not resource.is_file():
-        raise MissingFileError(
-            f"The packaged benign instructions are missing ({resource}); the harmjax install lacks "
-            "its package data (pyproject [tool.setuptools.package-data])."
-        )
-    return resource.read_text(encoding="utf-8"), str(resource)
 
 
 def load_benign_instructions(path: str | None = None) -> list[Example]:
@@ -46,39 +33,8 @@ def load_benign_instructions(path: str | None = None) -> list[Example]:
       DatasetFormatError: a row that is not a JSON object, lacks one of the three fields or
         has an empty one, or repeats an id or an instruction (names the file and line).
     """
-    if path is None:
-        text, source = _package_text()
-    else:
-        if not os.path.isfile(path):
-            raise MissingFileError(f"No benign instruction file at {path}.")
-        with open(path, encoding="utf-8") as f:
-            text, source = f.read(), path
-    examples: list[Example] = []
-    id_lines: dict[str, int] = {}
-    text_lines: dict[str, int] = {}
-    for number, row in json_lines(text, source, DatasetFormatError):
-        where = f"{source}, line {number}"
-        if not isinstance(row, dict):
-            raise DatasetFormatError(f"{where}: expected a JSON object, got {type(row).__name__}.")
-        for field in _FIELDS:
-            value = row.get(field)
-            if not isinstance(value, str) or not value.strip():
-                raise DatasetFormatError(
-                    f"{where}: field {field!r} must be a non-empty string (got {value!r}); "
-                    f"each row needs {', '.join(_FIELDS)}."
-                )
-        ident, instruction = row["id"], row["instruction"].strip()
-        if ident in id_lines:
-            raise DatasetFormatError(f"{where}: id {ident!r} already used on line {id_lines[ident]}.")
-        # Case and spacing do not make a different prompt; a repeat would leak into the held-out set.
-        key = " ".join(instruction.lower().split())
-        if key in text_lines:
-            raise DatasetFormatError(f"{where}: instruction repeats the one on line {text_lines[key]}.")
-        id_lines[ident], text_lines[key] = number, number
-        examples.append(Example(prompt=instruction, response="", category=row["category"], id=ident))
-    if not examples:
-        raise DatasetFormatError(f"{source}: no instructions (the file is empty).")
-    return examples
+    rows = read_text_set(path, ("benign", "instructions.jsonl"), "instructions", _FIELDS, "instruction")
+    return [Example(prompt=r["instruction"].strip(), response="", category=r["category"], id=r["id"]) for r in rows]
 
 
 def split_benign(

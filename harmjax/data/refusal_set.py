@@ -5,12 +5,8 @@ this project; see `refusals/README.md`): the targets of the refusal tuning in
 from __future__ import annotations
 
 import dataclasses
-import importlib.resources
-import os
 
-from harmjax.data.records import DatasetFormatError
-from harmjax.errors import MissingFileError
-from harmjax.io.jsonl import json_lines
+from harmjax.data.text_set import read_text_set
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,36 +30,5 @@ def load_refusals(path: str | None = None) -> list[Refusal]:
       DatasetFormatError: a row that is not an object, an empty id or text, a repeated id or
         text (names the file and line), or an empty file.
     """
-    if path is None:
-        resource = importlib.resources.files("harmjax.data").joinpath("refusals", "refusals.jsonl")
-        if not resource.is_file():
-            raise MissingFileError(
-                f"The packaged refusal texts are missing ({resource}); the harmjax install lacks its "
-                "package data (pyproject [tool.setuptools.package-data])."
-            )
-        text, source = resource.read_text(encoding="utf-8"), str(resource)
-    else:
-        if not os.path.isfile(path):
-            raise MissingFileError(f"No refusal file at {path}.")
-        with open(path, encoding="utf-8") as f:
-            text, source = f.read(), path
-    out: list[Refusal] = []
-    seen_ids: dict[str, int] = {}
-    seen_texts: dict[str, int] = {}
-    for number, row in json_lines(text, source, DatasetFormatError):
-        where = f"{source}, line {number}"
-        if not isinstance(row, dict):
-            raise DatasetFormatError(f"{where}: expected a JSON object, got {type(row).__name__}.")
-        ident, body = row.get("id"), row.get("text")
-        if not isinstance(ident, str) or not ident.strip() or not isinstance(body, str) or not body.strip():
-            raise DatasetFormatError(f"{where}: each row needs non-empty string fields 'id' and 'text'.")
-        # A repeat would only reweight the set; refuse it so the counts in the README stay true.
-        key = " ".join(body.lower().split())
-        for seen, value, what in ((seen_ids, ident, "id"), (seen_texts, key, "text")):
-            if value in seen:
-                raise DatasetFormatError(f"{where}: {what} repeats the one on line {seen[value]}.")
-            seen[value] = number
-        out.append(Refusal(id=ident, style=str(row.get("style", "")), text=body.strip()))
-    if not out:
-        raise DatasetFormatError(f"{source}: no refusal texts (the file is empty).")
-    return out
+    rows = read_text_set(path, ("refusals", "refusals.jsonl"), "refusal texts", ("id", "text"), "text")
+    return [Refusal(id=r["id"], style=str(r.get("style", "")), text=r["text"].strip()) for r in rows]
