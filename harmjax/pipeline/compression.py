@@ -26,7 +26,7 @@ from typing import Any
 
 from harmjax import distributed
 from harmjax.pipeline.report import fmt, fmt_pct, timings_markdown
-from harmjax.pipeline.stages import as_config, slug, write_json_atomic
+from harmjax.pipeline.stages import as_config, publish_report, slug
 
 MODELS = ("model_a", "model_b")
 VERDICT_RULE = (
@@ -201,12 +201,7 @@ def run_compression(cfg, progress: bool = True) -> dict[str, Any]:
     plot = distributed.broadcast_json(_plot(out_dir, models, result) if distributed.is_writer() else None)
     metrics = {"settings": cfg.to_dict(), "models": models, "compression": result, "plot": plot,
                "wall_seconds": time.perf_counter() - t_start}
-    write_json_atomic(os.path.join(out_dir, "metrics.json"), metrics)
-    if distributed.is_writer():
-        with open(os.path.join(out_dir, "report.md"), "w") as f:
-            f.write(_markdown(metrics))
-        print(summary_text(metrics, out_dir))
-    distributed.barrier(f"report {out_dir}")
+    publish_report(out_dir, metrics, lambda: _markdown(metrics), lambda: summary_text(metrics, out_dir))
     return metrics
 
 

@@ -37,9 +37,10 @@ from harmjax.evaluate.refusal import is_refusal
 from harmjax.pipeline import answers as answers_mod
 from harmjax.pipeline.measure import mean_finite
 from harmjax.pipeline.prompt_sets import split_per_category
+from harmjax.pipeline.report import timings_markdown
 from harmjax.pipeline.stages import (
-    StageCache, as_config, default_run_dir, finish_unit, fresh_dir, read_json, settings_key, unit_done,
-    write_json_atomic,
+    StageCache, as_config, default_run_dir, finish_unit, fresh_dir, publish_report, read_json, settings_key,
+    unit_done, write_json_atomic,
 )
 
 MASKS = ("none", "harm", "refusal", "random_harm", "random_refusal")
@@ -425,7 +426,6 @@ def write_dissociation_report(run_dir: str, *, cfg, source: str, data, sizes, re
     metrics = {"model": source, "data": data, "mask_sizes": sizes, "table": table, "verdict": v,
                "timings": timings, "wall_seconds": wall_seconds, "results": results,
                "settings": cfg.to_dict()}
-    write_json_atomic(os.path.join(run_dir, "metrics.json"), metrics)
     _plot(os.path.join(run_dir, "dissociation.png"), v["deltas"])
 
     lines = ["# Dissociation (Orgad et al. claim 5)", "",
@@ -466,16 +466,8 @@ def write_dissociation_report(run_dir: str, *, cfg, source: str, data, sizes, re
         for name, s in (("none", s_none), ("harm", s_harm), ("refusal", s_ref)):
             lines.append(f"  - {name}: plain `{s['answer'][:100]!r}`; attacked `{s['attacked_answer'][:100]!r}`; "
                          f"yes/no log-odds {s['recognition_logodds']:+.2f}")
-    lines += ["", "## Timings", ""]
-    lines += [f"- {k}: {t.get('seconds', 0.0):.1f} s{' (cached)' if t.get('cached') else ''}"
-              for k, t in timings.items()]
-    lines.append(f"- wall: {wall_seconds:.1f} s")
-    from harmjax import distributed
-
-    if distributed.is_writer():
-        with open(os.path.join(run_dir, "report.md"), "w") as f:
-            f.write("\n".join(lines) + "\n")
-    distributed.barrier("wrote report.md")
+    lines += ["", "## Timings", "", timings_markdown(timings) + f"- wall: {wall_seconds:.1f} s"]
+    publish_report(run_dir, metrics, lambda: "\n".join(lines) + "\n")
     return metrics
 
 

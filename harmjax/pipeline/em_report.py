@@ -7,7 +7,7 @@ from typing import Any
 
 from harmjax import distributed
 from harmjax.pipeline.report import fmt, fmt_pct, timings_markdown
-from harmjax.pipeline.stages import write_json_atomic
+from harmjax.pipeline.stages import publish_report
 
 LABELS = {"original": "original", "finetuned": "fine-tuned", "pruned": "pruned",
           "pruned_finetuned": "pruned + fine-tuned"}
@@ -73,12 +73,7 @@ def write_em_report(run_dir, *, cfg, model, data, prune, training, results, timi
     metrics = {"model": {"source": cfg.model, "parameters": model.num_params(), "dtype": cfg.dtype},
                "settings": cfg.to_dict(), "data": data, "prune": prune, "training": training, "table": rows,
                "claim4": claim, "results": results, "plot": plot, "timings": timings, "wall_seconds": wall_seconds}
-    write_json_atomic(os.path.join(run_dir, "metrics.json"), metrics)
-    if distributed.is_writer():
-        with open(os.path.join(run_dir, "report.md"), "w") as f:
-            f.write(_markdown(metrics))
-        print(summary_text(metrics, run_dir))
-    distributed.barrier(f"report {run_dir}")
+    publish_report(run_dir, metrics, lambda: _markdown(metrics), lambda: summary_text(metrics, run_dir))
     return metrics
 
 

@@ -9,7 +9,7 @@ from typing import Any
 from harmjax import distributed
 from harmjax.pipeline.refusal_model import MODELS
 from harmjax.pipeline.report import fmt, timings_markdown
-from harmjax.pipeline.stages import write_json_atomic
+from harmjax.pipeline.stages import publish_report
 
 LABELS = {"original": "original", "refusal_tuned": "refusal-tuned"}
 ISSUE_TARGETS = ("refusal_rate", "logprob_refusal_fraction", "benign_nll_rise", "attack_harmful_rate")
@@ -52,12 +52,7 @@ def write_refusal_report(run_dir, *, cfg, source, model_dir, data, training, res
                "samples": {name: results[name]["samples"] for name in MODELS},
                "benign_samples": {name: results[name]["benign_samples"] for name in MODELS},
                "plot": plot, "timings": timings, "wall_seconds": wall_seconds}
-    write_json_atomic(os.path.join(run_dir, "metrics.json"), metrics)
-    if distributed.is_writer():
-        with open(os.path.join(run_dir, "report.md"), "w") as f:
-            f.write(_markdown(metrics))
-        print(summary_text(metrics, run_dir))
-    distributed.barrier(f"report {run_dir}")
+    publish_report(run_dir, metrics, lambda: _markdown(metrics), lambda: summary_text(metrics, run_dir))
     return metrics
 
 

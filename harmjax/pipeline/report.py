@@ -14,7 +14,7 @@ import os
 from typing import Any
 
 from harmjax import distributed
-from harmjax.pipeline.stages import write_json_atomic
+from harmjax.pipeline.stages import publish_report
 
 # The rules behind the report's verdicts (stated in the report too).
 SELECTIVE_RATIO = 2.0  # harm NLL must rise >= 2x benign NLL, and >= 2x the random mask's harm rise
@@ -248,12 +248,7 @@ def write_report(run_dir, *, cfg, model, model_source, data, masks, results, ove
         "benign_baselines": {"rows": b_rows, "target_d_benign": (baselines or {}).get("target")},
         "claims": {"1": c1, "2": c2}, "plots": plots, "timings": timings, "wall_seconds": wall_seconds,
     }
-    write_json_atomic(os.path.join(run_dir, "metrics.json"), metrics)
-    if distributed.is_writer():
-        with open(os.path.join(run_dir, "report.md"), "w") as f:
-            f.write(_markdown(metrics, results, headline))
-        print(summary_text(metrics, run_dir))
-    distributed.barrier(f"report {run_dir}")
+    publish_report(run_dir, metrics, lambda: _markdown(metrics, results, headline), lambda: summary_text(metrics, run_dir))
     return metrics
 
 

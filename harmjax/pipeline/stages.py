@@ -48,6 +48,19 @@ def write_json_atomic(path: str, obj: Any) -> None:
     distributed.barrier(f"wrote {path}")
 
 
+def publish_report(run_dir: str, metrics: Mapping[str, Any], markdown: Callable[[], str],
+                   summary: Callable[[], str] | None = None) -> None:
+    """The end of every experiment: metrics.json (atomic), then process 0 writes report.md and
+    prints the one-screen summary (built only there), and every process waits for it."""
+    write_json_atomic(os.path.join(run_dir, "metrics.json"), metrics)
+    if distributed.is_writer():
+        with open(os.path.join(run_dir, "report.md"), "w") as f:
+            f.write(markdown())
+        if summary is not None:
+            print(summary())
+    distributed.barrier(f"report {run_dir}")
+
+
 def read_json(path: str) -> Any:
     """Reads a JSON file written by `write_json_atomic`."""
     with open(path) as f:
