@@ -36,6 +36,7 @@ from harmjax.data.records import Example
 from harmjax.evaluate.refusal import is_refusal
 from harmjax.pipeline import answers as answers_mod
 from harmjax.pipeline.measure import mean_finite
+from harmjax.pipeline.model_sources import REFUSAL, resolve_source
 from harmjax.pipeline.prompt_sets import split_per_category
 from harmjax.pipeline.report import timings_markdown
 from harmjax.pipeline.stages import (
@@ -214,13 +215,8 @@ def measure_dissociation(model, params, *, heldout: Sequence[Example], benign_he
 # --- the job -----------------------------------------------------------------------------
 
 def _model_source(cfg, progress: bool) -> str:
-    from harmjax.assets import resolve_model_source
-
-    if cfg.model:
-        return resolve_model_source(cfg.model)
-    from harmjax.pipeline.refusal_model import ensure_refusal_model
-
-    return ensure_refusal_model(cfg.refusal, progress=progress)
+    # "" (the default) is the refusal-tuned model of cfg.refusal, as model="refusal" elsewhere.
+    return resolve_source(cfg.model or REFUSAL, cfg.refusal, progress=progress)
 
 
 def run_dissociation(cfg, progress: bool = True) -> dict[str, Any]:
