@@ -55,3 +55,23 @@ def matmul_tflops(n: int = 8192, repeats: int = 10) -> float:
         out = f(a)
     out.block_until_ready()
     return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e12
+
+
+def copy_bandwidth(gb: float, repeats: int = 10) -> dict:
+    """Device-to-device copy rate: (bytes read + bytes written) / time, median of `repeats`."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    n = int(gb * 1e9) // 4
+    x = jnp.ones((n,), jnp.float32)
+    copy = jax.jit(jnp.copy)  # a new buffer: one read and one write of every element
+    copy(x).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        copy(x).block_until_ready()
+        times.append(time.perf_counter() - start)
+    t = float(np.median(times))
+    del x
+    return {"array_bytes": 4 * n, "seconds": t, "bytes_per_s": 2 * 4 * n / t}

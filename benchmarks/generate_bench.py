@@ -27,7 +27,7 @@ import tempfile
 import time
 
 from absl import app, flags
-from bench_common import LLAMA31_8B
+from bench_common import LLAMA31_8B, copy_bandwidth
 
 _TINY = flags.DEFINE_bool("tiny", False, "Tiny shapes (CPU smoke test).")
 _BATCHES = flags.DEFINE_list("batches", ["1", "64"], "Batch sizes.")
@@ -143,26 +143,6 @@ def run_torch_subprocess() -> dict:
 
 
 # ----------------------------------------------------------------------------- JAX
-def copy_bandwidth(gb: float, repeats: int = 10) -> dict:
-    """Device-to-device copy rate: (bytes read + bytes written) / time, median of `repeats`."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    n = int(gb * 1e9) // 4
-    x = jnp.ones((n,), jnp.float32)
-    copy = jax.jit(jnp.copy)  # a new buffer: one read and one write of every element
-    copy(x).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        copy(x).block_until_ready()
-        times.append(time.perf_counter() - start)
-    t = float(np.median(times))
-    del x
-    return {"array_bytes": 4 * n, "seconds": t, "bytes_per_s": 2 * 4 * n / t}
-
-
 def jax_engine(bandwidth: float) -> dict:
     """harmjax's sampler: per batch size, prefill and decode times, tokens/s, step vs floor."""
     import jax

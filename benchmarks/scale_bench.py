@@ -235,20 +235,13 @@ def generate_part(rows):
     import numpy as np
 
     import harmjax
+    from bench_common import copy_bandwidth
     from harmjax.generate import generate_ids
 
     config = _config(_SHAPE.value)
     mesh = harmjax.make_mesh(harmjax.MeshConfig(*(int(x) for x in _GEN_MESH.value)))
     params, _ = _params(config, mesh, _SHAPE.value == "tiny")
-    x = jax.numpy.ones((int(2e9) // 4,), jax.numpy.float32)
-    copy = jax.jit(jax.numpy.copy)
-    copy(x).block_until_ready()
-    t = time.perf_counter()
-    for _ in range(5):
-        y = copy(x)
-    y.block_until_ready()
-    bandwidth = 2 * x.nbytes * 5 / (time.perf_counter() - t)
-    del x, y
+    bandwidth = copy_bandwidth(0.002 if _SHAPE.value == "tiny" else 2.0, repeats=5)["bytes_per_s"]
     leaves = jax.tree.leaves(params)
     embed = params["model"]["embed_tokens"]["weight"]
     weight_bytes = sum(a.size * a.dtype.itemsize for a in leaves) - embed.size * embed.dtype.itemsize

@@ -401,13 +401,18 @@ def _global_plan(leaves: list[Any], k: int, flip: bool) -> tuple[np.uint32, list
             totals = _counts_per_leaf(leaves, [t + (d << shift) for d in digits], flip, width).sum(0)
             t += max([d for d, total in zip(digits, totals) if total >= k], default=0) << shift
     ge_t, ge_next = _counts_per_leaf(leaves, [t, t + 1], flip, width).T
-    gt, eq = ge_next, ge_t - ge_next
-    remaining = k - int(gt.sum())
+    return np.uint32(t), _ties_to_take(k, [int(n) for n in ge_next], [int(n) for n in ge_t - ge_next])
+
+
+def _ties_to_take(k: int, gt: list[int], eq: list[int]) -> list[int]:
+    """Per leaf, how many entries equal to the threshold join the k selected: the k - sum(gt)
+    still missing, taken from the leaves in order (the lowest flat index wins ties)."""
+    remaining = k - sum(gt)
     take = []
     for n_eq in eq:
-        take.append(min(max(remaining, 0), int(n_eq)))
+        take.append(min(max(remaining, 0), n_eq))
         remaining -= take[-1]
-    return np.uint32(t), take
+    return take
 
 
 @functools.lru_cache(maxsize=None)
@@ -441,13 +446,7 @@ def _global_plan_one_program(leaves: list[Any], k: int, flip: bool) -> tuple[np.
     else:
         t = 0xFFFFFFFF  # no key equals it: nothing selected
     gt, eq = _global_counter(out, True)(leaves, np.uint32(t), np.bool_(flip))
-    gt, eq = _host_ints(gt), _host_ints(eq)
-    remaining = k - sum(gt)
-    take = []
-    for n_eq in eq:
-        take.append(min(max(remaining, 0), n_eq))
-        remaining -= take[-1]
-    return np.uint32(t), take
+    return np.uint32(t), _ties_to_take(k, _host_ints(gt), _host_ints(eq))
 
 
 def _global_leaf(harm, retain, plans, flip):
