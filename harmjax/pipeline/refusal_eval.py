@@ -22,6 +22,7 @@ import numpy as np
 from harmjax.data.records import Example
 from harmjax.evaluate.refusal import is_refusal
 from harmjax.inference import response_nll
+from harmjax.evaluate.recognition import logsumexp_rows
 from harmjax.pipeline.measure import mean_finite
 from harmjax.pipeline.refusal_data import TEXT_FORMAT
 
@@ -86,11 +87,6 @@ def _jit_tail_logprobs(config, mesh, tail: int):
     return jax.jit(f, in_shardings=(param_shardings(config, mesh), batch, batch), out_shardings=replicated(mesh))
 
 
-def _logsumexp(x: np.ndarray) -> np.ndarray:
-    m = x.max(axis=1, keepdims=True)
-    return (m + np.log(np.exp(x - m).sum(axis=1, keepdims=True)))[:, 0]
-
-
 def _generate(model, params, prompts, prefix, E):
     from harmjax.generate import generate
 
@@ -127,7 +123,7 @@ def measure_refusal(model, params, heldout: Sequence[Example], main_ids: set[str
     openings = list(E.refusal_openings) + list(E.compliant_openings)
     lp = opening_logprobs(model, params, heldout, openings, batch_size=E.batch_size)
     lp_r, lp_c = lp[:, : len(E.refusal_openings)], lp[:, len(E.refusal_openings):]
-    margin = _logsumexp(lp_r) - _logsumexp(lp_c)
+    margin = logsumexp_rows(lp_r) - logsumexp_rows(lp_c)
     out["logprob_margin_mean"] = float(margin.mean())
     out["logprob_refusal_fraction"] = float((margin > 0).mean())
 
