@@ -93,12 +93,20 @@ def build_model_on_devices(directory: str) -> str:
 
 
 def _disk_bytes(path: str) -> int:
+    if not os.path.isdir(path):
+        return 0
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
 def main(argv):
     del argv
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")  # launch.common's default
+    import jax
+
+    # As launch.common: compiled programs persist beside the work, so a resumed run (a second
+    # call after a time limit) skips compiling.
+    jax.config.update("jax_compilation_cache_dir", os.path.join(_WORK.value, "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     from configs.embedded import get_config
     from harmjax.pipeline import run_experiment
 
@@ -123,7 +131,6 @@ def main(argv):
     cfg.evaluation.generation_batch_size = 48
     build = time.perf_counter() - t0
     metrics = run_experiment(cfg)
-    import jax
 
     cache = os.path.join(cfg.output_dir, "cache")
     stage_disk = {name: _disk_bytes(os.path.join(cache, name)) for name in sorted(os.listdir(cache))}

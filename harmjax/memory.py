@@ -58,6 +58,14 @@ def _stats(device) -> dict[str, int] | None:
         return None
 
 
+def peak_bytes(devices: Iterable[Any]) -> int | None:
+    """The largest `peak_bytes_in_use` over `devices` since the process started (None where no
+    device reports memory stats, e.g. CPUs)."""
+    peaks = [(_stats(d) or {}).get("peak_bytes_in_use") for d in devices]
+    peaks = [p for p in peaks if p is not None]
+    return max(peaks) if peaks else None
+
+
 def program_bytes(compiled) -> int:
     """Per-device bytes a compiled program needs: arguments + outputs + temporaries - aliased."""
     m = compiled.memory_analysis()

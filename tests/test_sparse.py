@@ -86,3 +86,32 @@ def test_jaccard_from_indices_equals_dense_jaccard():
     assert jaccard_indices(empty, empty) == 1.0
     with pytest.raises(ValueError, match="out of range|outside"):
         mask_from_indices({NAMES[0]: np.array([384])}, {NAMES[0]: SHAPE})
+
+
+@pytest.mark.parametrize("count", [0, 1, 255, 256, 257, 40 * 48])
+def test_device_indices_and_scatter_equal_numpy(count, tmp_path):
+    """Indices found on the devices (padded to a power of two) equal np.flatnonzero, and the
+    device scatter rebuilds the same dense mask in each sharding, for empty, bucket-edge and
+    all-True leaves (tensor-split columns, fsdp-split rows, and both)."""
+    from harmjax.masks import random_indices, save_mask, load_mask_indices
+
+    mesh = make_mesh(MeshConfig(data=1, fsdp=2, tensor=2), jax.devices()[:4])
+    shape = (40, 48)
+    rng = np.random.default_rng(count)
+    dense = np.zeros(40 * 48, bool)
+    dense[rng.choice(dense.size, count, replace=False)] = True
+    dense = dense.reshape(shape)
+    for spec in (P("fsdp", None), P(None, "tensor"), P("tensor", "fsdp")):
+        sh = NamedSharding(mesh, spec)
+        name = NAMES[0]
+        got = mask_indices({name: jax.device_put(dense, sh)})[name]
+        assert got.dtype == np.int64 and np.array_equal(got, np.flatnonzero(dense))
+        back = flatten(mask_from_indices({name: got}, {name: shape}, {name: sh}))[name]
+        assert back.sharding == sh and np.array_equal(np.asarray(back), dense)
+    # The sparse random control draws the same positions as a dense draw from the same seed.
+    rand = random_indices({NAMES[0]: count}, {NAMES[0]: shape, NAMES[1]: shape}, seed=3)
+    ref = np.random.default_rng([3, 0]).choice(dense.size, size=count, replace=False)
+    assert np.array_equal(rand[NAMES[0]], np.sort(ref)) and rand[NAMES[1]].size == 0
+    # save_mask of a device mask writes exactly these indices
+    save_mask(str(tmp_path / "m"), {NAMES[0]: jax.device_put(dense, NamedSharding(mesh, P("fsdp", "tensor")))})
+    assert np.array_equal(load_mask_indices(str(tmp_path / "m"))[0][NAMES[0]], np.flatnonzero(dense))

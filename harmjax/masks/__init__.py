@@ -21,7 +21,7 @@ from harmjax.masks.algebra import (
     union_all,
 )
 from harmjax.masks.apply import apply_mask, check_mask_fits
-from harmjax.masks.random import random_like
+from harmjax.masks.random import random_indices, random_like
 from harmjax.masks.plots import PlotDependencyError, counts_grid, plot_mask_counts
 from harmjax.masks.select import GRANULARITIES, select
 from harmjax.masks.sparse import jaccard_indices, mask_from_indices, mask_indices, select_indices, top_candidates
@@ -36,6 +36,7 @@ from harmjax.masks.storage import (
     safetensors_shapes,
     save_candidates,
     save_mask,
+    save_mask_indices,
     save_scores,
 )
 
@@ -65,11 +66,13 @@ __all__ = [
     "mask_from_indices",
     "mask_indices",
     "plot_mask_counts",
+    "random_indices",
     "random_like",
     "read_summary",
     "safetensors_shapes",
     "save_candidates",
     "save_mask",
+    "save_mask_indices",
     "save_scores",
     "select",
     "select_indices",

@@ -204,20 +204,26 @@ def mask_counts(mask: Tree, params: Tree | None = None, num_params: int | None =
     _check_bool(mask, "Mask")
     items = hf_sorted_leaves(mask)
     counts = _counts([leaf for _, leaf in items])
+    if params is not None:
+        num_params = sum(int(np.prod(np.shape(x), dtype=np.int64)) for x in jax.tree.leaves(params))
+    return counts_summary([(name, tuple(leaf.shape), n) for (name, leaf), n in zip(items, counts)], num_params)
+
+
+def counts_summary(items: Sequence[tuple[str, tuple[int, ...], int]], num_params: int | None = None) -> dict[str, Any]:
+    """`mask_counts`' dict from (HF name, matrix shape, pruned count) triples in HF order: the
+    one place the per-layer and per-projection tallies are made, for dense and sparse masks."""
     per_layer: dict[str, int] = {}
     per_projection: dict[str, int] = {}
     per_layer_projection: dict[str, dict[str, int]] = {}
     scored = 0
-    for (name, leaf), n in zip(items, counts):
+    for name, shape, n in items:
         layer, projection = _layer_and_projection(name)
         per_layer[layer] = per_layer.get(layer, 0) + n
         per_projection[projection] = per_projection.get(projection, 0) + n
         row = per_layer_projection.setdefault(layer, {})
         row[projection] = row.get(projection, 0) + n
-        scored += int(np.prod(leaf.shape, dtype=np.int64))
-    total = sum(counts)
-    if params is not None:
-        num_params = sum(int(np.prod(np.shape(x), dtype=np.int64)) for x in jax.tree.leaves(params))
+        scored += int(np.prod(shape, dtype=np.int64))
+    total = sum(n for _, _, n in items)
     return {
         "total": total,
         "scored": scored,

@@ -24,24 +24,73 @@ import jax.numpy as jnp
 import numpy as np
 
 from harmjax.distributed import to_host as _to_host
-from harmjax.masks.algebra import hf_sorted_leaves
-from harmjax.masks.select import _k, _replicated_like, _sort_keys, select
+from harmjax.masks.algebra import _counts, hf_sorted_leaves
+from harmjax.masks.select import _INT32_MAX, _k, _replicated_like, _sort_keys, select
 from harmjax.tree import iter_leaves, unflatten
 
 INDEX_DTYPE = np.int64  # torch indexes with int64; a matrix may exceed 2**31 entries in future models
 
 
 def mask_indices(mask: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """{HF name: sorted int64 flat indices of the True entries} of a bool mask tree, one leaf
-    on the host at a time."""
-    return {name: np.flatnonzero(_to_host(leaf)).astype(INDEX_DTYPE) for name, leaf in hf_sorted_leaves(mask)}
+    """{HF name: sorted int64 flat indices of the True entries} of a bool mask tree. Device
+    leaves are reduced to their indices on the device (`device_indices`), so only the
+    indices travel: a 32B model's dense mask is 31 GB, its q=1e-5 indices ~2.5 MB."""
+    items = hf_sorted_leaves(mask)
+    on_device = [leaf for _, leaf in items if _indexable_on_device(leaf)]
+    counts = iter(_counts(on_device))  # one program and one transfer for every leaf's count
+    return {name: device_indices(leaf, next(counts)) if _indexable_on_device(leaf)
+            else np.flatnonzero(_to_host(leaf)).astype(INDEX_DTYPE) for name, leaf in items}
+
+
+def _indexable_on_device(leaf: Any) -> bool:
+    # int32 positions on the device; a leaf of 2**31 entries or more is indexed on the host.
+    return isinstance(leaf, jax.Array) and 0 < leaf.size <= _INT32_MAX
+
+
+def _bucket(n: int) -> int:
+    # Index arrays are padded to a power of two, so masks of similar size share a compilation.
+    return max(256, 1 << (max(int(n), 1) - 1).bit_length())
+
+
+@functools.lru_cache(maxsize=None)
+def _nonzero_fn(size: int, out_sharding):
+    def positions(m):
+        flat = m.reshape(-1)
+        return jnp.nonzero(flat, size=size, fill_value=flat.size)[0]
+
+    return jax.jit(positions) if out_sharding is None else jax.jit(positions, out_shardings=out_sharding)
+
+
+def device_indices(leaf: jax.Array, count: int) -> np.ndarray:
+    """Sorted int64 flat indices of the `count` True entries of one bool device leaf, found on
+    the device (`jnp.nonzero` at a padded static size) so that only the indices reach the
+    host; every process gets them all."""
+    idx = _to_host(_nonzero_fn(_bucket(count), _replicated_like(leaf))(leaf))
+    return idx[:count].astype(INDEX_DTYPE)
+
+
+@functools.lru_cache(maxsize=None)
+def _scatter_fn(shape: tuple[int, int], sharding):
+    def build(idx):
+        # Padding entries hold the leaf's size: their row is out of bounds and is dropped.
+        return jnp.zeros(shape, bool).at[idx // shape[1], idx % shape[1]].set(True, mode="drop")
+
+    return jax.jit(build, out_shardings=sharding)
+
+
+def _device_mask(idx: np.ndarray, shape: tuple[int, int], sharding) -> jax.Array:
+    """The bool matrix of flat `idx`, built by a scatter on the devices straight into
+    `sharding` (only the indices are sent, not a dense block per device)."""
+    padded = np.full(_bucket(idx.size), int(np.prod(shape, dtype=np.int64)), np.int32)
+    padded[: idx.size] = idx
+    return _scatter_fn(shape, sharding)(padded)
 
 
 def mask_from_indices(indices: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]],
                       shardings: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The dense bool mask tree of flat `indices` per HF name (`shapes` gives each matrix's
     shape). With `shardings` ({name: sharding}, flat or nested), each leaf is built straight
-    into its sharding, every device filling only its own slice; otherwise NumPy leaves."""
+    into its sharding (matrices by a scatter on the devices); otherwise NumPy leaves."""
     flat_sh = dict(iter_leaves(shardings)) if shardings is not None else {}
     out = {}
     for name, shape in shapes.items():
@@ -55,30 +104,17 @@ def mask_from_indices(indices: Mapping[str, np.ndarray], shapes: Mapping[str, tu
             dense = np.zeros(size, bool)
             dense[idx] = True
             out[name] = dense.reshape(shape)
-            continue
-
-        def part(index, idx=idx, shape=shape):
-            # This device's slice only: the indices that fall inside its block of rows/columns.
-            if len(shape) != 2:
+        elif len(shape) == 2 and 0 < size <= _INT32_MAX:
+            out[name] = _device_mask(idx, shape, sharding)
+        else:
+            def part(index, idx=idx, shape=shape):
+                # This device's slice of the dense leaf (vectors and very large leaves).
                 full = np.zeros(int(np.prod(shape, dtype=np.int64)), bool)
                 full[idx] = True
                 return full.reshape(shape)[index]
-            rows, cols = np.unravel_index(idx, shape)
-            (r0, r1), (c0, c1) = (_bounds(index[i] if i < len(index) else slice(None), shape[i]) for i in (0, 1))
-            block = np.zeros((r1 - r0, c1 - c0), bool)
-            keep = (rows >= r0) & (rows < r1) & (cols >= c0) & (cols < c1)
-            block[rows[keep] - r0, cols[keep] - c0] = True
-            return block
 
-        out[name] = jax.make_array_from_callback(shape, sharding, part)
+            out[name] = jax.make_array_from_callback(shape, sharding, part)
     return unflatten(out)
-
-
-def _bounds(s: slice, n: int) -> tuple[int, int]:
-    start, stop, step = s.indices(n)
-    if step != 1:
-        raise ValueError(f"Unexpected strided shard slice {s}.")
-    return start, stop
 
 
 @functools.lru_cache(maxsize=None)
@@ -111,13 +147,16 @@ def top_candidates(scores: Mapping[str, Any], fraction: float) -> Candidates:
     (select's sort keys: -0.0 ties +0.0, NaN last) and, among equal keys, ascending index.
 
     The set is found by `select` itself (exact and sharding-preserving), one matrix at a time
-    so that only one matrix's bool mask is ever alive; only the chosen indices and values come
-    to the host.
+    so that only one matrix's bool mask is ever alive; its indices are found on the device, so
+    only the chosen indices and values come to the host.
     """
     out = {}
     for name, leaf in hf_sorted_leaves(scores):
-        top = select(unflatten({name: leaf}), None, q=fraction, granularity="matrix", progress=False)
-        idx = np.flatnonzero(_to_host(dict(iter_leaves(top))[name])).astype(INDEX_DTYPE)
+        top = dict(iter_leaves(select(unflatten({name: leaf}), None, q=fraction, granularity="matrix",
+                                      progress=False)))[name]
+        # Only the chosen entries' indices leave the device.
+        idx = (device_indices(top, _counts([top])[0]) if _indexable_on_device(top)
+               else np.flatnonzero(_to_host(top)).astype(INDEX_DTYPE))
         del top
         values = _gather_flat(leaf, idx)
         keys = host_sort_keys(values)

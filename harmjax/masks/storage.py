@@ -37,7 +37,7 @@ from harmjax import checkpoint, distributed
 from harmjax.distributed import to_host as _to_host  # gathers arrays that span processes
 from harmjax.errors import CheckpointError, MissingFileError
 from harmjax.io.safetensors_io import read_header
-from harmjax.masks.algebra import MaskMismatchError, mask_counts
+from harmjax.masks.algebra import MaskMismatchError, _check_bool
 from harmjax.masks.apply import check_mask_fits
 from harmjax.tree import iter_leaves, unflatten
 
@@ -269,7 +269,31 @@ def save_mask(
     weights), `fraction_pruned_params` (of all parameters, when `params` or `num_params` is
     given) and `harmjax_version`.
     """
-    counts = mask_counts(mask, params=params, num_params=num_params)
+    from harmjax.masks.sparse import mask_indices
+
+    _check_bool(mask, "Mask")
+    if params is not None:
+        num_params = sum(int(np.prod(np.shape(x), dtype=np.int64)) for x in jax.tree.leaves(params))
+    shapes = {name: tuple(leaf.shape) for name, leaf in iter_leaves(mask)}
+    return save_mask_indices(out_dir, mask_indices(mask), shapes, summary, num_params=num_params,
+                             dense=mask if dense else None)
+
+
+def save_mask_indices(
+    out_dir: str,
+    indices: Mapping[str, np.ndarray],
+    shapes: Mapping[str, tuple[int, ...]],
+    summary: Mapping[str, Any] | None = None,
+    num_params: int | None = None,
+    dense: Mapping[str, Any] | None = None,
+) -> str:
+    """`save_mask` for a mask given as sorted flat indices per HF name (`shapes` gives each
+    matrix's shape): the same directory, made without a dense mask. `dense`, the same mask as
+    a bool tree, is written as `mask.safetensors` when given. Returns `out_dir`."""
+    from harmjax.masks.algebra import counts_summary, hf_order_key
+
+    names = sorted(shapes, key=hf_order_key)
+    counts = counts_summary([(n, tuple(shapes[n]), len(indices.get(n, ()))) for n in names], num_params)
     full = {
         "kind": "mask",
         **dict(summary or {}),
@@ -280,9 +304,11 @@ def save_mask(
     }
     full = json.loads(json.dumps(full, default=_jsonable))
     os.makedirs(out_dir, exist_ok=True)
-    write_mask_indices(os.path.join(out_dir, SPARSE_MASK_FILE), mask)
-    if dense:
-        export_safetensors(mask, os.path.join(out_dir, "mask.safetensors"), metadata={"harmjax_kind": "mask"})
+    empty = np.zeros(0, np.int64)
+    _write_sparse(os.path.join(out_dir, SPARSE_MASK_FILE),
+                  {n: np.asarray(indices.get(n, empty), np.int64) for n in names}, shapes, "mask_indices")
+    if dense is not None:
+        export_safetensors(dense, os.path.join(out_dir, "mask.safetensors"), metadata={"harmjax_kind": "mask"})
     _write_summary(out_dir, full)  # last: its presence marks a complete directory
     return out_dir
 

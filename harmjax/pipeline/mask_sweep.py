@@ -1,7 +1,7 @@
 """The experiment's masks: T_q(harm) \\ T_p(retain) over a sweep of q, a random control of the
 same size in every matrix for each q, one mask per harm category, and a benign-data mask.
-Each mask is a unit directory written by `harmjax.masks.save_mask` (sparse indices; the dense
-uint8 copy only with `dense_copy`).
+Each mask is a unit directory written by `harmjax.masks.save_mask_indices` (sparse indices; the
+dense uint8 copy only with `dense_copy`): masks stay indices from selection to disk.
 
 Masks are selected from the scores stage's candidates (per matrix top entries, see
 `harmjax.masks.sparse`), bit-identical to `select` on dense scores; dense score units (kept on
@@ -15,18 +15,22 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from harmjax.masks import (
-    difference, jaccard_indices, load_candidates, load_mask, load_mask_indices, load_scores, mask_from_indices,
-    random_like, save_mask, select, select_indices,
+    difference, jaccard_indices, load_candidates, load_mask_indices, load_scores, mask_from_indices, mask_indices,
+    select, select_indices,
 )
-from harmjax.masks.storage import has_candidates, read_summary
+from harmjax.masks.random import random_indices
+from harmjax.masks.storage import has_candidates, read_summary, save_mask_indices
 from harmjax.pipeline.stages import finish_unit, fresh_dir, slug, unit_done
 from harmjax.sharding import param_shardings
 
 
-def _save(unit: str, mask, summary: Mapping[str, Any], num_params: int, dense_copy: bool) -> None:
+def _save(unit: str, indices, shapes, summary: Mapping[str, Any], num_params: int, dense_shardings=None) -> None:
+    # Masks stay sparse from selection to disk: a 32B model's dense mask is 31 GB.
     tmp = fresh_dir(unit)
     # The dense uint8 copy (7 GiB at 8B, 31 GB at 32B) only for harm masks, and only on request.
-    save_mask(tmp, mask, summary, num_params=num_params, dense=dense_copy and summary["mask_kind"] == "harm")
+    dense = (mask_from_indices(indices, shapes, dense_shardings)
+             if dense_shardings is not None and summary["mask_kind"] == "harm" else None)
+    save_mask_indices(tmp, indices, shapes, summary, num_params=num_params, dense=dense)
     finish_unit(tmp, unit, {"name": summary["name"]})
 
 
@@ -82,37 +86,39 @@ def build_masks(
         raise ValueError(f"Score candidates serve granularity 'matrix' only, not {granularity!r}; "
                          "rerun the scores stage with scoring.keep_dense_scores=True.")
     if sparse:
-        harm_mask, top_mask = _sparse_selectors(scores, p, shardings)
+        harm_mask, top_mask = _sparse_selectors(scores, p)
     else:
         harm_mask, top_mask = _dense_selectors(scores, p, granularity, shardings)
 
     units = []
     common = {"p": p, "granularity": granularity, "seed": seed}
+    dense = shardings if dense_copy else None
     for q in q_sweep:
         unit = os.path.join(directory, f"harm_q{q_label(q)}")
         units.append(unit)
-        mask = None
+        indices = None
         if not unit_done(unit):
-            mask = harm_mask("all", q)
-            _save(unit, mask, {"name": f"harm q={q_label(q)}", "mask_kind": "harm", "q": q, **common}, n_params,
-                  dense_copy)
+            indices, shapes = harm_mask("all", q)
+            _save(unit, indices, shapes, {"name": f"harm q={q_label(q)}", "mask_kind": "harm", "q": q, **common},
+                  n_params, dense)
         bar.update(1)
         if random_control:
             runit = os.path.join(directory, f"random_q{q_label(q)}")
             units.append(runit)
             if not unit_done(runit):
-                if mask is None:  # the harm mask was finished by an earlier run
-                    mask, _ = load_mask(unit, model.params)
-                _save(runit, random_like(mask, seed), {"name": f"random q={q_label(q)}", "mask_kind": "random",
-                                                       "q": q, **common}, n_params, dense_copy)
+                if indices is None:  # the harm mask was finished by an earlier run
+                    indices, shapes = load_mask_indices(unit)
+                control = random_indices({n: len(i) for n, i in indices.items()}, shapes, seed)
+                _save(runit, control, shapes, {"name": f"random q={q_label(q)}", "mask_kind": "random", "q": q,
+                                               **common}, n_params, dense)
             bar.update(1)
     for cat in categories:
         unit = os.path.join(directory, f"category_{slug(cat)}")
         units.append(unit)
         if not unit_done(unit):
-            mask = harm_mask(cat, category_q)
-            _save(unit, mask, {"name": cat, "mask_kind": "category", "category": cat, "q": category_q, **common},
-                  n_params, dense_copy)
+            indices, shapes = harm_mask(cat, category_q)
+            _save(unit, indices, shapes, {"name": cat, "mask_kind": "category", "category": cat, "q": category_q,
+                                          **common}, n_params, dense)
         bar.update(1)
     unit = os.path.join(directory, "benign")
     units.append(unit)
@@ -120,9 +126,9 @@ def build_masks(
         # The benign-data mask: top-q signed SNIP on benign answers, no T_p (the retain set is
         # the same data, and T_p holds most of it: 79% on the embedded model). Claim 2's
         # same-procedure baseline, T_q(benign) \ T_p(retain), is built in `baselines.py`.
-        mask = top_mask("benign_signed", category_q)
-        _save(unit, mask, {"name": "benign", "mask_kind": "benign", "q": category_q, "p": 0.0,
-                           "granularity": granularity, "seed": seed}, n_params, dense_copy)
+        indices, shapes = top_mask("benign_signed", category_q)
+        _save(unit, indices, shapes, {"name": "benign", "mask_kind": "benign", "q": category_q, "p": 0.0,
+                                      "granularity": granularity, "seed": seed}, n_params, dense)
     bar.update(1)
     bar.close()
     return [_entry(u) for u in units]
@@ -134,13 +140,14 @@ def select_from_units(scores: Mapping[str, str], key: str, q: float, p: float, g
     if all(has_candidates(d) for d in scores.values()):
         if granularity != "matrix":
             raise ValueError(f"Score candidates serve granularity 'matrix' only, not {granularity!r}.")
-        return _sparse_selectors(scores, p, shardings)[0](key, q)
-    return _dense_selectors(scores, p, granularity, shardings)[0](key, q)
+        return mask_from_indices(*_sparse_selectors(scores, p)[0](key, q), shardings)
+    return _dense_selectors(scores, p, granularity, shardings, sparse_out=False)[0](key, q)
 
 
-def _sparse_selectors(scores: Mapping[str, str], p: float, shardings):
-    """(harm_mask(key, q), top_mask(key, q)) built from candidates, each mask placed in the
-    weights' shardings. Candidates are small (MBs), so all of them may stay loaded."""
+def _sparse_selectors(scores: Mapping[str, str], p: float):
+    """(harm_mask(key, q), top_mask(key, q)) built from candidates, each returning the mask as
+    ({HF name: sorted flat indices}, {HF name: shape}). Candidates are small (MBs), so all of
+    them may stay loaded."""
     cands: dict[str, Any] = {}
 
     def cand(key):
@@ -150,17 +157,26 @@ def _sparse_selectors(scores: Mapping[str, str], p: float, shardings):
 
     def harm_mask(key, q):
         (harm, shapes), (retain, _) = cand(key), cand("retain")
-        return mask_from_indices(select_indices(harm, retain, shapes, q, p), shapes, shardings)
+        return select_indices(harm, retain, shapes, q, p), shapes
 
     def top_mask(key, q):
         harm, shapes = cand(key)
-        return mask_from_indices(select_indices(harm, None, shapes, q), shapes, shardings)
+        return select_indices(harm, None, shapes, q), shapes
 
     return harm_mask, top_mask
 
 
-def _dense_selectors(scores: Mapping[str, str], p: float, granularity: str, shardings):
-    """(harm_mask(key, q), top_mask(key, q)) from dense score trees via `select`."""
+def _dense_selectors(scores: Mapping[str, str], p: float, granularity: str, shardings, sparse_out: bool = True):
+    """(harm_mask(key, q), top_mask(key, q)) from dense score trees via `select`, each mask as
+    (indices, shapes) like `_sparse_selectors`, or as the bool tree with `sparse_out=False`."""
+
+    def out(mask):
+        if not sparse_out:
+            return mask
+        from harmjax.tree import iter_leaves
+
+        return mask_indices(mask), {n: tuple(x.shape) for n, x in iter_leaves(mask)}
+
     cache: dict[str, Any] = {}
     spared = None
 
@@ -176,10 +192,10 @@ def _dense_selectors(scores: Mapping[str, str], p: float, granularity: str, shar
         nonlocal spared
         if spared is None:
             spared = select(scores_of("retain"), None, q=p, granularity=granularity, progress=False)
-        return harm_minus_spared(scores_of(key), spared, q, granularity)
+        return out(harm_minus_spared(scores_of(key), spared, q, granularity))
 
     def top_mask(key, q):
-        return select(scores_of(key), None, q=q, granularity=granularity, progress=False)
+        return out(select(scores_of(key), None, q=q, granularity=granularity, progress=False))
 
     return harm_mask, top_mask
 

@@ -38,8 +38,16 @@ def fmt_pct(x: Any) -> str:
 
 
 def timings_markdown(timings) -> str:
-    """The report's "Timings" list: one line per stage, cached ones marked."""
-    return "".join(f"- {k}: {v['seconds']:.1f} s{' (cached)' if v.get('cached') else ''}\n" for k, v in timings.items())
+    """The report's "Timings" list: one line per stage, cached ones marked with the time they
+    took when computed, and the devices' peak memory by then where measured."""
+    def line(k, v):
+        text = f"- {k}: {v['seconds']:.1f} s"
+        if v.get("cached"):
+            text += f" (cached{', computed in %.1f s' % v['computed_seconds'] if 'computed_seconds' in v else ''})"
+        peak = v.get("peak_device_gib", v.get("computed_peak_device_gib"))
+        return text + (f", peak device memory {peak:.1f} GiB so far" if peak is not None else "") + "\n"
+
+    return "".join(line(k, v) for k, v in timings.items())
 
 
 def _delta(r: dict, base: dict, key: str) -> float | None:

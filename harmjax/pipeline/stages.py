@@ -22,9 +22,10 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 from absl import logging
 
-from harmjax import distributed
+from harmjax import distributed, memory
 
 DONE = "DONE.json"
 
@@ -115,16 +116,22 @@ class StageCache:
         directory = self.path(name, settings)
         done = os.path.join(directory, DONE)
         if os.path.isfile(done):
-            info = read_json(done)["info"]
-            self.timings[name] = {"seconds": 0.0, "cached": True, "dir": directory}
+            record = read_json(done)
+            # "seconds" is this run's time (0); what the stage took when it ran is kept beside it.
+            self.timings[name] = {"seconds": 0.0, "cached": True, "dir": directory,
+                                  **{f"computed_{k}": record[k] for k in ("seconds", "peak_device_gib") if k in record}}
             logging.info("Stage %s: cached (%s).", name, directory)
-            return info
+            return record["info"]
         os.makedirs(directory, exist_ok=True)
         t0 = time.perf_counter()
         info = compute(directory)
         seconds = time.perf_counter() - t0
-        write_json_atomic(done, {"stage": name, "settings": settings, "info": info, "seconds": seconds})
-        self.timings[name] = {"seconds": seconds, "cached": False, "dir": directory}
+        # The devices' peak memory so far in this process (a running maximum: a stage's own
+        # peak is its value where it exceeds the stages before it).
+        peak = memory.peak_bytes(jax.local_devices())
+        extra = {} if peak is None else {"peak_device_gib": round(peak / 2**30, 2)}
+        write_json_atomic(done, {"stage": name, "settings": settings, "info": info, "seconds": seconds, **extra})
+        self.timings[name] = {"seconds": seconds, "cached": False, "dir": directory, **extra}
         return info
 
 
