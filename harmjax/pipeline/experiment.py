@@ -111,7 +111,10 @@ def run_experiment(cfg, progress: bool = True) -> dict[str, Any]:
                    checkpoint_every=S.checkpoint_every, progress=progress)
     M = cfg.masks
     top_fraction = candidate_fraction(cfg)
-    sc_settings = {"answers": settings_key(ans_settings), **S.to_dict(), "top_fraction": top_fraction}
+    # "harm_all": how the pruning set's score is made (since 2026-11-30 one scan over it, not the
+    # sum of the category trees), so runs scored the old way rescore once.
+    sc_settings = {"answers": settings_key(ans_settings), **S.to_dict(), "top_fraction": top_fraction,
+                   "harm_all": "scan"}
     summary = {"model": source, "seed": cfg.seed, "text_format": S.text_format}
 
     def score_stage(d):

@@ -9,10 +9,8 @@ Two storage modes (see BUILD_NOTES "Disk"):
     (`harmjax.masks.sparse`), a few MB even at 32B; masks built from them are bit-identical
     to `select` on the dense trees at granularity "matrix". No dense tree touches the disk,
     so scans keep no mid-scan checkpoint (a dense float32 accumulator tree is 124 GB at
-    32B): a kill costs the scan pass in progress. `harm_all`, the sum of the per-category
-    trees, is added up in memory as each category scan finishes, in the same order and with
-    the same float32 additions as the dense mode (bitwise equal); the running sum waits in
-    host memory while the next category is scanned, so the device holds one score tree.
+    32B): a kill costs the scan pass in progress. Every unit, `harm_all` included (one scan
+    over the whole pruning set), is its own scan, so the device holds one score tree.
   - dense (`top_fraction=None`): each unit is a dense float32 score tree (orbax), each scan
     checkpoints as it goes and resumes at its last saved batch; the disk check applies.
 """
@@ -22,11 +20,12 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jax
 import numpy as np
+from absl import logging
 
 from harmjax import distributed
 from harmjax.attribution import scan
@@ -34,11 +33,10 @@ from harmjax.attribution.scope import scored_names
 from harmjax.data.records import Example
 from harmjax.io.disk_space import human_bytes, require_free_space
 from harmjax.masks.sparse import top_candidates
-from harmjax.masks.storage import load_scores, save_candidates, save_scores
+from harmjax.masks.storage import save_candidates, save_scores
 from harmjax.model.param_specs import param_specs
 from harmjax.pipeline.stages import finish_unit, fresh_dir, slug, unit_done
-from harmjax.sharding import param_shardings
-from harmjax.tree import flatten, unflatten
+from harmjax.tree import flatten
 
 
 def write_score_unit(target: str, tree, summary: Mapping[str, Any], top_fraction: float | None) -> None:
@@ -70,7 +68,13 @@ def scan_to_units(model, examples, kind, unit: str, scan_kwargs: Mapping[str, An
     result, stats, ckpt = _scan(model, examples, kind, unit, scan_kwargs, top_fraction)
     trees = result.scores if isinstance(kind, tuple) else {kind: result.scores}
     for k, tree in trees.items():
-        write_score_unit((names or {}).get(k, unit), tree, {**summary, "kind": k, **stats}, top_fraction)
+        t0 = time.perf_counter()
+        target = (names or {}).get(k, unit)
+        write_score_unit(target, tree, {**summary, "kind": k, **stats}, top_fraction)
+        # Where a unit's time goes at scale (the scan's own seconds include its compilation).
+        logging.info("Score unit %s: scan %.1f s, %s written in %.1f s.", os.path.basename(target),
+                     stats["seconds"], "dense tree" if top_fraction is None else "candidates",
+                     time.perf_counter() - t0)
     if ckpt and distributed.is_writer():
         shutil.rmtree(ckpt, ignore_errors=True)
 
@@ -123,90 +127,30 @@ def harm_scores_per_category(
     model, examples: Sequence[Example], directory: str, scan_kwargs: Mapping[str, Any], summary: Mapping[str, Any],
     top_fraction: float | None = None,
 ) -> dict[str, Any]:
-    """Writes `harm_<category>` per category and `harm_all` (their sum) under `directory`;
-    returns {category: unit path} plus "all". Dense units with `top_fraction=None`, else
-    candidates (see the module docstring)."""
+    """Writes `harm_<category>` per category and `harm_all` under `directory`; returns
+    {category: unit path} plus "all". Dense units with `top_fraction=None`, else candidates
+    (see the module docstring).
+
+    `harm_all` is the score of the whole pruning set, S = -W * sum_i dL_i/dW over every
+    example, from one scan over all of them: S is linear in the examples, so it equals the
+    sum of the category trees within float32 rounding (tested), and every unit stands alone,
+    so a kill costs only the unit in progress. (Summing the category trees instead kept a
+    float32 tree of the model's size in host memory and moved it over PCIe twice per
+    category: 131 GB each way at 32B.)"""
     cats = sorted({e.category for e in examples})
     units = {cat: os.path.join(directory, f"harm_{slug(cat)}") for cat in cats}
     total = os.path.join(directory, "harm_all")
-    units_all = {**units, "all": total}
-    if top_fraction is not None:
-        if not unit_done(total):
-            _sparse_harm_scans(model, examples, cats, units, total, scan_kwargs, summary, top_fraction)
-        return units_all
     for cat in cats:
         if not unit_done(units[cat]):
             subset = [e for e in examples if e.category == cat]
             scan_to_units(model, subset, "harm", units[cat], scan_kwargs,
-                          {**summary, "category": cat, "nsamples": len(subset)})
+                          {**summary, "category": cat, "nsamples": len(subset)}, top_fraction=top_fraction)
     if not unit_done(total):
-        shardings = param_shardings(model.config, model.mesh)
-        acc = None
-        for cat in cats:
-            tree, _ = load_scores(units[cat], shardings)
-            acc = tree if acc is None else jax.tree.map(lambda a, b: a + b, acc, tree)
-        tmp = fresh_dir(total)
-        save_scores(tmp, acc, {**summary, "kind": "harm", "category": "all", "nsamples": len(examples),
-                               "note": "sum of the per-category harm scores"}, safetensors=False)
-        finish_unit(tmp, total, {"kind": "harm", "categories": cats})
-    return units_all
-
-
-def _to_host_memory(tree):
-    """The tree moved to host memory in its own sharding (memory kind "pinned_host"), freeing
-    the device for the next scan; left in place where the backend has no host memory kind."""
-    def move(x):
-        try:
-            return jax.device_put(x, x.sharding.with_memory_kind("pinned_host"))
-        except (ValueError, NotImplementedError, RuntimeError):
-            return x
-
-    return jax.tree.map(move, tree)
-
-
-def _to_device_memory(tree):
-    """The inverse of `_to_host_memory`: each leaf back in device memory, same sharding."""
-    def move(x):
-        kind = getattr(x.sharding, "memory_kind", None)
-        return x if kind in (None, "device") else jax.device_put(x, x.sharding.with_memory_kind("device"))
-
-    return jax.tree.map(move, tree)
-
-
-def _add_into(acc, tree):
-    """acc + tree per leaf, the sum landing back in host memory: each leaf of `acc` visits the
-    device only for its own addition (the same float32 `a + b` as the dense mode's).
-
-    Each old leaf is freed as soon as its sum exists, so host memory holds one running sum
-    plus one leaf, not two sums: at 32B the sum is 58 GiB of pinned host memory per GPU,
-    and a second copy overflowed XLA's 64 GB pinned-host pool (measured on 2 x H200)."""
-    flat_acc, flat_tree = flatten(acc), flatten(tree)
-    for name, b in flat_tree.items():
-        a = flat_acc[name]
-        total = jax.device_put(jax.device_put(a, b.sharding) + b, a.sharding)
-        if total is not a and not a.is_deleted():
-            a.delete()
-        flat_acc[name] = total
-    return unflatten(flat_acc)
-
-
-def _sparse_harm_scans(model, examples, cats, units, total, scan_kwargs, summary, top_fraction) -> None:
-    # Every category is scanned again when `harm_all` is missing: its sum needs each dense
-    # tree, and none is on disk. Finished category units are not rewritten.
-    acc = None
-    for cat in cats:
-        subset = [e for e in examples if e.category == cat]
-        result, stats, _ = _scan(model, subset, "harm", units[cat], scan_kwargs, top_fraction)
-        if not unit_done(units[cat]):
-            write_score_unit(units[cat], result.scores, {**summary, "category": cat, "nsamples": len(subset),
-                                                         "kind": "harm", **stats}, top_fraction)
-        # Same order and additions as the dense mode: ((t0 + t1) + t2) + ...
-        acc = _to_host_memory(result.scores) if acc is None else _add_into(acc, result.scores)
-        del result
-    # Back on the device for selection (the scans' accumulators are freed by now).
-    info = {**summary, "kind": "harm", "category": "all", "nsamples": len(examples),
-            "note": "sum of the per-category harm scores"}
-    write_score_unit(total, _to_device_memory(acc), info, top_fraction)
+        scan_to_units(model, examples, "harm", total, scan_kwargs,
+                      {**summary, "category": "all", "nsamples": len(examples),
+                       "note": "one scan over every pruning example (the sum of the category scores)"},
+                      top_fraction=top_fraction)
+    return {**units, "all": total}
 
 
 def benign_scores(
