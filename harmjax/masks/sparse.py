@@ -158,7 +158,8 @@ def top_candidates(scores: Mapping[str, Any], fraction: float) -> Candidates:
     for name, leaf in hf_sorted_leaves(scores):
         top = dict(iter_leaves(select(unflatten({name: leaf}), None, q=fraction, granularity="matrix",
                                       progress=False)))[name]
-        idx = device_indices(top) if isinstance(top, jax.Array) and top.size else np.flatnonzero(_to_host(top))
+        idx = (device_indices(top) if isinstance(top, jax.Array) and top.size
+               else np.flatnonzero(_to_host(top)).astype(INDEX_DTYPE))
         del top
         values = _gather_flat(leaf, idx)
         keys = host_sort_keys(values)

@@ -37,7 +37,7 @@ from harmjax import checkpoint, distributed
 from harmjax.distributed import to_host as _to_host  # gathers arrays that span processes
 from harmjax.errors import CheckpointError, MissingFileError
 from harmjax.io.safetensors_io import read_header
-from harmjax.masks.algebra import MaskMismatchError, _check_bool
+from harmjax.masks.algebra import MaskMismatchError, _check_bool, counts_summary, hf_order_key
 from harmjax.masks.apply import check_mask_fits
 from harmjax.tree import iter_leaves, unflatten
 
@@ -290,8 +290,6 @@ def save_mask_indices(
     """`save_mask` for a mask given as sorted flat indices per HF name (`shapes` gives each
     matrix's shape): the same directory, made without a dense mask. `dense`, the same mask as
     a bool tree, is written as `mask.safetensors` when given. Returns `out_dir`."""
-    from harmjax.masks.algebra import counts_summary, hf_order_key
-
     names = sorted(shapes, key=hf_order_key)
     counts = counts_summary([(n, tuple(shapes[n]), len(indices.get(n, ()))) for n in names], num_params)
     full = {
