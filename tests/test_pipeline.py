@@ -125,6 +125,11 @@ def test_every_stage_and_a_consistent_report(setup):
     again = run_experiment(_config(overrides, out), progress=False)
     assert all(v.get("cached") for k, v in again["timings"].items() if k != "load")
     assert again["sweep"] == m["sweep"]
+    # ... and each cached stage still reports the time it took when it ran.
+    for k, v in again["timings"].items():
+        if k != "load":
+            assert v["seconds"] == 0.0 and v["computed_seconds"] == m["timings"][k]["seconds"], k
+    assert "computed in" in open(out / "report.md").read()
     # Without the baselines (a config from before them): the same cached stages and numbers, no baseline rows.
     without = run_experiment(_config(overrides + [("baselines.enabled", False)], out), progress=False)
     assert "baselines" not in without["timings"]
