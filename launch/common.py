@@ -67,6 +67,24 @@ def init_runtime() -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
+def config_main(run, config, report=None):
+    """The absl `main` of a launcher whose whole job is `run(cfg)` on its --config: start-up
+    (`init_runtime`), the job, then `report(result)` (default: log "Done.")."""
+
+    def main(argv):
+        del argv
+        init_runtime()
+        result = run(config.value)
+        if report is None:
+            from absl import logging
+
+            logging.info("Done.")
+        else:
+            report(result)
+
+    return main
+
+
 def run_app(main) -> None:
     """`absl.app.run(main)`, with harmjax's input errors (missing file, bad dataset, disk too
     small, ...) printed as one `error:` line and exit status 1 instead of a traceback: the

@@ -12,9 +12,7 @@ only unfinished stages (the refusal-tuned model of the embedded default is made 
 
 from __future__ import annotations
 
-from absl import logging
-
-from launch.common import config_flag, init_runtime, run_app
+from launch.common import config_flag, config_main, run_app
 
 _CONFIG = config_flag("configs/compression_embedded.py", "Compression config file.")
 
@@ -26,11 +24,7 @@ def run(cfg) -> dict:
     return run_compression(cfg)
 
 
-def main(argv):
-    del argv
-    init_runtime()
-    run(_CONFIG.value)
-    logging.info("Done.")
+main = config_main(run, _CONFIG)
 
 
 if __name__ == "__main__":

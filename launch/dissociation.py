@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from absl import logging
 
-from launch.common import config_flag, init_runtime, run_app
+from launch.common import config_flag, config_main, run_app
 
 _CONFIG = config_flag("configs/dissociation_embedded.py", "Dissociation config file.")
 
@@ -25,11 +25,7 @@ def run(cfg) -> dict:
     return run_dissociation(cfg)
 
 
-def main(argv):
-    del argv
-    init_runtime()
-    metrics = run(_CONFIG.value)
-    logging.warning("Verdict: %s.", metrics["verdict"]["outcome"])
+main = config_main(run, _CONFIG, lambda metrics: logging.warning("Verdict: %s.", metrics["verdict"]["outcome"]))
 
 
 if __name__ == "__main__":

@@ -14,10 +14,8 @@ from __future__ import annotations
 import json
 import os
 
-from absl import logging
-
 from harmjax import distributed
-from launch.common import config_flag, init_runtime, mesh_config, resolve_model_source, run_app
+from launch.common import config_flag, config_main, mesh_config, resolve_model_source, run_app
 
 _CONFIG = config_flag("configs/finetune.py", "Fine-tuning or EM-experiment config file.")
 
@@ -78,11 +76,7 @@ def run(cfg) -> dict:
     return summary
 
 
-def main(argv):
-    del argv
-    init_runtime()
-    run(_CONFIG.value)
-    logging.info("Done.")
+main = config_main(run, _CONFIG)
 
 
 if __name__ == "__main__":

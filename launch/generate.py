@@ -23,7 +23,7 @@ from typing import Any
 from absl import logging
 
 from harmjax import distributed
-from launch.common import config_flag, init_runtime, run_app
+from launch.common import config_flag, config_main, run_app
 
 _CONFIG = config_flag("configs/generate_embedded.py", "Job config file.")
 
@@ -138,11 +138,8 @@ def run(cfg) -> dict[str, Any]:
     return metrics
 
 
-def main(argv):
-    del argv
-    init_runtime()
-    metrics = run(_CONFIG.value)
-    print(json.dumps({k: v for k, v in metrics.items() if k != "settings"}, indent=2))
+main = config_main(run, _CONFIG, lambda metrics: print(json.dumps({k: v for k, v in metrics.items() if k != "settings"},
+                                                                   indent=2)))
 
 
 if __name__ == "__main__":

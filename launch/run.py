@@ -10,9 +10,7 @@ settings) redoes only what is unfinished (or affected).
 
 from __future__ import annotations
 
-from absl import logging
-
-from launch.common import config_flag, init_runtime, run_app
+from launch.common import config_flag, config_main, run_app
 
 _CONFIG = config_flag("configs/embedded.py", "Experiment config file.")
 
@@ -24,11 +22,7 @@ def run(cfg) -> dict:
     return run_experiment(cfg)
 
 
-def main(argv):
-    del argv
-    init_runtime()
-    run(_CONFIG.value)
-    logging.info("Done.")
+main = config_main(run, _CONFIG)
 
 
 if __name__ == "__main__":

@@ -205,8 +205,13 @@ def mask_counts(mask: Tree, params: Tree | None = None, num_params: int | None =
     items = hf_sorted_leaves(mask)
     counts = _counts([leaf for _, leaf in items])
     if params is not None:
-        num_params = sum(int(np.prod(np.shape(x), dtype=np.int64)) for x in jax.tree.leaves(params))
+        num_params = param_count(params)
     return counts_summary([(name, tuple(leaf.shape), n) for (name, leaf), n in zip(items, counts)], num_params)
+
+
+def param_count(params: Tree) -> int:
+    """Number of parameters (entries of every leaf) of a params tree, as a Python int."""
+    return sum(int(np.prod(np.shape(x), dtype=np.int64)) for x in jax.tree.leaves(params))
 
 
 def counts_summary(items: Sequence[tuple[str, tuple[int, ...], int]], num_params: int | None = None) -> dict[str, Any]:

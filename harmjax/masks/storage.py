@@ -37,7 +37,7 @@ from harmjax import checkpoint, distributed
 from harmjax.distributed import to_host as _to_host  # gathers arrays that span processes
 from harmjax.errors import CheckpointError, MissingFileError
 from harmjax.io.safetensors_io import read_header
-from harmjax.masks.algebra import MaskMismatchError, _check_bool, counts_summary, hf_order_key
+from harmjax.masks.algebra import MaskMismatchError, _check_bool, counts_summary, hf_order_key, param_count
 from harmjax.masks.apply import check_mask_fits
 from harmjax.tree import iter_leaves, unflatten
 
@@ -273,7 +273,7 @@ def save_mask(
 
     _check_bool(mask, "Mask")
     if params is not None:
-        num_params = sum(int(np.prod(np.shape(x), dtype=np.int64)) for x in jax.tree.leaves(params))
+        num_params = param_count(params)
     shapes = {name: tuple(leaf.shape) for name, leaf in iter_leaves(mask)}
     return save_mask_indices(out_dir, mask_indices(mask), shapes, summary, num_params=num_params,
                              dense=mask if dense else None)

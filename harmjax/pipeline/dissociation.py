@@ -36,7 +36,7 @@ from harmjax.data.records import Example
 from harmjax.evaluate.refusal import is_refusal
 from harmjax.pipeline import answers as answers_mod
 from harmjax.pipeline.measure import mean_finite
-from harmjax.pipeline.model_sources import REFUSAL, resolve_source
+from harmjax.pipeline.model_sources import REFUSAL, load_model, resolve_source
 from harmjax.pipeline.prompt_sets import split_per_category
 from harmjax.pipeline.report import timings_markdown
 from harmjax.pipeline.stages import (
@@ -221,9 +221,7 @@ def _model_source(cfg, progress: bool) -> str:
 
 def run_dissociation(cfg, progress: bool = True) -> dict[str, Any]:
     """Runs (or resumes) the dissociation job and writes its report; returns its metrics."""
-    import harmjax
     from harmjax.pipeline.refusal_data import split_prompts
-    from harmjax.sharding import MeshConfig
 
     cfg = as_config(cfg)
     t_start = time.perf_counter()
@@ -231,10 +229,7 @@ def run_dissociation(cfg, progress: bool = True) -> dict[str, Any]:
     run_dir = cfg.output_dir or default_run_dir(source, "dissociation")
     os.makedirs(run_dir, exist_ok=True)
     stages = StageCache(run_dir)
-    t0 = time.perf_counter()
-    model = harmjax.load(source, dtype=cfg.dtype, mesh=MeshConfig(**dict(cfg.mesh)))
-    load_seconds = time.perf_counter() - t0
-    model_id = {"source": source, "config": repr(model.config), "dtype": cfg.dtype}
+    model, load_seconds, model_id = load_model(cfg, source)
 
     # --- prompts: the refusal tuning's split, sampled --------------------------------------
     P = cfg.prompts

@@ -95,8 +95,7 @@ def run_em_experiment(cfg, progress: bool = True) -> dict[str, Any]:
     import harmjax
     from harmjax.assets import resolve_model_source
     from harmjax.masks import apply_mask, load_mask
-    from harmjax.pipeline.model_sources import REFUSAL, refusal_heldout_ids, resolve_source
-    from harmjax.sharding import MeshConfig
+    from harmjax.pipeline.model_sources import REFUSAL, load_model, refusal_heldout_ids, resolve_source
 
     cfg = as_config(cfg)
     t_start = time.perf_counter()
@@ -106,8 +105,7 @@ def run_em_experiment(cfg, progress: bool = True) -> dict[str, Any]:
     run_dir = cfg.output_dir or default_run_dir(source, "em")
     os.makedirs(run_dir, exist_ok=True)
     stages = StageCache(run_dir)
-    model = harmjax.load(source, dtype=cfg.dtype, mesh=MeshConfig(**dict(cfg.mesh)))
-    model_id = {"source": source, "config": repr(model.config), "dtype": cfg.dtype}
+    model, _, model_id = load_model(cfg, source)
     X, A = cfg.experiment_data, cfg.answers
 
     # --- data: narrow domain, other harm categories, benign retain set -----------------------

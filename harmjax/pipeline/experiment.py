@@ -44,9 +44,8 @@ def _digest(examples) -> str:
 
 def run_experiment(cfg, progress: bool = True) -> dict[str, Any]:
     """Runs (or resumes) the whole experiment and writes the report; returns its metrics."""
-    import harmjax
     from harmjax.assets import resolve_model_source
-    from harmjax.sharding import MeshConfig
+    from harmjax.pipeline.model_sources import load_model
 
     cfg = as_config(cfg)
     t_start = time.perf_counter()
@@ -55,10 +54,7 @@ def run_experiment(cfg, progress: bool = True) -> dict[str, Any]:
     os.makedirs(run_dir, exist_ok=True)
     stages = StageCache(run_dir)
 
-    t0 = time.perf_counter()
-    model = harmjax.load(source, dtype=cfg.dtype, mesh=MeshConfig(**dict(cfg.mesh)))
-    load_seconds = time.perf_counter() - t0
-    model_id = {"source": source, "config": repr(model.config), "dtype": cfg.dtype}
+    model, load_seconds, model_id = load_model(cfg, source)
 
     # --- prompts -------------------------------------------------------------------------
     P = cfg.prompts

@@ -22,6 +22,7 @@ from harmjax.masks.random import random_indices
 from harmjax.masks.storage import has_candidates, read_summary, save_mask_indices
 from harmjax.pipeline.stages import finish_unit, fresh_dir, slug, unit_done
 from harmjax.sharding import param_shardings
+from harmjax.tree import iter_leaves
 
 
 def _save(unit: str, indices, shapes, summary: Mapping[str, Any], num_params: int, dense_shardings=None) -> None:
@@ -173,8 +174,6 @@ def _dense_selectors(scores: Mapping[str, str], p: float, granularity: str, shar
     def out(mask):
         if not sparse_out:
             return mask
-        from harmjax.tree import iter_leaves
-
         return mask_indices(mask), {n: tuple(x.shape) for n, x in iter_leaves(mask)}
 
     cache: dict[str, Any] = {}

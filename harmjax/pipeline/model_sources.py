@@ -26,6 +26,21 @@ def resolve_source(model: str, refusal_cfg=None, *, experiment_cfg=None, progres
     return resolve_model_source(model)
 
 
+def load_model(cfg, source: str):
+    """(model, load seconds, model id) of an experiment: `source` loaded with the config's
+    dtype and mesh; the id ({source, architecture, dtype}) goes into stage settings, so a
+    different model or dtype recomputes every stage."""
+    import time
+
+    import harmjax
+    from harmjax.sharding import MeshConfig
+
+    t0 = time.perf_counter()
+    model = harmjax.load(source, dtype=cfg.dtype, mesh=MeshConfig(**dict(cfg.mesh)))
+    seconds = time.perf_counter() - t0
+    return model, seconds, {"source": source, "config": repr(model.config), "dtype": cfg.dtype}
+
+
 def refusal_heldout_ids(refusal_cfg) -> set[str]:
     """Ids of the harmful prompts the refusal tuning of `refusal_cfg` never trained on."""
     from harmjax.pipeline.refusal_data import split_prompts
@@ -34,4 +49,4 @@ def refusal_heldout_ids(refusal_cfg) -> set[str]:
     return {e.id for e in split_prompts(as_config(refusal_cfg)).heldout}
 
 
-__all__ = ["REFUSAL", "refusal_heldout_ids", "resolve_source"]
+__all__ = ["REFUSAL", "load_model", "refusal_heldout_ids", "resolve_source"]
