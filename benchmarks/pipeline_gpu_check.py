@@ -28,6 +28,10 @@ _PER_CATEGORY = flags.DEFINE_integer("per_category", 20, "Prompts per category."
 _SHAPE = flags.DEFINE_enum("shape", "", ["", "llama31_8b", "qwen25_14b", "qwen25_32b", "tiny_qwen2"],
                            "A paper model's shape, made with random bf16 weights on the devices and saved "
                            "with orbax (no host copy); empty: the --hidden/--layers Llama built with PyTorch.")
+_SCAN_BATCH = flags.DEFINE_integer("scan_batch", 16, "Scan micro-batch rows (scoring.batch_size). Not part of "
+                                   "the scores stage's key: a rerun with another batch keeps finished units.")
+_Q_SWEEP = flags.DEFINE_list("q_sweep", ["1e-5", "1e-4", "1e-3"], "Harm-mask fractions; the largest of them "
+                              "and p (5e-5) sets the candidates kept per matrix (the paper: up to 5e-5).")
 _MESH = flags.DEFINE_list("mesh", ["-1", "1", "1"], "Mesh sizes data,fsdp,tensor (-1 = the rest); "
                           "the paper configs use 1,-1,1 (FSDP over every local device).")
 
@@ -122,10 +126,10 @@ def main(argv):
     cfg.prompts.benign_per_category = 0  # all 132
     cfg.answers.max_new_tokens, cfg.answers.batch_size, cfg.answers.chunk = 128, 128, 256
     cfg.answers.min_words = 0  # random weights never refuse by phrase; keep every answer
-    cfg.scoring.batch_size, cfg.scoring.max_length, cfg.scoring.abs_chunk = 16, 256, 4
+    cfg.scoring.batch_size, cfg.scoring.max_length, cfg.scoring.abs_chunk = _SCAN_BATCH.value, 256, 4
     if _SHAPE.value:  # as the paper configs: remat, and one accumulator tree per retain pass
         cfg.scoring.remat, cfg.scoring.separate_retain_passes = True, True
-    cfg.masks.q_sweep = (1e-5, 1e-4, 1e-3)
+    cfg.masks.q_sweep = tuple(float(q) for q in _Q_SWEEP.value)
     cfg.evaluation.max_length, cfg.evaluation.batch_size = 256, 64
     cfg.evaluation.generation_prompts, cfg.evaluation.max_new_tokens = 48, 64
     cfg.evaluation.generation_batch_size = 48

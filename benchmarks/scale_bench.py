@@ -166,7 +166,8 @@ def scan_part(rows, rate):
                     reference[key] = probe
                 del accs, loss, flat
                 _emit(rows, {
-                    "part": "scan", "shape": _SHAPE.value, "mesh": dict(mesh.shape), "kind": kind, "repeat": repeat,
+                    "part": "scan", "shape": _SHAPE.value, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                    "mesh": dict(mesh.shape), "kind": kind, "repeat": repeat,
                     "abs_kernel": setting, "remat": _REMAT.value, "batch": _BATCH.value, "examples": _N.value,
                     "tokens": tokens, "params": n_params, "init_s": round(init_s, 1), "compile_s": round(compile_s, 1),
                     "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds),

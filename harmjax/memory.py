@@ -100,6 +100,21 @@ def available_bytes(device, resident: int, limit_bytes: int | None = None) -> tu
     return cap - in_use + resident, source
 
 
+def _live_note(device, resident: int) -> str:
+    """Where the memory in use goes: the program's own resident arguments, the other live
+    arrays, and what neither accounts for (allocator fragmentation, buffers of other
+    programs or libraries)."""
+    if _stats(device) is None:
+        return ""
+    live = 0
+    for a in jax.live_arrays():
+        try:
+            live += sum(s.data.nbytes for s in a.addressable_shards if s.device == device)
+        except RuntimeError:  # deleted while we looked
+            continue
+    return f", of which arguments {human_bytes(resident)}, other live arrays {human_bytes(max(0, live - resident))}"
+
+
 def check_fits(needed: int, what: str, args: Any, devices: Iterable[Any], knobs: str,
                limit_bytes: int | None = None) -> None:
     """Raises DeviceMemoryError (one line) when a program needing `needed` bytes per device
@@ -121,6 +136,7 @@ def check_fits(needed: int, what: str, args: Any, devices: Iterable[Any], knobs:
             fraction = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "unset (JAX default 0.75)")
             raise DeviceMemoryError(
                 f"{what} needs {needed:,} B ({human_bytes(needed)}) per device but {device} has {available:,} B "
-                f"({human_bytes(available)}) available [{source}]; change {knobs} (smaller batch, remat on, a mesh over "
+                f"({human_bytes(available)}) available [{source}{_live_note(device, resident)}]; change {knobs} "
+                f"(smaller batch, remat on, a mesh over "
                 f"more devices) or XLA_PYTHON_CLIENT_MEM_FRACTION (now {fraction}). Finished work is kept."
             )

@@ -96,3 +96,22 @@ def test_finetune_preflight_fails_before_the_first_step_and_keeps_checkpoints(mo
     resumed = finetune(model, examples, cfg, lora=lora, output_dir=str(out), progress=False,
                        memory_limit=_needed(msg))
     assert resumed.resumed_from == 1 and resumed.steps == 4
+
+
+def test_refusal_says_where_the_memory_in_use_goes(monkeypatch):
+    """With device statistics (faked here; CPUs have none), the refusal splits the memory in
+    use into the program's arguments, the other live arrays and the rest, so a surprise (e.g.
+    3 GiB in use beyond the weights after a restore) can be traced."""
+    from harmjax import memory
+
+    device = jax.devices()[0]
+    args = jax.device_put(np.zeros((1024, 256), np.float32), device)  # 1 MiB: the program's argument
+    other = jax.device_put(np.zeros((2048, 256), np.float32), device)  # 2 MiB held elsewhere
+    monkeypatch.setattr(memory, "_stats", lambda d: {"bytes_in_use": 8 << 20, "bytes_limit": 10 << 20})
+    with pytest.raises(DeviceMemoryError) as err:
+        memory.check_fits(9 << 20, "a step", args, [device], "batch_size=1")
+    msg = str(err.value)
+    assert "available [limit 10.0 MiB, in use 8.0 MiB, of which arguments 1.0 MiB, other live arrays" in msg, msg
+    live = float(re.search(r"other live arrays ([\d.]+) MiB", msg).group(1))
+    assert live >= 2.0  # at least `other`; the rest of the process's live arrays may add to it
+    del other

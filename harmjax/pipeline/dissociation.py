@@ -287,14 +287,14 @@ def run_dissociation(cfg, progress: bool = True) -> dict[str, Any]:
                          f"{len(ex_retain)} benign answers (sample more pruning prompts).")
 
     # --- scores ----------------------------------------------------------------------------
-    from harmjax.pipeline.scoring import scan_to_units
+    from harmjax.pipeline.scoring import scan_to_units, score_settings
 
     S, M = cfg.scoring, cfg.masks
     top_fraction = None if S.keep_dense_scores or M.granularity != "matrix" else float(max(M.q, M.p))
     scan_kw = dict(batch_size=S.batch_size, text_format=S.text_format, max_length=S.max_length,
                    num_buckets=S.num_buckets, remat=S.remat, abs_chunk=S.abs_chunk,
                    checkpoint_every=S.checkpoint_every, progress=progress)
-    sc_settings = {"answers": settings_key(ans_settings), **S.to_dict(), "top_fraction": top_fraction,
+    sc_settings = {"answers": settings_key(ans_settings), **score_settings(S), "top_fraction": top_fraction,
                    "harm": _digest(ex_harm), "refusal": _digest(ex_refusal), "retain": _digest(ex_retain)}
     summary = {"model": source, "seed": cfg.seed, "text_format": S.text_format}
 

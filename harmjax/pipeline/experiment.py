@@ -28,7 +28,7 @@ from harmjax.pipeline.prompt_sets import (
 )
 from harmjax.pipeline.report import headline_mask
 from harmjax.pipeline.scoring import (
-    benign_scores, check_score_disk, experiment_score_units, harm_scores_per_category,
+    benign_scores, check_score_disk, experiment_score_units, harm_scores_per_category, score_settings,
 )
 from harmjax.pipeline.stages import (
     StageCache, as_config, default_run_dir, read_json, settings_key, write_json_atomic,
@@ -109,7 +109,7 @@ def run_experiment(cfg, progress: bool = True) -> dict[str, Any]:
     top_fraction = candidate_fraction(cfg)
     # "harm_all": how the pruning set's score is made (since 2026-11-30 one scan over it, not the
     # sum of the category trees), so runs scored the old way rescore once.
-    sc_settings = {"answers": settings_key(ans_settings), **S.to_dict(), "top_fraction": top_fraction,
+    sc_settings = {"answers": settings_key(ans_settings), **score_settings(S), "top_fraction": top_fraction,
                    "harm_all": "scan"}
     summary = {"model": source, "seed": cfg.seed, "text_format": S.text_format}
 

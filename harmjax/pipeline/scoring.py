@@ -39,6 +39,19 @@ from harmjax.pipeline.stages import finish_unit, fresh_dir, slug, unit_done
 from harmjax.tree import flatten
 
 
+# Scan knobs that only trade speed for memory: they change scores by float32 rounding at most.
+_SPEED_KNOBS = ("remat", "abs_chunk", "checkpoint_every", "separate_retain_passes")
+
+
+def score_settings(scoring) -> dict[str, Any]:
+    """The scoring config as it enters a scores stage's key: without the knobs that only trade
+    speed for memory, so a run refused for memory and resumed with a smaller batch or remat
+    keeps its finished units (as DeviceMemoryError promises). Dense mode keeps batch size and
+    buckets in the key: its mid-scan checkpoint is a position in that batching."""
+    drop = set(_SPEED_KNOBS) if scoring.get("keep_dense_scores") else {*_SPEED_KNOBS, "batch_size", "num_buckets"}
+    return {k: v for k, v in scoring.to_dict().items() if k not in drop}
+
+
 def write_score_unit(target: str, tree, summary: Mapping[str, Any], top_fraction: float | None) -> None:
     """Writes one score unit: the dense tree (`top_fraction=None`) or its top candidates."""
     tmp = fresh_dir(target)
