@@ -22,6 +22,8 @@ import json
 import os
 import zlib
 
+import numpy as np
+
 from absl import app, flags
 
 _SHAPES = flags.DEFINE_list("shapes", ["5120x5120", "5120x13824", "13824x5120", "1024x5120"], "out x in.")
@@ -31,15 +33,34 @@ _ROWS = flags.DEFINE_integer("rows", 64, "Output rows checked against float64, a
 _OUT = flags.DEFINE_string("out", "", "Also write the rows here (JSON lines).")
 
 
+def probe_grads(x, gs, ws, shardings, setting: str):
+    """The accumulator cotangents of `probed_linear`s sharing `x` in one jit(grad) with donated
+    accumulators (one per weight, in `shardings`), with HARMJAX_ABS_KERNEL=`setting`."""
+    import jax
+    import jax.numpy as jnp
+
+    from harmjax.attribution.probes import probed_linear
+
+    os.environ["HARMJAX_ABS_KERNEL"] = setting
+
+    def step(a, bs, accs):
+        def loss(accs):
+            return sum(jnp.sum(probed_linear(a, w, acc, "abs", 8, sh).astype(jnp.float32) * b.astype(jnp.float32))
+                       for w, acc, sh, b in zip(ws, accs, shardings, bs))
+        return jax.grad(loss)(accs)
+
+    accs = [jax.device_put(jnp.zeros(w.shape, jnp.float32), sh) for w, sh in zip(ws, shardings)]
+    # A fresh jit per call: the setting is read at trace time, and jit caches traces by function.
+    return [np.asarray(r) for r in jax.jit(step, donate_argnums=2)(x, gs, accs)]
+
+
 def main(argv):
     del argv
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from harmjax.attribution import abs_kernel
-    from harmjax.attribution.probes import probed_linear
     from harmjax.sharding import MeshConfig, make_mesh
 
     on = "1" if jax.default_backend() == "gpu" else "interpret"  # CPU: a smoke run in Pallas' interpreter
@@ -52,9 +73,13 @@ def main(argv):
         x = jax.device_put(jax.random.normal(kx, (_BATCH.value, _SEQ.value, i), jnp.bfloat16), batch_sh)
         g = jax.device_put(jax.random.normal(kg, (_BATCH.value, _SEQ.value, o), jnp.bfloat16), batch_sh)
         w = jax.random.normal(kw, (o, i), jnp.bfloat16) * 0.02
-        xh, gh = np.asarray(x, np.float64), np.asarray(g, np.float64)
+        xh = np.asarray(x, np.float64)
         sl = np.r_[0:_ROWS.value, o - _ROWS.value:o]
-        ref = np.abs(np.einsum("bto,bti->boi", gh[..., sl], xh)).sum(0)
+
+        def reference(gj):  # float64, the checked rows only
+            return np.abs(np.einsum("bto,bti->boi", np.asarray(gj, np.float64)[..., sl], xh)).sum(0)
+
+        ref = reference(g)
         for spec in (P("fsdp", None), P(None, "fsdp")):
             acc_sh = NamedSharding(mesh, spec)
             os.environ["HARMJAX_ABS_KERNEL"] = on
@@ -72,17 +97,8 @@ def main(argv):
                                  for s in range(0, _BATCH.value, 8)),
                 out_shardings=acc_sh)(x, g))
 
-            def acc_grad(a, b, acc):
-                f = lambda acc: jnp.sum(probed_linear(a, w, acc, "abs", 8, acc_sh).astype(jnp.float32)
-                                        * b.astype(jnp.float32))
-                return jax.grad(f)(acc)
-
             for setting in (on, "0"):
-                os.environ["HARMJAX_ABS_KERNEL"] = setting
-                acc = jax.device_put(jnp.zeros((o, i), jnp.float32), acc_sh)
-                # A fresh function per setting: the env is read at trace time, and jit caches traces.
-                results[f"probe_{'xla' if setting == '0' else 'kernel'}"] = np.asarray(
-                    jax.jit(lambda a, b, c: acc_grad(a, b, c), donate_argnums=2)(x, g, acc))
+                results[f"probe_{'xla' if setting == '0' else 'kernel'}"] = probe_grads(x, [g], [w], [acc_sh], setting)[0]
             scale = float(np.abs(ref).max())
             row = {"shape": shape, "acc_spec": str(spec), "batch": _BATCH.value, "seq": _SEQ.value,
                    "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
@@ -99,22 +115,9 @@ def main(argv):
         shs = [NamedSharding(mesh, sp) for sp in specs]
         gs = [g] + [jax.device_put(jax.random.normal(k, g.shape, jnp.bfloat16), batch_sh)
                     for k in jax.random.split(ks, 2)]
-        refs = [ref] + [np.abs(np.einsum("bto,bti->boi", np.asarray(gj, np.float64)[..., sl], xh)).sum(0)
-                        for gj in gs[1:]]
-        ws = [w, w * 2, w * 3]
-
-        def shared(a, bs, accs):
-            def f(accs):
-                return sum(jnp.sum(probed_linear(a, wj, acc, "abs", 8, sh).astype(jnp.float32) * b.astype(jnp.float32))
-                           for wj, acc, sh, b in zip(ws, accs, shs, bs))
-            return jax.grad(f)(accs)
-
-        out = {}
-        for setting in (on, "0"):
-            os.environ["HARMJAX_ABS_KERNEL"] = setting
-            accs = [jax.device_put(jnp.zeros((o, i), jnp.float32), sh) for sh in shs]
-            out["xla" if setting == "0" else "kernel"] = [
-                np.asarray(r) for r in jax.jit(lambda a, b, c: shared(a, b, c), donate_argnums=2)(x, gs, accs)]
+        refs = [ref] + [reference(gj) for gj in gs[1:]]
+        out = {"xla" if setting == "0" else "kernel": probe_grads(x, gs, [w, w * 2, w * 3], shs, setting)
+               for setting in (on, "0")}
         row = {"shape": shape, "program": "three probed linears sharing x", "acc_specs": [str(sp) for sp in specs],
                "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
                "max_rel_diff_vs_float64": {k: [float(np.abs(v[j][sl] - refs[j]).max() / np.abs(refs[j]).max())
