@@ -6,12 +6,19 @@
             for the first and the last layer's first accumulator, the largest difference
             against the first setting relative to its largest entry. --abs_kernel=0,0,1 adds
             a control: the XLA path compiled twice (what two compilations alone change).
+            Each row has the scan's loss sum, so a forward pass that two programs round
+            differently shows; --verify_kernel compares the kernel with XLA's per-example
+            blocks on each call's own operands inside the step.
   select:   `harmjax.select` on random float32 score trees of --select_shape (q=1e-5,
             p=5e-5), first call (compilation included) and warm, per granularity; global
             once with one program over every leaf (the CPU path, the old accelerator path)
             and once with per-leaf radix passes (the accelerator path).
   generate: `harmjax.generate.generate_ids` greedy decoding on --gen_mesh, per batch size:
             decode step time against its floor (weight bytes per device / copy bandwidth).
+
+--profile_dir traces a few warm steps (scan) or decode tokens (generate) with jax.profiler and
+adds where the first GPU's time goes (matmuls, collectives and how much of them is exposed,
+other fusions, idle) to the row.
 
 Random bf16 weights are made on the devices (never on the host), examples are synthetic.
 
@@ -47,11 +54,23 @@ _ABS_CHUNK = flags.DEFINE_integer("abs_chunk", 8, "Per-example block of the reta
 _OUT = flags.DEFINE_string("out", "", "Also write the rows here (JSON lines).")
 _PARTS = flags.DEFINE_list("parts", ["scan"], "Parts to run, in this order: scan, select, generate.")
 _ABS_KERNEL = flags.DEFINE_list("abs_kernel", ["0"], "HARMJAX_ABS_KERNEL settings for the retain kind.")
+_LAYOUT = flags.DEFINE_list("acc_layout", ["sharded"], "Accumulator layouts, each kind once per layout: sharded "
+                            "(harmjax's, like the weights) or per_device (an experiment: every device keeps a "
+                            "whole float32 partial sum of its own examples, (devices, out, in), reduced once at the "
+                            "end, so a step needs no cross-device reduction).")
+_PIN = flags.DEFINE_list("pin", ["0"], "Scan steps with activations pinned to the mesh (1) or "
+                         "left to XLA (0), each kind once per setting, in this order.")
 _SELECT_SHAPE = flags.DEFINE_string("select_shape", "", "Shape of the score trees (default --shape).")
 _GEN_MESH = flags.DEFINE_list("gen_mesh", ["1", "1", "-1"], "Mesh of the generate part.")
 _GEN_BATCHES = flags.DEFINE_list("gen_batches", ["1", "64"], "Batch sizes of the generate part.")
 _GEN_NEW = flags.DEFINE_integer("gen_new", 256, "New tokens per sequence.")
 _GEN_PROMPT = flags.DEFINE_integer("gen_prompt", 128, "Prompt tokens.")
+_PROFILE_DIR = flags.DEFINE_string("profile_dir", "", "Trace a few warm steps per scan kind and per decode batch "
+                                   "here (jax.profiler) and add their breakdown (benchmarks/trace_summary.py) to the row.")
+_PROFILE_STEPS = flags.DEFINE_integer("profile_steps", 2, "Scan steps traced (decoding traces a whole call).")
+_VERIFY_KERNEL = flags.DEFINE_bool("verify_kernel", False, "In the retain scan with the fused kernel, also compute "
+                                   "XLA's per-example blocks on the same operands (first 256 output rows) at every "
+                                   "call and report the largest difference (slow; a diagnostic).")
 
 QWEN25 = dict(model_type="qwen2", vocab_size=152064, num_heads=40, num_kv_heads=8, head_dim=128,
               rms_norm_eps=1e-6, max_position_embeddings=32768, qkv_bias=True)
@@ -96,6 +115,116 @@ def _emit(rows, row):
     rows.append(row)
 
 
+def _trace(name, fn, steps):
+    """Run `fn` under jax.profiler.trace into --profile_dir/name; its per-step breakdown."""
+    import jax
+
+    from trace_summary import summarize
+
+    path = os.path.join(_PROFILE_DIR.value, name)
+    with jax.profiler.trace(path):
+        fn()
+    try:
+        return summarize(path, steps)
+    except Exception as e:  # a diagnostic must not lose the timing row
+        return {"error": repr(e)}
+
+
+def _verify_kernel_calls(records):
+    """Make every fused-kernel call also compute XLA's per-example blocks on its own operands
+    and record (out, in, max |kernel - xla|, max |xla|) through a debug callback."""
+    import jax
+    import jax.numpy as jnp
+
+    from harmjax.attribution import abs_kernel
+
+    real = getattr(abs_kernel.abs_grad_sum, "__wrapped__", abs_kernel.abs_grad_sum)
+
+    def checked(x, g, sharding):
+        out = real(x, g, sharding)
+        # The first 256 output rows only: all of them in one step ran a 14B step out of memory.
+        rows = min(256, g.shape[-1])
+        ref = sum(jnp.abs(jnp.einsum("bto,bti->boi", g[s:s + 8, :, :rows], x[s:s + 8],
+                                     preferred_element_type=jnp.float32)).sum(0)
+                  for s in range(0, x.shape[0], 8))
+        shape = (g.shape[-1], x.shape[-1])
+        jax.debug.callback(lambda e, m: records.append((shape, float(e), float(m))),
+                           jnp.abs(out[:rows] - ref).max(), jnp.abs(ref).max())
+        return out
+
+    checked.__wrapped__ = real
+    abs_kernel.abs_grad_sum = checked
+
+
+_PER_DEVICE_PATCHED = []
+
+
+def _per_device_step(config, mesh, names, kind, remat, chunk, pin):
+    """The experimental per-device accumulator layout: a jitted step like `jit_accumulate`'s
+    whose accumulators are (devices, out, in) float32, split over the batch axes, each
+    device adding only its own examples' contributions (signed and abs kinds)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from harmjax.attribution import abs_kernel, probes
+    from harmjax.attribution.step import _probe, accumulator_mode
+    from harmjax.model.decoder import forward
+    from harmjax.model.loss import mean_nll_per_example
+    from harmjax.sharding import activation_sharding, active_axes, batch_sharding, param_shardings, replicated, spec_entry
+
+    batch_entry = spec_entry(active_axes("batch", mesh))
+    d = mesh.shape["data"] * mesh.shape["fsdp"]
+    acc_sh = NamedSharding(mesh, P(batch_entry, None, None))
+
+    def local_sum(g, x, absolute):
+        def one(gl, xl):  # this device's examples -> (1, out, in)
+            if absolute and abs_kernel.applicable(x, g, NamedSharding(mesh, P())):
+                return abs_kernel.local_abs_grad_sum(xl, gl, interpret=abs_kernel.mode() == "interpret")[None]
+            if not absolute:
+                return jnp.einsum("bto,bti->oi", gl, xl, preferred_element_type=jnp.float32)[None]
+            out = None
+            for s in range(0, xl.shape[0], chunk):
+                part = jnp.abs(jnp.einsum("bto,bti->boi", gl[s:s + chunk], xl[s:s + chunk],
+                                          preferred_element_type=jnp.float32)).sum(0)
+                out = part if out is None else out + part
+            return out[None]
+
+        return jax.shard_map(one, mesh=mesh, in_specs=(P(batch_entry), P(batch_entry)),
+                             out_specs=P(batch_entry, None, None), check_vma=False)(g, x)
+
+    if not _PER_DEVICE_PATCHED:  # a probe mode the library does not have: route it here
+        original = probes._bwd
+
+        def bwd(mode, chunk_, sharding, residuals, g):
+            if not mode.endswith("_per_device"):
+                return original(mode, chunk_, sharding, residuals, g)
+            x, weight, acc = residuals
+            dx = jnp.einsum("...o,oi->...i", g, weight)
+            return dx, None, acc + local_sum(g, x, mode.startswith("abs"))
+
+        probes.probed_linear.defvjp(probes._fwd, bwd)
+        _PER_DEVICE_PATCHED.append(True)
+    mode = accumulator_mode(kind) + "_per_device"
+
+    def loss_fn(accs, params, input_ids, attention_mask, loss_mask):
+        probed = _probe(params, accs, mode, chunk)
+        return mean_nll_per_example(forward(probed, config, input_ids, attention_mask, remat=remat),
+                                    input_ids, loss_mask).sum()
+
+    def step(params, accs, input_ids, attention_mask, loss_mask):
+        with activation_sharding(mesh if pin else None):
+            loss, new_accs = jax.value_and_grad(loss_fn)(accs, params, input_ids, attention_mask, loss_mask)
+        return new_accs, loss
+
+    from harmjax.tree import unflatten
+    accs_sh = unflatten({n: acc_sh for n in names})
+    batch = batch_sharding(mesh)
+    jitted = jax.jit(step, in_shardings=(param_shardings(config, mesh), accs_sh, batch, batch, batch),
+                     out_shardings=(accs_sh, replicated(mesh)), donate_argnums=(1,))
+    return jitted, d, acc_sh
+
+
 def scan_part(rows, rate):
     """Warm scan throughput per kind (and per abs-kernel setting for retain)."""
     import jax
@@ -107,8 +236,8 @@ def scan_part(rows, rate):
     from harmjax.attribution.step import abstract_accumulators, accumulator_mode, init_accumulators, jit_accumulate, names_for
     from harmjax.data.calibration import make_batches
     from harmjax.memory import program_bytes
-    from harmjax.sharding import batch_sharding
-    from harmjax.tree import flatten
+    from harmjax.sharding import batch_sharding, sharded_zeros
+    from harmjax.tree import flatten, unflatten
 
     config = _config(_SHAPE.value)
     mesh = harmjax.make_mesh(harmjax.MeshConfig(*(int(x) for x in _MESH.value)))
@@ -129,53 +258,108 @@ def scan_part(rows, rate):
         return [jax.make_array_from_callback(a.shape, sharding, lambda i, a=a: a[i])
                 for a in (b.input_ids, b.attention_mask, b.loss_mask)]
 
-    reference = {}
-    for repeat in range(_REPEATS.value):
-        for kind in _KINDS.value:
-            for setting in (_ABS_KERNEL.value if kind == "retain" else ["-"]):
-                if setting != "-":
-                    os.environ["HARMJAX_ABS_KERNEL"] = setting
-                    jit_accumulate.cache_clear()  # the setting is read when the step is traced
-                mode = accumulator_mode(kind)
-                step = jit_accumulate(config, mesh, names, kind, _REMAT.value, _ABS_CHUNK.value)
-                t = time.perf_counter()
-                specs = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
-                         for a in (batches[0].input_ids, batches[0].attention_mask, batches[0].loss_mask)]
-                estimate = program_bytes(step.lower(params, abstract_accumulators(config, mesh, names, mode), *specs).compile())
-                accs = init_accumulators(config, mesh, names, mode)
-                accs, loss = step(params, accs, *place(batches[0]))
-                loss.block_until_ready()
-                compile_s = time.perf_counter() - t
-                del accs, loss
-                accs = init_accumulators(config, mesh, names, mode)
-                jax.block_until_ready(accs)
-                t = time.perf_counter()
-                for b in batches:
-                    accs, loss = step(params, accs, *place(b))
-                jax.block_until_ready(accs)
-                seconds = time.perf_counter() - t
-                finite = bool(all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(accs)))
-                flat = flatten(accs)
-                probe = {n: np.asarray(flat[n]) for n in probe_names}
-                key = (kind, repeat)
-                diff = None
-                if key in reference:
-                    diff = {n: float(np.abs(probe[n] - reference[key][n]).max() / max(np.abs(reference[key][n]).max(), 1e-30))
-                            for n in probe_names}
-                else:
-                    reference[key] = probe
-                del accs, loss, flat
-                _emit(rows, {
-                    "part": "scan", "shape": _SHAPE.value, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-                    "mesh": dict(mesh.shape), "kind": kind, "repeat": repeat,
-                    "abs_kernel": setting, "remat": _REMAT.value, "batch": _BATCH.value, "examples": _N.value,
-                    "tokens": tokens, "params": n_params, "init_s": round(init_s, 1), "compile_s": round(compile_s, 1),
-                    "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds),
-                    "mfu": round(6 * n_params * tokens / seconds / 1e12 / (rate * mesh.devices.size), 3),
-                    "peak_gib_per_device": _peak_gib(), "preflight_estimate_gib": round(estimate / 2**30, 2),
-                    "accumulators_finite": finite, "max_rel_diff_vs_first_setting": diff,
-                })
+    reference, reference_loss = {}, {}
+    runs = [(repeat, layout, pin, kind, setting) for repeat in range(_REPEATS.value) for layout in _LAYOUT.value
+            for pin in _PIN.value for kind in _KINDS.value
+            for setting in (_ABS_KERNEL.value if kind == "retain" else ["-"])]
+    for repeat, layout, pin, kind, setting in runs:
+        if setting != "-":
+            os.environ["HARMJAX_ABS_KERNEL"] = setting
+            jit_accumulate.cache_clear()  # the setting is read when the step is traced
+        mode = accumulator_mode(kind)
+        records = []
+        if _VERIFY_KERNEL.value and setting not in ("-", "0"):
+            _verify_kernel_calls(records)
+        if layout == "per_device":
+            step, d, acc_sh = _per_device_step(config, mesh, names, kind, _REMAT.value, _ABS_CHUNK.value, pin == "1")
+            shapes = {n: s.shape for n, s in flatten(abstract_accumulators(config, mesh, names, mode)).items()}
+
+            def fresh_accs(abstract=False):
+                make = (lambda sh: jax.ShapeDtypeStruct((d, *sh), jnp.float32, sharding=acc_sh)) if abstract else (
+                    lambda sh: sharded_zeros((d, *sh), jnp.float32, acc_sh))
+                return unflatten({n: make(sh) for n, sh in shapes.items()})
+        else:
+            step = jit_accumulate(config, mesh, names, kind, _REMAT.value, _ABS_CHUNK.value,
+                                  pin_activations=pin == "1")
+
+            def fresh_accs(abstract=False):
+                return (abstract_accumulators if abstract else init_accumulators)(config, mesh, names, mode)
+        t = time.perf_counter()
+        specs = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
+                 for a in (batches[0].input_ids, batches[0].attention_mask, batches[0].loss_mask)]
+        lowered = step.lower(params, fresh_accs(abstract=True), *specs)
+        lower_s = time.perf_counter() - t
+        estimate = program_bytes(lowered.compile())
+        accs = fresh_accs()
+        accs, loss = step(params, accs, *place(batches[0]))
+        loss.block_until_ready()
+        compile_s = time.perf_counter() - t
+        del accs, loss
+        accs = fresh_accs()
+        jax.block_until_ready(accs)
+        records.clear()
+        losses = []
+        t = time.perf_counter()
+        for b in batches:
+            accs, loss = step(params, accs, *place(b))
+            losses.append(loss)
+        jax.block_until_ready(accs)
+        seconds = time.perf_counter() - t
+        loss_sum = float(sum(np.asarray(x, np.float64) for x in losses))
+        finite = bool(all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(accs)))
+        flat = flatten(accs)
+        probe = {n: np.asarray(flat[n]).sum(0) if layout == "per_device" else np.asarray(flat[n]) for n in probe_names}
+        del flat
+        profile = None
+        if _PROFILE_DIR.value:  # a few more steps, traced (the probes are read already)
+            steps = min(_PROFILE_STEPS.value, len(batches))
+            box = [accs]
+
+            def traced(box=box, steps=steps, params=params):
+                for b in batches[:steps]:
+                    box[0], _ = step(params, box[0], *place(b))
+                jax.block_until_ready(box[0])
+
+            del accs
+            profile = _trace(f"scan_{kind}_{setting}_{layout}_pin{pin}_{repeat}", traced, steps)
+            accs = box.pop()
+        key = (kind, repeat)
+        diff = None
+        loss_equal = reference_loss.get(key, loss_sum) == loss_sum
+        reference_loss.setdefault(key, loss_sum)
+        if key in reference:
+            diff = {n: float(np.abs(probe[n] - reference[key][n]).max() / max(np.abs(reference[key][n]).max(), 1e-30))
+                    for n in probe_names}
+        else:
+            reference[key] = probe
+        del accs, loss
+        _emit(rows, {
+            "part": "scan", "shape": _SHAPE.value, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "mesh": dict(mesh.shape), "kind": kind, "repeat": repeat,
+            "abs_kernel": setting, "acc_layout": layout, "pin_activations": pin, "remat": _REMAT.value, "batch": _BATCH.value, "examples": _N.value,
+            "tokens": tokens, "params": n_params, "init_s": round(init_s, 1), "compile_s": round(compile_s, 1),
+            "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds),
+            "mfu": round(6 * n_params * tokens / seconds / 1e12 / (rate * mesh.devices.size), 3),
+            "peak_gib_per_device": _peak_gib(), "preflight_estimate_gib": round(estimate / 2**30, 2),
+            "accumulators_finite": finite, "max_rel_diff_vs_first_setting": diff,
+            "lower_s": round(lower_s, 1), "loss_sum": loss_sum, "loss_equal_to_first_setting": loss_equal,
+            "kernel_calls_checked": _kernel_check_summary(records) if records else None,
+            "profile": profile,
+        })
+        if _VERIFY_KERNEL.value and setting not in ("-", "0"):
+            from harmjax.attribution import abs_kernel
+            abs_kernel.abs_grad_sum = abs_kernel.abs_grad_sum.__wrapped__
     del params
+
+
+def _kernel_check_summary(records):
+    """Worst relative difference of the kernel against XLA's blocks per (out, in) shape."""
+    worst = {}
+    for shape, err, scale in records:
+        rel = err / max(scale, 1e-30)
+        key = f"{shape[0]}x{shape[1]}"
+        worst[key] = max(worst.get(key, 0.0), rel)
+    return {"calls": len(records), "max_rel_diff_by_shape": worst}
 
 
 def select_part(rows):
@@ -261,13 +445,18 @@ def generate_part(rows):
         first = time.perf_counter() - t
         s = generate_ids(params, config, mesh, ids, **kw).stats
         step = s["decode_s"] / s["decode_steps"]
-        _emit(rows, {"part": "generate", "shape": _SHAPE.value, "mesh": dict(mesh.shape), "batch": b,
+        profile = None
+        if _PROFILE_DIR.value:  # a third, traced call: per decode step (the prefill included)
+            profile = _trace(f"generate_b{b}", lambda p=params: generate_ids(p, config, mesh, ids, **kw),
+                             s["decode_steps"])
+        _emit(rows, {"part": "generate", "shape": _SHAPE.value, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                     "mesh": dict(mesh.shape), "batch": b,
                      "new_tokens": _GEN_NEW.value, "decode_step_ms": round(step * 1e3, 2),
                      "floor_ms": round(per_device / bandwidth * 1e3, 2),
                      "step_over_floor": round(step / (per_device / bandwidth), 2),
                      "decode_tokens_per_s": round(b / step), "prefill_s": round(s["prefill_s"], 3),
                      "compile_and_first_s": round(first, 1), "copy_bandwidth_tb_s": round(bandwidth / 1e12, 2),
-                     "peak_gib_per_device": _peak_gib()})
+                     "peak_gib_per_device": _peak_gib(), "profile": profile})
     del params
 
 
