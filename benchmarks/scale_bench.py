@@ -8,7 +8,10 @@
             a control: the XLA path compiled twice (what two compilations alone change).
             Each row has the scan's loss sum, so a forward pass that two programs round
             differently shows; --verify_kernel compares the kernel with XLA's per-example
-            blocks on each call's own operands inside the step.
+            blocks on each call's own operands inside the step. --acc_layout=sharded,per_device
+            adds an experiment harmjax does not ship: every device keeps a whole float32
+            accumulator of its own examples, so a step has no cross-device reduction (what
+            the per-step reduction costs; BUILD_NOTES "Throughput at scale").
   select:   `harmjax.select` on random float32 score trees of --select_shape (q=1e-5,
             p=5e-5), first call (compilation included) and warm, per granularity; global
             once with one program over every leaf (the CPU path, the old accelerator path)
@@ -39,6 +42,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import zlib
 
 from absl import app, flags
 
@@ -58,13 +62,14 @@ _LAYOUT = flags.DEFINE_list("acc_layout", ["sharded"], "Accumulator layouts, eac
                             "(harmjax's, like the weights) or per_device (an experiment: every device keeps a "
                             "whole float32 partial sum of its own examples, (devices, out, in), reduced once at the "
                             "end, so a step needs no cross-device reduction).")
-_PIN = flags.DEFINE_list("pin", ["0"], "Scan steps with activations pinned to the mesh (1) or "
-                         "left to XLA (0), each kind once per setting, in this order.")
 _SELECT_SHAPE = flags.DEFINE_string("select_shape", "", "Shape of the score trees (default --shape).")
 _GEN_MESH = flags.DEFINE_list("gen_mesh", ["1", "1", "-1"], "Mesh of the generate part.")
 _GEN_BATCHES = flags.DEFINE_list("gen_batches", ["1", "64"], "Batch sizes of the generate part.")
 _GEN_NEW = flags.DEFINE_integer("gen_new", 256, "New tokens per sequence.")
 _GEN_PROMPT = flags.DEFINE_integer("gen_prompt", 128, "Prompt tokens.")
+_GEN_GATHER = flags.DEFINE_list("gen_gather_logits", ["0"], "Per setting, decode once per batch size with the "
+                                "logits gathered whole on each device before sampling (1, an experiment) or "
+                                "sampled from vocabulary-split logits as harmjax does (0).")
 _PROFILE_DIR = flags.DEFINE_string("profile_dir", "", "Trace a few warm steps per scan kind and per decode batch "
                                    "here (jax.profiler) and add their breakdown (benchmarks/trace_summary.py) to the row.")
 _PROFILE_STEPS = flags.DEFINE_integer("profile_steps", 2, "Scan steps traced (decoding traces a whole call).")
@@ -159,7 +164,7 @@ def _verify_kernel_calls(records):
 _PER_DEVICE_PATCHED = []
 
 
-def _per_device_step(config, mesh, names, kind, remat, chunk, pin):
+def _per_device_step(config, mesh, names, kind, remat, chunk):
     """The experimental per-device accumulator layout: a jitted step like `jit_accumulate`'s
     whose accumulators are (devices, out, in) float32, split over the batch axes, each
     device adding only its own examples' contributions (signed and abs kinds)."""
@@ -171,7 +176,7 @@ def _per_device_step(config, mesh, names, kind, remat, chunk, pin):
     from harmjax.attribution.step import _probe, accumulator_mode
     from harmjax.model.decoder import forward
     from harmjax.model.loss import mean_nll_per_example
-    from harmjax.sharding import activation_sharding, active_axes, batch_sharding, param_shardings, replicated, spec_entry
+    from harmjax.sharding import active_axes, batch_sharding, param_shardings, replicated, spec_entry
 
     batch_entry = spec_entry(active_axes("batch", mesh))
     d = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -213,8 +218,7 @@ def _per_device_step(config, mesh, names, kind, remat, chunk, pin):
                                     input_ids, loss_mask).sum()
 
     def step(params, accs, input_ids, attention_mask, loss_mask):
-        with activation_sharding(mesh if pin else None):
-            loss, new_accs = jax.value_and_grad(loss_fn)(accs, params, input_ids, attention_mask, loss_mask)
+        loss, new_accs = jax.value_and_grad(loss_fn)(accs, params, input_ids, attention_mask, loss_mask)
         return new_accs, loss
 
     from harmjax.tree import unflatten
@@ -259,10 +263,9 @@ def scan_part(rows, rate):
                 for a in (b.input_ids, b.attention_mask, b.loss_mask)]
 
     reference, reference_loss = {}, {}
-    runs = [(repeat, layout, pin, kind, setting) for repeat in range(_REPEATS.value) for layout in _LAYOUT.value
-            for pin in _PIN.value for kind in _KINDS.value
-            for setting in (_ABS_KERNEL.value if kind == "retain" else ["-"])]
-    for repeat, layout, pin, kind, setting in runs:
+    runs = [(repeat, layout, kind, setting) for repeat in range(_REPEATS.value) for layout in _LAYOUT.value
+            for kind in _KINDS.value for setting in (_ABS_KERNEL.value if kind == "retain" else ["-"])]
+    for repeat, layout, kind, setting in runs:
         if setting != "-":
             os.environ["HARMJAX_ABS_KERNEL"] = setting
             jit_accumulate.cache_clear()  # the setting is read when the step is traced
@@ -271,7 +274,7 @@ def scan_part(rows, rate):
         if _VERIFY_KERNEL.value and setting not in ("-", "0"):
             _verify_kernel_calls(records)
         if layout == "per_device":
-            step, d, acc_sh = _per_device_step(config, mesh, names, kind, _REMAT.value, _ABS_CHUNK.value, pin == "1")
+            step, d, acc_sh = _per_device_step(config, mesh, names, kind, _REMAT.value, _ABS_CHUNK.value)
             shapes = {n: s.shape for n, s in flatten(abstract_accumulators(config, mesh, names, mode)).items()}
 
             def fresh_accs(abstract=False):
@@ -279,8 +282,7 @@ def scan_part(rows, rate):
                     lambda sh: sharded_zeros((d, *sh), jnp.float32, acc_sh))
                 return unflatten({n: make(sh) for n, sh in shapes.items()})
         else:
-            step = jit_accumulate(config, mesh, names, kind, _REMAT.value, _ABS_CHUNK.value,
-                                  pin_activations=pin == "1")
+            step = jit_accumulate(config, mesh, names, kind, _REMAT.value, _ABS_CHUNK.value)
 
             def fresh_accs(abstract=False):
                 return (abstract_accumulators if abstract else init_accumulators)(config, mesh, names, mode)
@@ -321,7 +323,7 @@ def scan_part(rows, rate):
                 jax.block_until_ready(box[0])
 
             del accs
-            profile = _trace(f"scan_{kind}_{setting}_{layout}_pin{pin}_{repeat}", traced, steps)
+            profile = _trace(f"scan_{kind}_{setting}_{layout}_{repeat}", traced, steps)
             accs = box.pop()
         key = (kind, repeat)
         diff = None
@@ -336,7 +338,7 @@ def scan_part(rows, rate):
         _emit(rows, {
             "part": "scan", "shape": _SHAPE.value, "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "mesh": dict(mesh.shape), "kind": kind, "repeat": repeat,
-            "abs_kernel": setting, "acc_layout": layout, "pin_activations": pin, "remat": _REMAT.value, "batch": _BATCH.value, "examples": _N.value,
+            "abs_kernel": setting, "acc_layout": layout, "remat": _REMAT.value, "batch": _BATCH.value, "examples": _N.value,
             "tokens": tokens, "params": n_params, "init_s": round(init_s, 1), "compile_s": round(compile_s, 1),
             "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds),
             "mfu": round(6 * n_params * tokens / seconds / 1e12 / (rate * mesh.devices.size), 3),
@@ -436,27 +438,44 @@ def generate_part(rows):
     embed = params["model"]["embed_tokens"]["weight"]
     weight_bytes = sum(a.size * a.dtype.itemsize for a in leaves) - embed.size * embed.dtype.itemsize
     per_device = weight_bytes / mesh.devices.size
-    rng = np.random.default_rng(0)
-    for b in (int(v) for v in _GEN_BATCHES.value):
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from harmjax.generate import sampler
+    from harmjax.sharding import active_axes, spec_entry
+
+    harmjax_sample = sampler.sample_tokens
+    whole = NamedSharding(mesh, P(spec_entry(active_axes("batch", mesh)), None))
+
+    def gathered_sample(logits, *args, **kwargs):  # one all-gather of the logits, then a local argmax
+        return harmjax_sample(jax.lax.with_sharding_constraint(logits, whole), *args, **kwargs)
+
+    for gather, b in [(g, int(v)) for g in _GEN_GATHER.value for v in _GEN_BATCHES.value]:
+        sampler.sample_tokens = gathered_sample if gather == "1" else harmjax_sample
+        sampler.jit_prefill.cache_clear()
+        sampler.jit_decode.cache_clear()  # sample_tokens is read when the loop is traced
+        rng = np.random.default_rng(b)
         ids = rng.integers(3, config.vocab_size, (b, _GEN_PROMPT.value)).tolist()
         kw = dict(max_new_tokens=_GEN_NEW.value, pad_id=0, eos_ids=(), batch_size=b, progress=False)
         t = time.perf_counter()
         generate_ids(params, config, mesh, ids, **kw)
         first = time.perf_counter() - t
-        s = generate_ids(params, config, mesh, ids, **kw).stats
+        out = generate_ids(params, config, mesh, ids, **kw)
+        s = out.stats
         step = s["decode_s"] / s["decode_steps"]
+        digest = zlib.crc32(np.concatenate([np.asarray(t, np.int32) for t in out.tokens]).tobytes())
         profile = None
         if _PROFILE_DIR.value:  # a third, traced call: per decode step (the prefill included)
-            profile = _trace(f"generate_b{b}", lambda p=params: generate_ids(p, config, mesh, ids, **kw),
+            profile = _trace(f"generate_b{b}_g{gather}", lambda p=params: generate_ids(p, config, mesh, ids, **kw),
                              s["decode_steps"])
         _emit(rows, {"part": "generate", "shape": _SHAPE.value, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-                     "mesh": dict(mesh.shape), "batch": b,
+                     "mesh": dict(mesh.shape), "batch": b, "gather_logits": gather,
                      "new_tokens": _GEN_NEW.value, "decode_step_ms": round(step * 1e3, 2),
                      "floor_ms": round(per_device / bandwidth * 1e3, 2),
                      "step_over_floor": round(step / (per_device / bandwidth), 2),
                      "decode_tokens_per_s": round(b / step), "prefill_s": round(s["prefill_s"], 3),
                      "compile_and_first_s": round(first, 1), "copy_bandwidth_tb_s": round(bandwidth / 1e12, 2),
-                     "peak_gib_per_device": _peak_gib(), "profile": profile})
+                     "peak_gib_per_device": _peak_gib(), "profile": profile, "tokens_crc32": digest})
+    sampler.sample_tokens = harmjax_sample
     del params
 
 

@@ -9,8 +9,6 @@ code runs on 1 CPU, 8 fake CPU devices, one GPU or a pod.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import functools
 import math
@@ -39,10 +37,6 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     "mlp": ("tensor",),
     "norm": (),
     "seq": (),
-    # An activation's model dimension is never split: with the batch over fsdp, a weight split
-    # over fsdp is then gathered per layer (FSDP) rather than contracted in halves whose
-    # partial products XLA adds with a 16-bit all-reduce (see `activation_sharding`).
-    "hidden": (),
 }
 
 
@@ -129,38 +123,6 @@ def active_axes(logical: str, mesh) -> tuple[str, ...]:
 def spec_entry(mesh_axes: tuple[str, ...]):
     """One PartitionSpec entry for a dimension split over `mesh_axes`: None, a name, or a tuple."""
     return None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes
-
-
-_ACTIVATION_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("harmjax_activation_mesh", default=None)
-
-
-@contextlib.contextmanager
-def activation_sharding(mesh: Mesh | None):
-    """While a step is traced inside this context, `constrain` pins the decoder's activations
-    to `mesh` by their logical axes (None: leave them to XLA's propagation).
-
-    Why: from the inputs' and weights' shardings alone XLA's partitioner picks, per matmul,
-    between gathering an FSDP-split weight and contracting over the split dimension, the
-    latter followed by an all-reduce of the bf16 partial products. On a 14B scan over 2 GPUs
-    it chose the second for 3 matmuls per layer: 144 exposed all-reduces per step (21% of the
-    step, BUILD_NOTES "Throughput at scale"), and results that round differently from one
-    device's (two bf16 halves added instead of one float32-accumulated product), and
-    differently between two programs that differ elsewhere.
-    """
-    token = _ACTIVATION_MESH.set(mesh)
-    try:
-        yield
-    finally:
-        _ACTIVATION_MESH.reset(token)
-
-
-def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
-    """`x` constrained to the sharding of its logical axes on the mesh of the enclosing
-    `activation_sharding`; unchanged outside one or on a single device."""
-    mesh = _ACTIVATION_MESH.get()
-    if mesh is None or mesh.size == 1:
-        return x
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(logical_axes, x.shape, mesh)))
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

@@ -27,7 +27,7 @@ from harmjax.attribution.scope import scored_names
 from harmjax.config import ModelConfig
 from harmjax.model.decoder import forward
 from harmjax.model.loss import mean_nll_per_example
-from harmjax.sharding import activation_sharding, batch_sharding, param_shardings, replicated, sharded_zeros
+from harmjax.sharding import batch_sharding, param_shardings, replicated, sharded_zeros
 from harmjax.tree import flatten, unflatten
 
 KINDS = ("harm", "retain", "retain_mean")
@@ -104,16 +104,14 @@ def _probe(params: dict[str, Any], accs: dict[str, Any], mode: str, chunk: int,
 @functools.lru_cache(maxsize=16)
 def jit_accumulate(
     config: ModelConfig, mesh: Mesh, names: tuple[str, ...], kind, remat: bool = False, chunk: int = 8,
-    fused_abs: bool = True, pin_activations: bool = False,
+    fused_abs: bool = True,
 ):
     """The jitted step f(params, accs, input_ids, attention_mask, loss_mask) -> (accs, loss_sum).
 
     `accs` is donated and updated in place; `loss_sum` is the sum over the batch of each
     example's mean response NLL (filler rows contribute 0). `fused_abs=False` keeps the
     retain kind on XLA's per-example blocks even where the fused kernel applies
-    (`harmjax.attribution.abs_kernel`; benchmarks compare the two). `pin_activations=False`
-    leaves the activations' shardings to XLA (`harmjax.sharding.activation_sharding` says why
-    they are pinned; benchmarks compare the two).
+    (`harmjax.attribution.abs_kernel`; benchmarks compare the two).
     """
     mode = accumulator_mode(kind)
     flat_acc_sh = flatten(scope_shardings(config, mesh, names)) if fused_abs and mode == "abs" else None
@@ -124,8 +122,7 @@ def jit_accumulate(
         return mean_nll_per_example(logits, input_ids, loss_mask).sum()
 
     def step(params, accs, input_ids, attention_mask, loss_mask):
-        with activation_sharding(mesh if pin_activations else None):
-            loss, new_accs = jax.value_and_grad(loss_fn)(accs, params, input_ids, attention_mask, loss_mask)
+        loss, new_accs = jax.value_and_grad(loss_fn)(accs, params, input_ids, attention_mask, loss_mask)
         return new_accs, loss
 
     acc_sh = _per_mode(mode, lambda: scope_shardings(config, mesh, names))

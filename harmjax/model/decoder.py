@@ -15,15 +15,12 @@ import jax.numpy as jnp
 
 from harmjax.config import ModelConfig
 from harmjax.model import layers
-from harmjax.sharding import constrain
 
 Params = dict[str, Any]
 # Optional KV cache of one decoder block: {"k": ..., "v": ...}, each (batch, kv_heads,
 # cache_len, head_dim) in the activation dtype. The whole cache maps layer keys "0".."N-1"
 # to these (see `harmjax.generate.kv_cache`).
 LayerCache = dict[str, jax.Array]
-# The residual stream's logical axes: batch split over data and fsdp, the model dimension whole.
-_RESIDUAL = ("batch", "seq", "hidden")
 
 
 def default_positions(attention_mask: jax.Array) -> jax.Array:
@@ -66,17 +63,16 @@ def attention_block(
         q, k, v = _proj(p["q_proj"], x), _proj(p["k_proj"], x), _proj(p["v_proj"], x)
     if c.qk_norm == "full":  # OLMo-2/3 normalise across all heads at once.
         q, k = _norm(c, q, p["q_norm"]), _norm(c, k, p["k_norm"])
-    # Pinned activations (no-ops outside `harmjax.sharding.activation_sharding`).
-    q = constrain(q.reshape(b, t, c.num_heads, c.head_dim), ("batch", "seq", "q_heads", None))
-    k = constrain(k.reshape(b, t, c.num_kv_heads, c.head_dim), ("batch", "seq", "kv_heads", None))
-    v = constrain(v.reshape(b, t, c.num_kv_heads, c.head_dim), ("batch", "seq", "kv_heads", None))
+    q = q.reshape(b, t, c.num_heads, c.head_dim)
+    k = k.reshape(b, t, c.num_kv_heads, c.head_dim)
+    v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
     if c.qk_norm == "head":  # Qwen3 normalises each head.
         q, k = _norm(c, q, p["q_norm"]), _norm(c, k, p["k_norm"])
     cos, sin = rope
     q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
     if cache is None:
         out = layers.attention(q, k, v, mask, c.attn_scale, c.attn_logit_softcap)
-        return _proj(p["o_proj"], constrain(out, ("batch", "seq", "q_heads")))
+        return _proj(p["o_proj"], out)
     # In-place slot update: inside a jitted loop over a donated cache this writes `seq`
     # rows per step rather than copying the cache. Only the new rows are transposed into
     # the cache's (batch, kv_heads, slots, head_dim) layout.
@@ -96,8 +92,7 @@ def mlp_block(p: Params, config: ModelConfig, x: jax.Array) -> jax.Array:
         gate, up = jnp.split(_proj(p["gate_up_proj"], x), 2, axis=-1)
     else:
         gate, up = _proj(p["gate_proj"], x), _proj(p["up_proj"], x)
-    h = constrain(layers.activation(config.activation, gate) * up, ("batch", "seq", "mlp"))
-    return _proj(p["down_proj"], h)
+    return _proj(p["down_proj"], layers.activation(config.activation, gate) * up)
 
 
 def decoder_layer(
@@ -179,7 +174,7 @@ def hidden_states(
         positions = default_positions(attention_mask)
         if cached:
             positions = jax.lax.dynamic_slice_in_dim(positions, cache_index, seq, axis=1)
-    x = constrain(embed(params, c, input_ids), _RESIDUAL)
+    x = embed(params, c, input_ids)
 
     ropes, masks = {}, {}
     for kind in set(c.layer_types):
@@ -206,7 +201,6 @@ def hidden_states(
                 )
             else:
                 x = layer_fn(blocks[str(i)], c, x, ropes[kind], masks[kind])
-            x = constrain(x, _RESIDUAL)
     h = _norm(c, x, params["model"]["norm"])
     return (h, new_cache) if cached else h
 
@@ -219,8 +213,6 @@ def logits_from_hidden(params: Params, config: ModelConfig, h: jax.Array) -> jax
         else params["lm_head"]["weight"]
     )
     logits = jnp.einsum("...i,vi->...v", h, head, preferred_element_type=jnp.float32)
-    if logits.ndim == 3:
-        logits = constrain(logits, ("batch", "seq", "vocab"))
     if config.final_logit_softcap:
         cap = config.final_logit_softcap
         logits = jnp.tanh(logits / cap) * cap
