@@ -41,8 +41,8 @@ from harmjax.tree import flatten
 
 # Scan knobs that only trade speed for memory. They change the compiled program, so on a GPU
 # the bf16 forward and backward may be partitioned and rounded differently: scores agree to
-# rounding, not bitwise (how far that moves them depends on the model; BUILD_NOTES
-# "Throughput at scale" measured up to 21% of the largest accumulator entry on random 14B weights).
+# rounding, not bitwise (BUILD_NOTES "Throughput at scale": up to 21% of the largest
+# accumulator entry on random 14B weights; about 1% of a top-q set on the embedded model).
 _SPEED_KNOBS = ("remat", "abs_chunk", "checkpoint_every", "separate_retain_passes")
 
 
