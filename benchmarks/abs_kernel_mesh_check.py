@@ -61,6 +61,7 @@ def main(argv):
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from harmjax.attribution import abs_kernel
+    from harmjax.attribution.probes import per_example_sums
     from harmjax.sharding import MeshConfig, make_mesh
 
     on = "1" if jax.default_backend() == "gpu" else "interpret"  # CPU: a smoke run in Pallas' interpreter
@@ -91,11 +92,7 @@ def main(argv):
                 jax.device_put(x[s], dev0), jax.device_put(g[s], dev0), interpret=on == "interpret"))
                 for s in (slice(0, half), slice(half, None)))
             results["mesh"] = np.asarray(jax.jit(lambda a, b: abs_kernel.abs_grad_sum(a, b, acc_sh))(x, g))
-            results["xla"] = np.asarray(jax.jit(
-                lambda a, b: sum(jnp.abs(jnp.einsum("bto,bti->boi", b[s:s + 8], a[s:s + 8],
-                                                    preferred_element_type=jnp.float32)).sum(0)
-                                 for s in range(0, _BATCH.value, 8)),
-                out_shardings=acc_sh)(x, g))
+            results["xla"] = np.asarray(jax.jit(lambda a, b: per_example_sums(a, b, 8)[0], out_shardings=acc_sh)(x, g))
 
             for setting in (on, "0"):
                 results[f"probe_{'xla' if setting == '0' else 'kernel'}"] = probe_grads(x, [g], [w], [acc_sh], setting)[0]

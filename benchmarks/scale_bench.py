@@ -142,6 +142,7 @@ def _verify_kernel_calls(records):
     import jax.numpy as jnp
 
     from harmjax.attribution import abs_kernel
+    from harmjax.attribution.probes import per_example_sums
 
     real = getattr(abs_kernel.abs_grad_sum, "__wrapped__", abs_kernel.abs_grad_sum)
 
@@ -149,9 +150,7 @@ def _verify_kernel_calls(records):
         out = real(x, g, sharding)
         # The first 256 output rows only: all of them in one step ran a 14B step out of memory.
         rows = min(256, g.shape[-1])
-        ref = sum(jnp.abs(jnp.einsum("bto,bti->boi", g[s:s + 8, :, :rows], x[s:s + 8],
-                                     preferred_element_type=jnp.float32)).sum(0)
-                  for s in range(0, x.shape[0], 8))
+        ref, _ = per_example_sums(x, g[..., :rows], _ABS_CHUNK.value)
         shape = (g.shape[-1], x.shape[-1])
         jax.debug.callback(lambda e, m: records.append((shape, float(e), float(m))),
                            jnp.abs(out[:rows] - ref).max(), jnp.abs(ref).max())
@@ -188,12 +187,7 @@ def _per_device_step(config, mesh, names, kind, remat, chunk):
                 return abs_kernel.local_abs_grad_sum(xl, gl, interpret=abs_kernel.mode() == "interpret")[None]
             if not absolute:
                 return jnp.einsum("bto,bti->oi", gl, xl, preferred_element_type=jnp.float32)[None]
-            out = None
-            for s in range(0, xl.shape[0], chunk):
-                part = jnp.abs(jnp.einsum("bto,bti->boi", gl[s:s + chunk], xl[s:s + chunk],
-                                          preferred_element_type=jnp.float32)).sum(0)
-                out = part if out is None else out + part
-            return out[None]
+            return probes.per_example_sums(xl, gl, chunk)[0][None]
 
         return jax.shard_map(one, mesh=mesh, in_specs=(P(batch_entry), P(batch_entry)),
                              out_specs=P(batch_entry, None, None), check_vma=False)(g, x)

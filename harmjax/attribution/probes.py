@@ -55,24 +55,29 @@ def _bwd(mode, chunk, sharding, residuals, g):
     if mode == "abs" and abs_kernel.applicable(x, g, sharding):
         # One fused pass, no per-example block in memory (harmjax.attribution.abs_kernel).
         return dx, None, acc + abs_kernel.abs_grad_sum(x, g, sharding)
-    # x: (batch, seq, in), g: (batch, seq, out). One (chunk, out, in) float32 block of
-    # per-example gradients at a time bounds the transient memory. In "both" mode the signed
-    # sum comes from the same blocks, so one backward pass serves both statistics.
-    batch = x.shape[0]
+    abs_sum, signed_sum = per_example_sums(x, g, chunk, signed=mode == "both")
+    if mode == "both":
+        return dx, None, (acc[0] + abs_sum, acc[1] + signed_sum)
+    return dx, None, acc + abs_sum
+
+
+def per_example_sums(x: jax.Array, g: jax.Array, chunk: int, signed: bool = False):
+    """(sum_b |g[b]^T x[b]|, sum_b g[b]^T x[b] or None) in float32, from XLA's per-example
+    blocks: x (batch, seq, in), g (batch, seq, out). One (chunk, out, in) float32 block of
+    per-example gradients at a time bounds the transient memory; with `signed` the signed sum
+    comes from the same blocks, so one backward pass serves both statistics."""
     abs_sum = signed_sum = None
-    for start in range(0, batch, chunk):
+    for start in range(0, x.shape[0], chunk):
         per_example = jnp.einsum(
             "bto,bti->boi", g[start : start + chunk], x[start : start + chunk],
             preferred_element_type=jnp.float32,
         )
         part = jnp.abs(per_example).sum(0)
         abs_sum = part if abs_sum is None else abs_sum + part
-        if mode == "both":
+        if signed:
             part = per_example.sum(0)
             signed_sum = part if signed_sum is None else signed_sum + part
-    if mode == "both":
-        return dx, None, (acc[0] + abs_sum, acc[1] + signed_sum)
-    return dx, None, acc + abs_sum
+    return abs_sum, signed_sum
 
 
 probed_linear.defvjp(_fwd, _bwd)
