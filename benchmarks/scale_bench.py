@@ -47,7 +47,7 @@ import zlib
 from absl import app, flags
 
 _SHAPE = flags.DEFINE_enum("shape", "qwen25_32b", ["tiny", "llama31_8b", "qwen25_14b", "qwen25_32b"], "Model shape.")
-_MESH = flags.DEFINE_list("mesh", ["1", "-1", "1"], "Mesh data,fsdp,tensor (-1 = the rest).")
+_MESH = flags.DEFINE_list("mesh", ["1", "-1", "1"], "Mesh data,fsdp,tensor (-1 = the rest; tensor 0 = harmjax.HOST).")
 _KINDS = flags.DEFINE_list("kinds", ["harm", "retain"], "Scan kinds, run in this order in one process.")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Times to run the kinds in sequence.")
 _N = flags.DEFINE_integer("n", 412, "Examples per scan.")
@@ -238,7 +238,7 @@ def scan_part(rows, rate):
     from harmjax.tree import flatten, unflatten
 
     config = _config(_SHAPE.value)
-    mesh = harmjax.make_mesh(harmjax.MeshConfig(*(int(x) for x in _MESH.value)))
+    mesh = harmjax.make_mesh(harmjax.MeshConfig(*(int(x) for x in _MESH.value)), model_config=config)
     tiny = _SHAPE.value == "tiny"
     params, init_s = _params(config, mesh, tiny)
     n_params = sum(x.size for x in jax.tree.leaves(params))
@@ -373,7 +373,7 @@ def select_part(rows):
     select_module = importlib.import_module("harmjax.masks.select")
     shape = _SELECT_SHAPE.value or _SHAPE.value
     config = _config(shape)
-    mesh = harmjax.make_mesh(harmjax.MeshConfig(*(int(x) for x in _MESH.value)))
+    mesh = harmjax.make_mesh(harmjax.MeshConfig(*(int(x) for x in _MESH.value)), model_config=config)
     names = names_for(config, None)
     shardings, specs = flatten(scope_shardings(config, mesh, names)), param_specs(config)
 
@@ -425,7 +425,7 @@ def generate_part(rows):
     from harmjax.generate import generate_ids
 
     config = _config(_SHAPE.value)
-    mesh = harmjax.make_mesh(harmjax.MeshConfig(*(int(x) for x in _GEN_MESH.value)))
+    mesh = harmjax.make_mesh(harmjax.MeshConfig(*(int(x) for x in _GEN_MESH.value)), model_config=config)
     params, _ = _params(config, mesh, _SHAPE.value == "tiny")
     bandwidth = copy_bandwidth(0.002 if _SHAPE.value == "tiny" else 2.0, repeats=5)["bytes_per_s"]
     leaves = jax.tree.leaves(params)

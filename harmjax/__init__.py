@@ -37,7 +37,7 @@ from harmjax.inference import jit_forward, text_nll
 from harmjax.loading import Model, load, save_hf, save_orbax
 from harmjax.model.decoder import forward, hidden_states, logits_from_hidden
 from harmjax.model.param_specs import param_specs
-from harmjax.sharding import MeshConfig, make_mesh, param_shardings
+from harmjax.sharding import HOST, MeshConfig, make_mesh, param_shardings
 from harmjax.attribution import ScanResult, attribute, scan, score
 from harmjax.model.flax_module import FlaxDecoder
 from harmjax.masks import (
@@ -100,6 +100,7 @@ __all__ = [
     "CheckpointError",
     "HarmjaxError",
     "HubUnavailableError",
+    "HOST",
     "MeshConfig",
     "MissingFileError",
     "Model",

@@ -63,7 +63,8 @@ def load(
       path_or_id: a local HF checkpoint directory, a `.gguf` file, a directory written by
         `save_orbax`, or a hub id 'org/name'.
       dtype: parameter dtype, "float32", "bfloat16" or "float16"; None keeps the checkpoint's.
-      mesh: a Mesh, a MeshConfig, or None for all devices on the data axis (params replicated).
+      mesh: a Mesh, a MeshConfig (`tensor=HOST`: tensor parallelism over each host's devices,
+        sized to the model's heads), or None for all devices on the data axis (params replicated).
 
     Returns:
       A `Model`.
@@ -74,7 +75,7 @@ def load(
     config = ModelConfig.from_hf(hf_config_from_dict(raw_config))
     param_dtype = hf_io.resolve_dtype(dtype, raw_config)
     if not isinstance(mesh, Mesh):
-        mesh = make_mesh(mesh)
+        mesh = make_mesh(mesh, model_config=config)  # sizes MeshConfig(tensor=HOST) to the model
     if is_orbax_dir(directory):
         from harmjax import checkpoint
 

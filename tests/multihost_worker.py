@@ -50,7 +50,7 @@ EXPERIMENT = [
     ("masks.q_sweep", (0.01, 0.1)), ("masks.category_q", 0.05), ("masks.p", 0.01),
     ("evaluation.max_length", 48), ("evaluation.batch_size", 4), ("evaluation.generation_prompts", 2),
     ("evaluation.max_new_tokens", 4), ("evaluation.generation_batch_size", 4),
-    ("mesh.data", 1), ("mesh.fsdp", 2), ("mesh.tensor", 2),
+    ("mesh.data", 1), ("mesh.fsdp", -1), ("mesh.tensor", 0),  # 0: harmjax.HOST
 ]
 
 
@@ -93,10 +93,13 @@ def main(model_dir: str, prompts_dir: str, work: str, address=None, num=None, pi
         for name, leaf in harmjax.tree.iter_leaves(tree) if isinstance(tree, dict) else [("", tree)]:
             results[f"{prefix}/{name}"] = distributed.to_host(leaf)
 
-    # fsdp spans the two processes (process-major device order), tensor the two local devices.
-    mesh = harmjax.MeshConfig(data=1, fsdp=2, tensor=2)
+    # fsdp spans the two processes, tensor the two local devices: tensor=HOST sizes it to the
+    # devices per process that the model's 2 KV heads divide (2 in both runs).
+    mesh = harmjax.MeshConfig(data=1, fsdp=-1, tensor=harmjax.HOST)
     with count_reads() as reads:
         model = harmjax.load(model_dir, dtype="float32", mesh=mesh)
+    assert dict(model.mesh.shape) == {"data": 1, "fsdp": 2, "tensor": 2}, model.mesh.shape
+    assert harmjax.sharding.tensor_groups_within_hosts(model.mesh)
     with open(os.path.join(work, f"reads_{jax.process_index()}.json"), "w") as f:
         json.dump(reads, f)  # each process its own file: what it read of each tensor
     keep("params", model.params)

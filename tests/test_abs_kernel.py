@@ -40,10 +40,16 @@ def test_kernel_equals_float64_reference(interpret):
 
 
 def test_applicability_rules(interpret, monkeypatch):
+    P = harmjax.sharding.P
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
-    sh = harmjax.sharding.NamedSharding(mesh, harmjax.sharding.P("fsdp", None))
     x, g = jnp.zeros((8, 16, 64), jnp.float32), jnp.zeros((8, 16, 32), jnp.float32)
-    assert not abs_kernel.applicable(x, g, sh)  # tensor parallelism: XLA path
+    sh = harmjax.sharding.NamedSharding(mesh, P("tensor", "fsdp"))  # column-parallel
+    assert abs_kernel.applicable(x, g, sh)
+    sh = harmjax.sharding.NamedSharding(mesh, P("fsdp", "tensor"))  # row-parallel
+    assert abs_kernel.applicable(x, g, sh)
+    assert not abs_kernel.applicable(x, jnp.zeros((8, 16, 48)), harmjax.sharding.NamedSharding(mesh, P("tensor", None)))  # 24 rows per device
+    sh = harmjax.sharding.NamedSharding(mesh, P(("fsdp", "tensor"), None))  # one dim over batch and tensor axes
+    assert not abs_kernel.applicable(x, g, sh)
     mesh = make_mesh(MeshConfig(data=2, fsdp=4, tensor=1))
     sh = harmjax.sharding.NamedSharding(mesh, harmjax.sharding.P("fsdp", None))
     assert abs_kernel.applicable(x, g, sh)
@@ -64,4 +70,27 @@ def test_retain_scan_through_kernel_matches_torch(interpret, monkeypatch, tmp_pa
     ours = flatten(scan(model, EXAMPLES, "retain", batch_size=4, max_length=256, num_buckets=1, progress=False).scores)
     # 7 projections x 3 layers, traced once, each on its device's share of 4 examples.
     assert len(calls) == 21 and all(shape[0] == 1 for shape in calls)
+    _assert_close(ours, _torch_scores(hf_model, EXAMPLES)["retain"])
+
+
+def test_retain_scan_through_kernel_under_tensor_parallelism_matches_torch(interpret, monkeypatch, tmp_path):
+    """On a (fsdp 2, tensor 2) mesh each device sums its own block of a column- or row-parallel
+    weight over its own examples; the scores still equal PyTorch autograd's."""
+    calls = []
+    real = abs_kernel.local_abs_grad_sum
+    monkeypatch.setattr(abs_kernel, "local_abs_grad_sum", lambda *a, **k: calls.append((a[0].shape, a[1].shape)) or real(*a, **k))
+    hf_model = tiny_hf_model("llama", seed=4)
+    path = save_tiny_with_tokenizer(hf_model, tmp_path)
+    model = harmjax.load(path, mesh=make_mesh(MeshConfig(data=1, fsdp=2, tensor=2), jax.devices()[:4]))
+    ours = flatten(scan(model, EXAMPLES, "retain", batch_size=4, max_length=256, num_buckets=1, progress=False).scores)
+    hidden, mlp, kv = 64, 96, 32  # tiny llama: q/o 64 x 64, k/v 32 x 64, gate/up 96 x 64
+    # (x features, g features) per device: column-parallel q, k, v, gate, up see g split over
+    # tensor; row-parallel o and down see x split. 7 projections x 3 layers, traced once.
+    expected = {(hidden, hidden // 2): 3, (hidden, kv // 2): 6, (hidden, mlp // 2): 6,
+                (hidden // 2, hidden): 3, (mlp // 2, hidden): 3}
+    seen = {}
+    for x, g in calls:
+        seen[(x[-1], g[-1])] = seen.get((x[-1], g[-1]), 0) + 1
+    assert seen == expected
+    assert all(x[0] == 2 for x, _ in calls)  # 4 examples over fsdp 2
     _assert_close(ours, _torch_scores(hf_model, EXAMPLES)["retain"])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import harmjax
-from harmjax.sharding import MeshConfig, make_mesh
+from harmjax.sharding import HOST, MeshConfig, host_tensor_size, make_mesh, tensor_groups_within_hosts
 from tests.hf_reference import left_padded_batch, save_tiny, tiny_hf_model
 
 
@@ -38,6 +38,33 @@ def test_mesh_config_resolution():
         MeshConfig(data=3, fsdp=2, tensor=2).shape(8)
     with pytest.raises(ValueError, match="At most one"):
         MeshConfig(data=-1, fsdp=-1).shape(8)
+
+
+def test_host_tensor_size_divides_heads_and_mlp():
+    """tensor=HOST takes the most devices of a host that every head count and the MLP divide."""
+    qwen14b = harmjax.ModelConfig(model_type="qwen2", vocab_size=152064, hidden_size=5120, intermediate_size=13824,
+                                  num_layers=48, num_heads=40, num_kv_heads=8, head_dim=128)
+    assert host_tensor_size(qwen14b, 8) == 8
+    assert host_tensor_size(qwen14b, 2) == 2
+    assert host_tensor_size(qwen14b, 16) == 8  # 8 KV heads
+    assert host_tensor_size(qwen14b, 6) == 2  # 40 heads: not 6 or 3
+    assert MeshConfig(data=1, fsdp=-1, tensor=HOST).resolve(qwen14b, 8) == MeshConfig(data=1, fsdp=-1, tensor=8)
+    assert MeshConfig(data=1, fsdp=-1, tensor=4).resolve(qwen14b, 8).tensor == 4  # explicit sizes stay
+    assert MeshConfig(data=1, fsdp=-1, tensor=HOST).shape(8) == (1, 1, 8)  # no model: all local devices
+
+
+def test_load_with_host_tensor_mesh(tmp_path):
+    """The tiny llama (4 heads, 2 KV heads) on 8 devices of one process: tensor 2, fsdp 4, and
+    the same logits as one device."""
+    src = save_tiny(tiny_hf_model("llama"), tmp_path)
+    model = harmjax.load(src, mesh=MeshConfig(data=1, fsdp=-1, tensor=HOST))
+    assert dict(model.mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 2}
+    assert tensor_groups_within_hosts(model.mesh)
+    one = harmjax.load(src, mesh=make_mesh(MeshConfig(data=1), devices=jax.devices()[:1]))
+    ids, mask, _ = left_padded_batch(batch=4)
+    ref = np.asarray(harmjax.forward(one.params, one.config, jnp.asarray(ids), jnp.asarray(mask)))
+    ours = harmjax.jit_forward(model.config, model.mesh)(model.params, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32))
+    np.testing.assert_allclose(np.asarray(ours), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_indivisible_dimension_is_replicated(tmp_path):

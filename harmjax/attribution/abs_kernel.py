@@ -19,9 +19,10 @@ path's within float32 rounding (tested against float64 in Pallas' interpreter).
 
 XLA does not partition a pallas_call, so on a mesh the kernel runs per device under
 `jax.shard_map` on the local examples, and the per-device partial sums are reduce-scattered
-into the accumulator's own sharding (summed over the batch axes it is not split on). It serves
-meshes without tensor parallelism; elsewhere, or for float32 activations (the kernel's dots
-would round to TF32), the XLA path runs. HARMJAX_ABS_KERNEL: "0" (default: the XLA path),
+into the accumulator's own sharding (summed over the batch axes it is not split on). Under
+tensor parallelism each device computes its own block of a column- or row-parallel weight
+(nothing is reduced over `tensor`). For float32 activations (the kernel's dots would round to
+TF32) or shapes the tiles do not divide, the XLA path runs. HARMJAX_ABS_KERNEL: "0" (default: the XLA path),
 "1" (the kernel on GPUs where it applies; experimental), "interpret" (Pallas' interpreter on
 any backend, for tests).
 
@@ -89,26 +90,43 @@ def _pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
+def _axes(entry) -> tuple[str, ...]:
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 def _plan(x: jax.Array, g: jax.Array, sharding: NamedSharding | None, config: AbsKernelConfig):
-    """(mesh, batch spec entry, acc spec) when the kernel serves this call, else None."""
+    """(mesh, batch spec entry, x / g feature spec entries, acc spec) when the kernel serves
+    this call, else None.
+
+    The accumulator (out, in) may be split over the batch axes (data, fsdp: the partial sums
+    are reduce-scattered) and, on one dimension each, over other axes (tensor parallelism):
+    a column-parallel weight (out split) sees g split the same way and x whole, a
+    row-parallel one (in split) x split and g whole, so each device's partial sum is already
+    its own block and nothing is reduced over `tensor`.
+    """
     if sharding is None or not isinstance(sharding, NamedSharding):
         return None
     mesh, spec = sharding.mesh, sharding.spec
-    if mesh.shape.get("tensor", 1) > 1 or x.ndim != 3 or g.ndim != 3:
+    if x.ndim != 3 or g.ndim != 3 or len(spec) > 2:
         return None
     batch_axes = active_axes("batch", mesh)
     per_device = math.prod(mesh.shape[a] for a in batch_axes)
     b, t, i = x.shape
     o = g.shape[-1]
+    entries = [_axes(e) for e in tuple(spec) + (None,) * (2 - len(spec))]
+    feature = []  # per accumulator dim (out, in): the non-batch axes it is split over
+    for axes in entries:
+        other = tuple(a for a in axes if a not in batch_axes)
+        if other and len(other) != len(axes):
+            return None  # one dimension split over batch and tensor axes together: XLA path
+        feature.append(other)
+    o_local = o // math.prod(mesh.shape[a] for a in feature[0])
+    i_local = i // math.prod(mesh.shape[a] for a in feature[1])
     if b % per_device or not _pow2(b // per_device) or not _pow2(t) or t % config.block_t:
         return None  # Triton blocks are powers of two; other shapes take the XLA path
-    if o % config.block_o or i % config.block_i:
+    if o_local % config.block_o or i_local % config.block_i:
         return None
-    for entry in spec:  # the accumulator may only be split over the batch axes (fsdp, data)
-        axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-        if any(a not in batch_axes for a in axes):
-            return None
-    return mesh, spec_entry(batch_axes), spec
+    return mesh, spec_entry(batch_axes), spec_entry(feature[1]), spec_entry(feature[0]), P(*spec)
 
 
 def applicable(x: jax.Array, g: jax.Array, sharding: NamedSharding | None) -> bool:
@@ -164,20 +182,21 @@ def local_abs_grad_sum(x: jax.Array, g: jax.Array, config: AbsKernelConfig | Non
 
 def abs_grad_sum(x: jax.Array, g: jax.Array, sharding: NamedSharding) -> jax.Array:
     """sum_b |g[b]^T x[b]| (float32, (out, in)) in `sharding`, the accumulator's; call only
-    where `applicable` holds. On a mesh each device sums its own examples and the partial
-    sums are reduce-scattered (or all-reduced) over the batch axes."""
+    where `applicable` holds. On a mesh each device sums its own examples (with tensor
+    parallelism, for its own block of the weight) and the partial sums are reduce-scattered
+    (or all-reduced) over the batch axes."""
     config = _config_from_env()
     interpret = mode() == "interpret"
-    mesh, batch, spec = _plan(x, g, sharding, config)
+    mesh, batch, x_features, g_features, spec = _plan(x, g, sharding, config)
     batch_axes = active_axes("batch", mesh)
-    if not batch_axes:
+    if not batch_axes and x_features is None and g_features is None:
         return local_abs_grad_sum(x, g, config, interpret)
 
     def local(xl, gl):
         part = local_abs_grad_sum(xl, gl, config, interpret)
         done: set[str] = set()
         for dim, entry in enumerate(spec):
-            axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+            axes = tuple(a for a in _axes(entry) if a in batch_axes)
             if axes:
                 part = lax.psum_scatter(part, axes if len(axes) > 1 else axes[0], scatter_dimension=dim, tiled=True)
                 done.update(axes)
@@ -185,6 +204,6 @@ def abs_grad_sum(x: jax.Array, g: jax.Array, sharding: NamedSharding) -> jax.Arr
         return lax.psum(part, rest) if rest else part
 
     return jax.shard_map(
-        local, mesh=mesh, in_specs=(P(batch, None, None), P(batch, None, None)), out_specs=P(*spec),
-        check_vma=False,
+        local, mesh=mesh, in_specs=(P(batch, None, x_features), P(batch, None, g_features)),
+        out_specs=spec, check_vma=False,
     )(x, g)
