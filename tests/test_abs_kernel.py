@@ -82,15 +82,20 @@ def test_retain_scan_through_kernel_under_tensor_parallelism_matches_torch(inter
     hf_model = tiny_hf_model("llama", seed=4)
     path = save_tiny_with_tokenizer(hf_model, tmp_path)
     model = harmjax.load(path, mesh=make_mesh(MeshConfig(data=1, fsdp=2, tensor=2), jax.devices()[:4]))
-    ours = flatten(scan(model, EXAMPLES, "retain", batch_size=4, max_length=256, num_buckets=1, progress=False).scores)
+    # A first scan on XLA's path: switching the kernel on afterwards must retrace the remat'd
+    # layers (their backward is cached per static probe fields), not reuse XLA's path.
+    monkeypatch.setenv("HARMJAX_ABS_KERNEL", "0")
+    scan(model, EXAMPLES, "retain", batch_size=4, max_length=256, num_buckets=1, progress=False, remat=True)
+    monkeypatch.setenv("HARMJAX_ABS_KERNEL", "interpret")
+    jit_accumulate.cache_clear()  # the setting is read when the step is built
+    assert not calls
+    ours = flatten(scan(model, EXAMPLES, "retain", batch_size=4, max_length=256, num_buckets=1, progress=False,
+                        remat=True).scores)
     hidden, mlp, kv = 64, 96, 32  # tiny llama: q/o 64 x 64, k/v 32 x 64, gate/up 96 x 64
     # (x features, g features) per device: column-parallel q, k, v, gate, up see g split over
-    # tensor; row-parallel o and down see x split. 7 projections x 3 layers, traced once.
-    expected = {(hidden, hidden // 2): 3, (hidden, kv // 2): 6, (hidden, mlp // 2): 6,
-                (hidden // 2, hidden): 3, (mlp // 2, hidden): 3}
-    seen = {}
-    for x, g in calls:
-        seen[(x[-1], g[-1])] = seen.get((x[-1], g[-1]), 0) + 1
-    assert seen == expected
+    # tensor; row-parallel o and down see x split. (With remat, layers of one structure share
+    # a trace, so the calls are counted per shape, not per layer.)
+    assert {(x[-1], g[-1]) for x, g in calls} == {
+        (hidden, hidden // 2), (hidden, kv // 2), (hidden, mlp // 2), (hidden // 2, hidden), (mlp // 2, hidden)}
     assert all(x[0] == 2 for x, _ in calls)  # 4 examples over fsdp 2
     _assert_close(ours, _torch_scores(hf_model, EXAMPLES)["retain"])

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from harmjax.attribution import abs_kernel
 from harmjax.attribution.probes import ProbedWeight
 from harmjax.attribution.scope import scored_names
 from harmjax.config import ModelConfig
@@ -114,7 +115,11 @@ def jit_accumulate(
     (`harmjax.attribution.abs_kernel`; benchmarks compare the two).
     """
     mode = accumulator_mode(kind)
-    flat_acc_sh = flatten(scope_shardings(config, mesh, names)) if fused_abs and mode == "abs" else None
+    # The kernel setting is read here, not only inside the backward rule: the probes then carry
+    # it in their static fields (a sharding, or None for XLA's path), so a changed setting
+    # retraces instead of reusing a remat'd layer's cached backward.
+    fused = fused_abs and mode == "abs" and abs_kernel.mode() != "off"
+    flat_acc_sh = flatten(scope_shardings(config, mesh, names)) if fused else None
 
     def loss_fn(accs, params, input_ids, attention_mask, loss_mask):
         probed = _probe(params, accs, mode, chunk, flat_acc_sh)
