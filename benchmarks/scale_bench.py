@@ -57,7 +57,7 @@ _REMAT = flags.DEFINE_bool("remat", False, "Rematerialise blocks.")
 _ABS_CHUNK = flags.DEFINE_integer("abs_chunk", 8, "Per-example block of the retain scan.")
 _OUT = flags.DEFINE_string("out", "", "Also write the rows here (JSON lines).")
 _PARTS = flags.DEFINE_list("parts", ["scan"], "Parts to run, in this order: scan, select, generate.")
-_ABS_KERNEL = flags.DEFINE_list("abs_kernel", ["0"], "HARMJAX_ABS_KERNEL settings for the retain kind.")
+_ABS_KERNEL = flags.DEFINE_list("abs_kernel", ["auto"], "HARMJAX_ABS_KERNEL settings for the retain kind (auto, 0, 1).")
 _LAYOUT = flags.DEFINE_list("acc_layout", ["sharded"], "Accumulator layouts, each kind once per layout: sharded "
                             "(harmjax's, like the weights) or per_device (an experiment: every device keeps a "
                             "whole float32 partial sum of its own examples, (devices, out, in), reduced once at the "

@@ -66,8 +66,9 @@ class MeshConfig:
     `tensor=HOST` (0) splits heads and MLP width over the devices of one host (as many as the
     model divides, `host_tensor_size`) and leaves the other axes to span hosts: tensor
     parallelism where the interconnect is fastest, FSDP or data parallelism across hosts.
-    On 2 x H200 it made Qwen2.5-14B/32B harm scans 1.1-1.4x faster than FSDP 2 (BUILD_NOTES,
-    "Throughput at scale"). `harmjax.load` resolves it against the model's config.
+    On 2 x H200 it made Qwen2.5-14B/32B harm scans 1.1-1.2x faster than FSDP 2 and retain scans
+    1.4x (BUILD_NOTES, "Throughput at scale"). `harmjax.load` resolves it against the model's
+    config.
     """
 
     data: int = -1

@@ -60,6 +60,30 @@ def test_applicability_rules(interpret, monkeypatch):
     assert not abs_kernel.applicable(x.astype(jnp.bfloat16), g.astype(jnp.bfloat16), sh)
 
 
+def test_auto_mode_uses_the_kernel_only_under_tensor_parallelism_on_gpus(monkeypatch):
+    """HARMJAX_ABS_KERNEL unset means "auto": the kernel where tensor parallelism is on (there it
+    costs little memory), XLA's path on FSDP-only meshes, on CPUs and for float32."""
+    monkeypatch.delenv("HARMJAX_ABS_KERNEL", raising=False)
+    monkeypatch.setenv("HARMJAX_ABS_KERNEL_CONFIG", SMALL)
+    assert abs_kernel.mode() == "auto"
+    P, Sh = harmjax.sharding.P, harmjax.sharding.NamedSharding
+    x, g = jnp.zeros((8, 16, 64), jnp.bfloat16), jnp.zeros((8, 16, 32), jnp.bfloat16)
+    tp = Sh(make_mesh(MeshConfig(data=1, fsdp=4, tensor=2)), P("tensor", "fsdp"))
+    fsdp = Sh(make_mesh(MeshConfig(data=1, fsdp=8, tensor=1)), P(None, "fsdp"))
+    assert not abs_kernel.applicable(x, g, tp)  # this CPU: never the compiled kernel
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # the rule as it reads on a GPU host
+    assert abs_kernel.applicable(x, g, tp)
+    assert not abs_kernel.applicable(x, g, fsdp)
+    assert not abs_kernel.applicable(x.astype(jnp.float32), g.astype(jnp.float32), tp)
+    monkeypatch.setenv("HARMJAX_ABS_KERNEL", "1")
+    assert abs_kernel.applicable(x, g, fsdp)
+    monkeypatch.setenv("HARMJAX_ABS_KERNEL", "0")
+    assert not abs_kernel.applicable(x, g, tp)
+    monkeypatch.setenv("HARMJAX_ABS_KERNEL", "yes")
+    with pytest.raises(ValueError, match="auto, 1, 0 or interpret"):
+        abs_kernel.mode()
+
+
 def test_retain_scan_through_kernel_matches_torch(interpret, monkeypatch, tmp_path):
     calls = []
     real = abs_kernel.local_abs_grad_sum

@@ -22,18 +22,23 @@ XLA does not partition a pallas_call, so on a mesh the kernel runs per device un
 into the accumulator's own sharding (summed over the batch axes it is not split on). Under
 tensor parallelism each device computes its own block of a column- or row-parallel weight
 (nothing is reduced over `tensor`). For float32 activations (the kernel's dots would round to
-TF32) or shapes the tiles do not divide, the XLA path runs. HARMJAX_ABS_KERNEL: "0" (default: the XLA path),
-"1" (the kernel on GPUs where it applies; experimental), "interpret" (Pallas' interpreter on
-any backend, for tests).
+TF32) or shapes the tiles do not divide, the XLA path runs.
+
+HARMJAX_ABS_KERNEL: "auto" (default: the kernel on GPU meshes with tensor parallelism, XLA's
+path elsewhere), "1" (the kernel wherever it applies), "0" (always XLA's path), "interpret"
+(Pallas' interpreter on any backend, for tests). The setting is read when the scan step is
+built (`jit_accumulate`).
 
 Status (2 x H200, BUILD_NOTES "Throughput at scale"): correct. Alone, on the mesh and under
 jit(grad) it matches float64 to 3.4e-7, and inside a whole 14B retain scan step each of its 336
-calls matched XLA's per-example blocks on the same operands to 2.1e-7. Whole scans through it
-differ from the XLA path's by 8-14% on random 14B weights only because the two programs are
-partitioned and rounded differently in bf16 (XLA-only programs that differ in nothing but the
-partitioning plan differ by up to 21% there). It makes the 14B retain scan 1.2x faster but
-needs 11 GiB more per device (XLA's path already peaks at 123.8 of 126 GiB at 32B), so it stays
-opt-in.
+calls matched XLA's per-example blocks on the same operands to 2.1e-7. Under tensor
+parallelism 2 it made the retain scan 1.3x faster (14B: 39.5% -> 52.1% MFU, same peak memory,
+accumulators within 3.1e-7 of XLA's path; 32B with remat: 35.1% -> 45.4%, +5.9 GiB, 116.7 of
+126 GiB), hence the default there. Under FSDP alone it is 1.2x faster at 14B but needs 11 GiB
+more per device (XLA's path already peaks at 123.8 of 126 GiB at 32B), so it is opt-in there;
+whole FSDP scans through it differ from XLA's by 8-14% on random 14B weights only because the
+two programs are partitioned and rounded differently in bf16 (XLA-only programs that differ in
+nothing but the partitioning plan differ by up to 21% there).
 """
 
 from __future__ import annotations
@@ -79,11 +84,11 @@ def _config_from_env() -> AbsKernelConfig:
 
 
 def mode() -> str:
-    """HARMJAX_ABS_KERNEL: "1" -> "on", "0" (default) -> "off", "interpret"."""
-    value = os.environ.get("HARMJAX_ABS_KERNEL", "0")
-    if value not in ("1", "0", "interpret"):
-        raise ValueError(f"HARMJAX_ABS_KERNEL must be 1, 0 or interpret, got {value!r}.")
-    return {"1": "on", "0": "off", "interpret": "interpret"}[value]
+    """HARMJAX_ABS_KERNEL: "auto" (default), "1" -> "on", "0" -> "off", "interpret"."""
+    value = os.environ.get("HARMJAX_ABS_KERNEL", "auto")
+    if value not in ("auto", "1", "0", "interpret"):
+        raise ValueError(f"HARMJAX_ABS_KERNEL must be auto, 1, 0 or interpret, got {value!r}.")
+    return {"auto": "auto", "1": "on", "0": "off", "interpret": "interpret"}[value]
 
 
 def _pow2(n: int) -> bool:
@@ -134,8 +139,10 @@ def applicable(x: jax.Array, g: jax.Array, sharding: NamedSharding | None) -> bo
     kind = mode()
     if kind == "off":
         return False
-    if kind == "on" and (jax.default_backend() != "gpu" or x.dtype not in (jnp.bfloat16, jnp.float16)):
+    if kind in ("on", "auto") and (jax.default_backend() != "gpu" or x.dtype not in (jnp.bfloat16, jnp.float16)):
         return False
+    if kind == "auto" and (not isinstance(sharding, NamedSharding) or sharding.mesh.shape.get("tensor", 1) == 1):
+        return False  # without tensor parallelism it costs memory (module doc): opt-in there
     if x.dtype != g.dtype:
         return False
     return _plan(x, g, sharding, _config_from_env()) is not None
