@@ -113,8 +113,9 @@ def make_mesh(config: MeshConfig | None = None, devices: Sequence[jax.Device] | 
     """
     config = config or MeshConfig()
     per_host = config.tensor == HOST
-    config = config.resolve(model_config)
     devices = list(devices if devices is not None else jax.devices())
+    # HOST counts this process's devices among those given (a subset mesh stays within it).
+    config = config.resolve(model_config, sum(d.process_index == jax.process_index() for d in devices) or None)
     shape = config.shape(len(devices))
     axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
     if len(devices) == len(jax.devices()):

@@ -51,6 +51,8 @@ def test_host_tensor_size_divides_heads_and_mlp():
     assert MeshConfig(data=1, fsdp=-1, tensor=HOST).resolve(qwen14b, 8) == MeshConfig(data=1, fsdp=-1, tensor=8)
     assert MeshConfig(data=1, fsdp=-1, tensor=4).resolve(qwen14b, 8).tensor == 4  # explicit sizes stay
     assert MeshConfig(data=1, fsdp=-1, tensor=HOST).shape(8) == (1, 1, 8)  # no model: all local devices
+    sub = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=HOST), devices=jax.devices()[:4], model_config=qwen14b)
+    assert dict(sub.shape) == {"data": 1, "fsdp": 1, "tensor": 4}  # HOST counts the devices given
 
 
 def test_load_with_host_tensor_mesh(tmp_path):
