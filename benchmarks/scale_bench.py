@@ -261,8 +261,7 @@ def scan_part(rows, rate):
             for kind in _KINDS.value for setting in (_ABS_KERNEL.value if kind == "retain" else ["-"])]
     for repeat, layout, kind, setting in runs:
         if setting != "-":
-            os.environ["HARMJAX_ABS_KERNEL"] = setting
-            jit_accumulate.cache_clear()  # the setting is read when the step is traced
+            os.environ["HARMJAX_ABS_KERNEL"] = setting  # jit_accumulate keys its cache on it
         mode = accumulator_mode(kind)
         records = []
         if _VERIFY_KERNEL.value and setting not in ("-", "0"):

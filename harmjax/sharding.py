@@ -177,6 +177,11 @@ def spec_entry(mesh_axes: tuple[str, ...]):
     return None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes
 
 
+def entry_axes(entry) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry (the inverse of `spec_entry`)."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """Sharding of a (batch, ...) array: batch split over data and fsdp."""
     return NamedSharding(mesh, P(spec_entry(active_axes("batch", mesh)), *([None] * (ndim - 1))))

@@ -22,7 +22,7 @@ SMALL = "16,16,8,4,1"  # tiles that divide the tiny model's 32-, 64- and 96-wide
 def interpret(monkeypatch):
     monkeypatch.setenv("HARMJAX_ABS_KERNEL", "interpret")
     monkeypatch.setenv("HARMJAX_ABS_KERNEL_CONFIG", SMALL)
-    jit_accumulate.cache_clear()  # the env is read at trace time
+    jit_accumulate.cache_clear()  # no step built under another setting lingers
     yield
     jit_accumulate.cache_clear()
 
@@ -110,8 +110,7 @@ def test_retain_scan_through_kernel_under_tensor_parallelism_matches_torch(inter
     # layers (their backward is cached per static probe fields), not reuse XLA's path.
     monkeypatch.setenv("HARMJAX_ABS_KERNEL", "0")
     scan(model, EXAMPLES, "retain", batch_size=4, max_length=256, num_buckets=1, progress=False, remat=True)
-    monkeypatch.setenv("HARMJAX_ABS_KERNEL", "interpret")
-    jit_accumulate.cache_clear()  # the setting is read when the step is built
+    monkeypatch.setenv("HARMJAX_ABS_KERNEL", "interpret")  # part of the step cache's key: no clearing needed
     assert not calls
     ours = flatten(scan(model, EXAMPLES, "retain", batch_size=4, max_length=256, num_buckets=1, progress=False,
                         remat=True).scores)

@@ -26,8 +26,8 @@ TF32) or shapes the tiles do not divide, the XLA path runs.
 
 HARMJAX_ABS_KERNEL: "auto" (default: the kernel on GPU meshes with tensor parallelism, XLA's
 path elsewhere), "1" (the kernel wherever it applies), "0" (always XLA's path), "interpret"
-(Pallas' interpreter on any backend, for tests). The setting is read when the scan step is
-built (`jit_accumulate`).
+(Pallas' interpreter on any backend, for tests). The scan step's cache (`jit_accumulate`) is
+keyed on the setting.
 
 Status (2 x H200, BUILD_NOTES "Throughput at scale"): correct. Alone, on the mesh and under
 jit(grad) it matches float64 to 3.4e-7, and inside a whole 14B retain scan step each of its 336
@@ -55,7 +55,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from harmjax.sharding import active_axes, spec_entry
+from harmjax.sharding import active_axes, entry_axes, spec_entry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,10 +95,6 @@ def _pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-def _axes(entry) -> tuple[str, ...]:
-    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-
-
 def _plan(x: jax.Array, g: jax.Array, sharding: NamedSharding | None, config: AbsKernelConfig):
     """(mesh, batch spec entry, x / g feature spec entries, acc spec) when the kernel serves
     this call, else None.
@@ -118,7 +114,7 @@ def _plan(x: jax.Array, g: jax.Array, sharding: NamedSharding | None, config: Ab
     per_device = math.prod(mesh.shape[a] for a in batch_axes)
     b, t, i = x.shape
     o = g.shape[-1]
-    entries = [_axes(e) for e in tuple(spec) + (None,) * (2 - len(spec))]
+    entries = [entry_axes(e) for e in tuple(spec) + (None,) * (2 - len(spec))]
     feature = []  # per accumulator dim (out, in): the non-batch axes it is split over
     for axes in entries:
         other = tuple(a for a in axes if a not in batch_axes)
@@ -203,7 +199,7 @@ def abs_grad_sum(x: jax.Array, g: jax.Array, sharding: NamedSharding) -> jax.Arr
         part = local_abs_grad_sum(xl, gl, config, interpret)
         done: set[str] = set()
         for dim, entry in enumerate(spec):
-            axes = tuple(a for a in _axes(entry) if a in batch_axes)
+            axes = tuple(a for a in entry_axes(entry) if a in batch_axes)
             if axes:
                 part = lax.psum_scatter(part, axes if len(axes) > 1 else axes[0], scatter_dimension=dim, tiled=True)
                 done.update(axes)

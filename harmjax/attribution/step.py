@@ -102,7 +102,6 @@ def _probe(params: dict[str, Any], accs: dict[str, Any], mode: str, chunk: int,
     return unflatten(flat)
 
 
-@functools.lru_cache(maxsize=16)
 def jit_accumulate(
     config: ModelConfig, mesh: Mesh, names: tuple[str, ...], kind, remat: bool = False, chunk: int = 8,
     fused_abs: bool = True,
@@ -114,12 +113,19 @@ def jit_accumulate(
     retain kind on XLA's per-example blocks even where the fused kernel applies
     (`harmjax.attribution.abs_kernel`; benchmarks compare the two).
     """
+    # The kernel setting (HARMJAX_ABS_KERNEL) is part of the cache key, so a changed setting
+    # builds and traces a new step instead of reusing one built for the old setting.
+    return _jit_accumulate(config, mesh, names, kind, remat, chunk, abs_kernel.mode() if fused_abs else "off")
+
+
+@functools.lru_cache(maxsize=16)
+def _jit_accumulate(config: ModelConfig, mesh: Mesh, names: tuple[str, ...], kind, remat: bool, chunk: int,
+                    kernel: str):
     mode = accumulator_mode(kind)
-    # The kernel setting is read here, not only inside the backward rule: the probes then carry
-    # it in their static fields (a sharding, or None for XLA's path), so a changed setting
-    # retraces instead of reusing a remat'd layer's cached backward.
-    fused = fused_abs and mode == "abs" and abs_kernel.mode() != "off"
-    flat_acc_sh = flatten(scope_shardings(config, mesh, names)) if fused else None
+    # The probes carry the kernel choice in their static fields (the accumulator sharding, or
+    # None for XLA's path): remat'd layers cache their backward per static fields, so the
+    # choice must live there and not only inside the backward rule.
+    flat_acc_sh = flatten(scope_shardings(config, mesh, names)) if mode == "abs" and kernel != "off" else None
 
     def loss_fn(accs, params, input_ids, attention_mask, loss_mask):
         probed = _probe(params, accs, mode, chunk, flat_acc_sh)
@@ -138,6 +144,9 @@ def jit_accumulate(
         out_shardings=(acc_sh, replicated(mesh)),
         donate_argnums=(1,),
     )
+
+
+jit_accumulate.cache_clear = _jit_accumulate.cache_clear  # tests start from no compiled steps
 
 
 def finalize(kind: str, weight: jax.Array, acc: jax.Array) -> jax.Array:
