@@ -32,8 +32,11 @@ _SCAN_BATCH = flags.DEFINE_integer("scan_batch", 16, "Scan micro-batch rows (sco
                                    "the scores stage's key: a rerun with another batch keeps finished units.")
 _Q_SWEEP = flags.DEFINE_list("q_sweep", ["1e-5", "1e-4", "1e-3"], "Harm-mask fractions; the largest of them "
                               "and p (5e-5) sets the candidates kept per matrix (the paper: up to 5e-5).")
-_MESH = flags.DEFINE_list("mesh", ["-1", "1", "1"], "Mesh sizes data,fsdp,tensor (-1 = the rest); "
-                          "the paper configs use 1,-1,1 (FSDP over every local device).")
+_MESH = flags.DEFINE_list("mesh", ["-1", "1", "1"], "Mesh sizes data,fsdp,tensor (-1 = the rest, tensor 0 = "
+                          "harmjax.HOST); the 14B and 32B configs use 1,-1,0 (tensor parallelism inside "
+                          "a host, FSDP across hosts).")
+_LAYERWISE = flags.DEFINE_bool("layerwise", False, "Scan steps as per-block programs (scoring.layerwise, as the "
+                               "14B and 32B configs).")
 
 
 def build_model(directory: str) -> str:
@@ -88,7 +91,7 @@ def build_model_on_devices(directory: str) -> str:
                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, torch_dtype="bfloat16")
     hf_config = transformers.AutoConfig.for_model(**fields).to_dict()
     config = ModelConfig.from_hf(hf_config)
-    mesh = harmjax.make_mesh(harmjax.MeshConfig(*(int(x) for x in _MESH.value)))
+    mesh = harmjax.make_mesh(harmjax.MeshConfig(*(int(x) for x in _MESH.value)), model_config=config)
     params = init_params(config, jax.random.key(0), mesh, jax.numpy.bfloat16)
     model = Model(params=params, config=config, tokenizer=tok, hf_config=hf_config, mesh=mesh,
                   source_dir=_TOKENIZER.value)
@@ -129,6 +132,7 @@ def main(argv):
     cfg.scoring.batch_size, cfg.scoring.max_length, cfg.scoring.abs_chunk = _SCAN_BATCH.value, 256, 4
     if _SHAPE.value:  # as the paper configs: remat, and one accumulator tree per retain pass
         cfg.scoring.remat, cfg.scoring.separate_retain_passes = True, True
+    cfg.scoring.layerwise = _LAYERWISE.value
     cfg.masks.q_sweep = tuple(float(q) for q in _Q_SWEEP.value)
     cfg.evaluation.max_length, cfg.evaluation.batch_size = 256, 64
     cfg.evaluation.generation_prompts, cfg.evaluation.max_new_tokens = 48, 64
@@ -144,7 +148,7 @@ def main(argv):
               "run_dir_bytes": _disk_bytes(cfg.output_dir), "stage_dir_bytes": stage_disk,
               "model_dir_bytes": _disk_bytes(model_dir),
               "mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
-              "mesh": [int(x) for x in _MESH.value], "jax": jax.__version__, "build_model_s": build,
+              "mesh": [int(x) for x in _MESH.value], "layerwise": _LAYERWISE.value, "jax": jax.__version__, "build_model_s": build,
               "wall_s": metrics["wall_seconds"], "timings": metrics["timings"], "data": metrics["data"],
               **({} if _SHAPE.value else {"hidden": _HIDDEN.value, "layers": _LAYERS.value}), "parameters": metrics["model"]["parameters"]}
     for name in os.listdir(cfg.output_dir):

@@ -1,7 +1,8 @@
 """Throughput at the paper's model sizes on the local GPUs, printed as JSON rows, in parts:
 
   scan:     harmjax's scan step (`harmjax.attribution.step.jit_accumulate`, what `harmjax.score`
-            and the experiment run); --abs_kernel=0,1 runs the retain kind once per setting of
+            and the experiment run); --layerwise=0,1 runs each kind as one program and as
+            per-block programs (`harmjax.attribution.layerwise`); --abs_kernel=0,1 runs the retain kind once per setting of
             HARMJAX_ABS_KERNEL (XLA's per-example blocks, then the fused kernel) and reports,
             for the first and the last layer's first accumulator, the largest difference
             against the first setting relative to its largest entry. --abs_kernel=0,0,1 adds
@@ -62,6 +63,8 @@ _LAYOUT = flags.DEFINE_list("acc_layout", ["sharded"], "Accumulator layouts, eac
                             "(harmjax's, like the weights) or per_device (an experiment: every device keeps a "
                             "whole float32 partial sum of its own examples, (devices, out, in), reduced once at the "
                             "end, so a step needs no cross-device reduction).")
+_LAYERWISE = flags.DEFINE_list("layerwise", ["0"], "Per setting, each kind once with the whole-program step (0) "
+                                "or the per-block programs of `harmjax.attribution.layerwise` (1).")
 _SELECT_SHAPE = flags.DEFINE_string("select_shape", "", "Shape of the score trees (default --shape).")
 _GEN_MESH = flags.DEFINE_list("gen_mesh", ["1", "1", "-1"], "Mesh of the generate part.")
 _GEN_BATCHES = flags.DEFINE_list("gen_batches", ["1", "64"], "Batch sizes of the generate part.")
@@ -231,7 +234,9 @@ def scan_part(rows, rate):
 
     import harmjax
     from bench_common import synthetic_examples
-    from harmjax.attribution.step import abstract_accumulators, accumulator_mode, init_accumulators, jit_accumulate, names_for
+    from harmjax.attribution.step import (
+        abstract_accumulators, accumulator_mode, compiler_options, init_accumulators, jit_accumulate, names_for,
+    )
     from harmjax.data.calibration import make_batches
     from harmjax.memory import program_bytes
     from harmjax.sharding import batch_sharding, sharded_zeros
@@ -257,9 +262,11 @@ def scan_part(rows, rate):
                 for a in (b.input_ids, b.attention_mask, b.loss_mask)]
 
     reference, reference_loss = {}, {}
-    runs = [(repeat, layout, kind, setting) for repeat in range(_REPEATS.value) for layout in _LAYOUT.value
-            for kind in _KINDS.value for setting in (_ABS_KERNEL.value if kind == "retain" else ["-"])]
-    for repeat, layout, kind, setting in runs:
+    runs = [(repeat, layout, lw, kind, setting) for repeat in range(_REPEATS.value) for layout in _LAYOUT.value
+            for lw in _LAYERWISE.value for kind in _KINDS.value
+            for setting in (_ABS_KERNEL.value if kind == "retain" else ["-"])]
+    for repeat, layout, lw, kind, setting in runs:
+        layerwise = lw == "1"
         if setting != "-":
             os.environ["HARMJAX_ABS_KERNEL"] = setting  # jit_accumulate keys its cache on it
         mode = accumulator_mode(kind)
@@ -275,16 +282,20 @@ def scan_part(rows, rate):
                     lambda sh: sharded_zeros((d, *sh), jnp.float32, acc_sh))
                 return unflatten({n: make(sh) for n, sh in shapes.items()})
         else:
-            step = jit_accumulate(config, mesh, names, kind, _REMAT.value, _ABS_CHUNK.value)
+            step = jit_accumulate(config, mesh, names, kind, _REMAT.value, _ABS_CHUNK.value, layerwise=layerwise)
 
             def fresh_accs(abstract=False):
                 return (abstract_accumulators if abstract else init_accumulators)(config, mesh, names, mode)
         t = time.perf_counter()
         specs = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
                  for a in (batches[0].input_ids, batches[0].attention_mask, batches[0].loss_mask)]
-        lowered = step.lower(params, fresh_accs(abstract=True), *specs)
-        lower_s = time.perf_counter() - t
-        estimate = program_bytes(lowered.compile())
+        if layerwise:  # compiles every distinct program, as the memory preflight does
+            lower_s = None
+            estimate = step.needed_bytes(params, fresh_accs(abstract=True), *specs)
+        else:
+            lowered = step.lower(params, fresh_accs(abstract=True), *specs)
+            lower_s = time.perf_counter() - t
+            estimate = program_bytes(lowered.compile())
         accs = fresh_accs()
         accs, loss = step(params, accs, *place(batches[0]))
         loss.block_until_ready()
@@ -316,7 +327,7 @@ def scan_part(rows, rate):
                 jax.block_until_ready(box[0])
 
             del accs
-            profile = _trace(f"scan_{kind}_{setting}_{layout}_{repeat}", traced, steps)
+            profile = _trace(f"scan_{kind}_{setting}_{layout}_{lw}_{repeat}", traced, steps)
             accs = box.pop()
         key = (kind, repeat)
         diff = None
@@ -331,13 +342,14 @@ def scan_part(rows, rate):
         _emit(rows, {
             "part": "scan", "shape": _SHAPE.value, "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "mesh": dict(mesh.shape), "kind": kind, "repeat": repeat,
-            "abs_kernel": setting, "acc_layout": layout, "remat": _REMAT.value, "batch": _BATCH.value, "examples": _N.value,
+            "abs_kernel": setting, "acc_layout": layout, "layerwise": layerwise,
+            "scan_compiler_options": dict(compiler_options(mesh)), "remat": _REMAT.value, "batch": _BATCH.value, "examples": _N.value,
             "tokens": tokens, "params": n_params, "init_s": round(init_s, 1), "compile_s": round(compile_s, 1),
             "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds),
             "mfu": round(6 * n_params * tokens / seconds / 1e12 / (rate * mesh.devices.size), 3),
             "peak_gib_per_device": _peak_gib(), "preflight_estimate_gib": round(estimate / 2**30, 2),
             "accumulators_finite": finite, "max_rel_diff_vs_first_setting": diff,
-            "lower_s": round(lower_s, 1), "loss_sum": loss_sum, "loss_equal_to_first_setting": loss_equal,
+            "lower_s": None if lower_s is None else round(lower_s, 1), "loss_sum": loss_sum, "loss_equal_to_first_setting": loss_equal,
             "kernel_calls_checked": _kernel_check_summary(records) if records else None,
             "profile": profile,
         })

@@ -55,7 +55,7 @@ def main(argv):
     os.makedirs(out_dir, exist_ok=True)
     result = scan(
         model, examples, cfg.kind, scope=_csv(cfg.scope) or None, batch_size=cfg.batch_size,
-        text_format=cfg.text_format, max_length=cfg.max_length, remat=cfg.remat, abs_chunk=cfg.abs_chunk,
+        text_format=cfg.text_format, max_length=cfg.max_length, remat=cfg.remat, layerwise=cfg.layerwise, abs_chunk=cfg.abs_chunk,
         checkpoint_dir=os.path.join(out_dir, "scan_state"), checkpoint_every=cfg.checkpoint_every,
     )
     summary = {

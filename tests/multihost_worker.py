@@ -113,6 +113,9 @@ def main(model_dir: str, prompts_dir: str, work: str, address=None, num=None, pi
                            checkpoint_dir=os.path.join(work, "retain_scan"), checkpoint_every=1)
     keep("harm", harm)
     keep("retain", retain)
+    # The per-block programs across processes (residuals and gradients cross program
+    # boundaries as global arrays split over both processes' devices).
+    keep("harm_layerwise", harmjax.score(model, HARMFUL, kind="harm", batch_size=2, progress=False, layerwise=True))
 
     mask = harmjax.select(harm, retain, q=0.02, p=0.05, granularity="matrix", progress=False)
     keep("mask", mask)

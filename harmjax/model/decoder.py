@@ -143,6 +143,32 @@ def embed(params: Params, config: ModelConfig, input_ids: jax.Array) -> jax.Arra
     return h
 
 
+def block_tables(
+    config: ModelConfig,
+    positions: jax.Array,
+    attention_mask: jax.Array,
+    seq: int,
+    dtype,
+    cache_index: jax.Array | int = 0,
+) -> tuple[dict[str, tuple[jax.Array, jax.Array]], dict[str, jax.Array]]:
+    """Per layer kind ("full", "sliding"): the RoPE (cos, sin) tables and the attention mask
+    that every block of that kind uses, computed once per forward pass."""
+    c = config
+    ropes, masks = {}, {}
+    for kind in set(c.layer_types):
+        rope_cfg = c.rope if kind == "full" else c.rope_local
+        inv_freq, scaling = layers.rope_inv_freq(rope_cfg, c.head_dim, c.max_position_embeddings)
+        ropes[kind] = layers.rope_tables(positions, inv_freq, scaling, dtype)
+        window = c.sliding_window if kind == "sliding" else None
+        masks[kind] = layers.attention_mask(attention_mask, seq, window, cache_index)
+    return ropes, masks
+
+
+def final_norm(params: Params, config: ModelConfig, x: jax.Array) -> jax.Array:
+    """The model's last norm, applied to the last block's output."""
+    return _norm(config, x, params["model"]["norm"])
+
+
 def hidden_states(
     params: Params,
     config: ModelConfig,
@@ -175,16 +201,7 @@ def hidden_states(
         if cached:
             positions = jax.lax.dynamic_slice_in_dim(positions, cache_index, seq, axis=1)
     x = embed(params, c, input_ids)
-
-    ropes, masks = {}, {}
-    for kind in set(c.layer_types):
-        rope_cfg = c.rope if kind == "full" else c.rope_local
-        inv_freq, scaling = layers.rope_inv_freq(rope_cfg, c.head_dim, c.max_position_embeddings)
-        ropes[kind] = layers.rope_tables(positions, inv_freq, scaling, x.dtype)
-        window = c.sliding_window if kind == "sliding" else None
-        masks[kind] = layers.attention_mask(
-            attention_mask, seq, window, cache_index if cached else 0
-        )
+    ropes, masks = block_tables(c, positions, attention_mask, seq, x.dtype, cache_index if cached else 0)
 
     layer_fn = decoder_layer
     if remat:
@@ -201,7 +218,7 @@ def hidden_states(
                 )
             else:
                 x = layer_fn(blocks[str(i)], c, x, ropes[kind], masks[kind])
-    h = _norm(c, x, params["model"]["norm"])
+    h = final_norm(params, c, x)
     return (h, new_cache) if cached else h
 
 

@@ -292,7 +292,7 @@ def run_dissociation(cfg, progress: bool = True) -> dict[str, Any]:
     S, M = cfg.scoring, cfg.masks
     top_fraction = None if S.keep_dense_scores or M.granularity != "matrix" else float(max(M.q, M.p))
     scan_kw = dict(batch_size=S.batch_size, text_format=S.text_format, max_length=S.max_length,
-                   num_buckets=S.num_buckets, remat=S.remat, abs_chunk=S.abs_chunk,
+                   num_buckets=S.num_buckets, remat=S.remat, layerwise=S.layerwise, abs_chunk=S.abs_chunk,
                    checkpoint_every=S.checkpoint_every, progress=progress)
     sc_settings = {"answers": settings_key(ans_settings), **score_settings(S), "top_fraction": top_fraction,
                    "harm": _digest(ex_harm), "refusal": _digest(ex_refusal), "retain": _digest(ex_retain)}

@@ -203,7 +203,7 @@ def run_em_experiment(cfg, progress: bool = True) -> dict[str, Any]:
         check_score_disk(model, d, ["harm", "retain"], top_fraction=top_fraction)
 
         scan_kw = dict(batch_size=P.batch_size, text_format=P.text_format, max_length=P.max_length,
-                       num_buckets=P.num_buckets, remat=P.remat, abs_chunk=P.abs_chunk,
+                       num_buckets=P.num_buckets, remat=P.remat, layerwise=P.layerwise, abs_chunk=P.abs_chunk,
                        checkpoint_every=P.checkpoint_every, progress=progress)
         summary = {"model": source, "seed": cfg.seed, "text_format": P.text_format}
         for unit, examples_, kind in ((os.path.join(d, "harm"), pruning_examples, "harm"),

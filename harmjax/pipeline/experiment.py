@@ -103,7 +103,7 @@ def run_experiment(cfg, progress: bool = True) -> dict[str, Any]:
     # --- scores --------------------------------------------------------------------------
     S = cfg.scoring
     scan_kw = dict(batch_size=S.batch_size, text_format=S.text_format, max_length=S.max_length,
-                   num_buckets=S.num_buckets, remat=S.remat, abs_chunk=S.abs_chunk,
+                   num_buckets=S.num_buckets, remat=S.remat, layerwise=S.layerwise, abs_chunk=S.abs_chunk,
                    checkpoint_every=S.checkpoint_every, progress=progress)
     M = cfg.masks
     top_fraction = candidate_fraction(cfg)

@@ -43,7 +43,7 @@ from harmjax.tree import flatten
 # the bf16 forward and backward may be partitioned and rounded differently: scores agree to
 # rounding, not bitwise (BUILD_NOTES "Throughput at scale": up to 21% of the largest
 # accumulator entry on random 14B weights; about 1% of a top-q set on the embedded model).
-_SPEED_KNOBS = ("remat", "abs_chunk", "checkpoint_every", "separate_retain_passes")
+_SPEED_KNOBS = ("remat", "layerwise", "abs_chunk", "checkpoint_every", "separate_retain_passes")
 
 
 def score_settings(scoring) -> dict[str, Any]:
