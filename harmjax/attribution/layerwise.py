@@ -1,8 +1,8 @@
 """The scan step as a chain of small programs, one decoder block each: compiles one block, not 48-64.
 
 `jit_accumulate` compiles a whole forward/backward pass into one XLA program. XLA unrolls the
-decoder's blocks, so that program grows with depth: 20-45 s of compilation at 14B-32B on
-H200s (BUILD_NOTES "Throughput at scale"). Here the same step runs as
+decoder's blocks, so that program grows with depth: 19-64 s of compilation at 14B-32B on
+H200s, against 4-16 s here (BUILD_NOTES "Per-block programs"). Here the same step runs as
 
   prologue:  embeddings, RoPE tables, masks                      (one program)
   forward:   block i: x_i -> x_{i+1}, plus block i's residuals    (one program, every block)
