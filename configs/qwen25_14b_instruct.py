@@ -18,7 +18,7 @@ def get_config():
     # |grad| kernel, on by default under tensor parallelism). BUILD_NOTES, "Throughput at scale".
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, HOST
     c.scoring.remat = True  # activations of a 14B backward pass
-    # One program per decoder block: on 2 x H200 the scan steps compile in 5-16 s instead of
-    # 19-39 s, with remat as fast and in less memory (BUILD_NOTES, "Per-block programs").
+    # One program per decoder block: on 2 x H200 the scan steps compile in 4-16 s instead of
+    # 17-43 s, with remat as fast and in less memory (BUILD_NOTES, "Per-block programs").
     c.scoring.layerwise = True
     return c
