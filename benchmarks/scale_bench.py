@@ -236,9 +236,9 @@ def scan_part(rows, rate):
     from bench_common import synthetic_examples
     from harmjax.attribution.step import (
         abstract_accumulators, accumulator_mode, compiler_options, init_accumulators, jit_accumulate, names_for,
+        step_bytes,
     )
     from harmjax.data.calibration import make_batches
-    from harmjax.memory import program_bytes
     from harmjax.sharding import batch_sharding, sharded_zeros
     from harmjax.tree import flatten, unflatten
 
@@ -289,13 +289,11 @@ def scan_part(rows, rate):
         t = time.perf_counter()
         specs = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
                  for a in (batches[0].input_ids, batches[0].attention_mask, batches[0].loss_mask)]
-        if layerwise:  # compiles every distinct program, as the memory preflight does
-            lower_s = None
-            estimate = step.needed_bytes(params, fresh_accs(abstract=True), *specs)
-        else:
-            lowered = step.lower(params, fresh_accs(abstract=True), *specs)
+        lower_s = None  # tracing and lowering alone, for the one-program step (cached for the estimate)
+        if not layerwise:
+            step.lower(params, fresh_accs(abstract=True), *specs)
             lower_s = time.perf_counter() - t
-            estimate = program_bytes(lowered.compile())
+        estimate = step_bytes(step, params, fresh_accs(abstract=True), *specs)  # as the memory preflight
         accs = fresh_accs()
         accs, loss = step(params, accs, *place(batches[0]))
         loss.block_until_ready()

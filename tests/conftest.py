@@ -45,3 +45,32 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# The fused |grad| kernel in Pallas' interpreter (tests/test_abs_kernel.py, test_layerwise.py):
+# tiles that divide the tiny models' 32-, 64- and 96-wide matrices.
+SMALL_KERNEL_TILES = "16,16,8,4,1"
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    """The fused |grad| kernel on, in Pallas' interpreter, with no scan step left from another setting."""
+    from harmjax.attribution.step import jit_accumulate
+
+    monkeypatch.setenv("HARMJAX_ABS_KERNEL", "interpret")
+    monkeypatch.setenv("HARMJAX_ABS_KERNEL_CONFIG", SMALL_KERNEL_TILES)
+    jit_accumulate.cache_clear()
+    yield
+    jit_accumulate.cache_clear()
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """(x shape, g shape) of every traced call of the fused kernel's per-device function."""
+    from harmjax.attribution import abs_kernel
+
+    calls = []
+    real = abs_kernel.local_abs_grad_sum
+    monkeypatch.setattr(abs_kernel, "local_abs_grad_sum",
+                        lambda *a, **k: calls.append((a[0].shape, a[1].shape)) or real(*a, **k))
+    return calls

@@ -9,23 +9,11 @@ import pytest
 
 import harmjax
 from harmjax.attribution import abs_kernel, scan
-from harmjax.attribution.step import jit_accumulate
 from harmjax.sharding import MeshConfig, make_mesh
 from harmjax.tree import flatten
+from tests.conftest import SMALL_KERNEL_TILES
 from tests.hf_reference import save_tiny_with_tokenizer, tiny_hf_model
 from tests.test_attribution import EXAMPLES, _assert_close, _torch_scores
-
-SMALL = "16,16,8,4,1"  # tiles that divide the tiny model's 32-, 64- and 96-wide matrices
-
-
-@pytest.fixture
-def interpret(monkeypatch):
-    monkeypatch.setenv("HARMJAX_ABS_KERNEL", "interpret")
-    monkeypatch.setenv("HARMJAX_ABS_KERNEL_CONFIG", SMALL)
-    jit_accumulate.cache_clear()  # no step built under another setting lingers
-    yield
-    jit_accumulate.cache_clear()
-
 
 def test_kernel_equals_float64_reference(interpret):
     rng = np.random.default_rng(0)
@@ -64,7 +52,7 @@ def test_auto_mode_uses_the_kernel_only_under_tensor_parallelism_on_gpus(monkeyp
     """HARMJAX_ABS_KERNEL unset means "auto": the kernel where tensor parallelism is on (there it
     costs little memory), XLA's path on FSDP-only meshes, on CPUs and for float32."""
     monkeypatch.delenv("HARMJAX_ABS_KERNEL", raising=False)
-    monkeypatch.setenv("HARMJAX_ABS_KERNEL_CONFIG", SMALL)
+    monkeypatch.setenv("HARMJAX_ABS_KERNEL_CONFIG", SMALL_KERNEL_TILES)
     assert abs_kernel.mode() == "auto"
     P, Sh = harmjax.sharding.P, harmjax.sharding.NamedSharding
     x, g = jnp.zeros((8, 16, 64), jnp.bfloat16), jnp.zeros((8, 16, 32), jnp.bfloat16)
@@ -84,25 +72,22 @@ def test_auto_mode_uses_the_kernel_only_under_tensor_parallelism_on_gpus(monkeyp
         abs_kernel.mode()
 
 
-def test_retain_scan_through_kernel_matches_torch(interpret, monkeypatch, tmp_path):
-    calls = []
-    real = abs_kernel.local_abs_grad_sum
-    monkeypatch.setattr(abs_kernel, "local_abs_grad_sum", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+def test_retain_scan_through_kernel_matches_torch(interpret, kernel_calls, tmp_path):
     hf_model = tiny_hf_model("llama", seed=3)
     path = save_tiny_with_tokenizer(hf_model, tmp_path)
     model = harmjax.load(path, mesh=make_mesh(MeshConfig(data=2, fsdp=2, tensor=1), jax.devices()[:4]))
     ours = flatten(scan(model, EXAMPLES, "retain", batch_size=4, max_length=256, num_buckets=1, progress=False).scores)
+    calls = [x for x, _ in kernel_calls]  # x shapes
     # 7 projections x 3 layers, traced once, each on its device's share of 4 examples.
     assert len(calls) == 21 and all(shape[0] == 1 for shape in calls)
     _assert_close(ours, _torch_scores(hf_model, EXAMPLES)["retain"])
 
 
-def test_retain_scan_through_kernel_under_tensor_parallelism_matches_torch(interpret, monkeypatch, tmp_path):
+def test_retain_scan_through_kernel_under_tensor_parallelism_matches_torch(interpret, kernel_calls, monkeypatch,
+                                                                           tmp_path):
     """On a (fsdp 2, tensor 2) mesh each device sums its own block of a column- or row-parallel
     weight over its own examples; the scores still equal PyTorch autograd's."""
-    calls = []
-    real = abs_kernel.local_abs_grad_sum
-    monkeypatch.setattr(abs_kernel, "local_abs_grad_sum", lambda *a, **k: calls.append((a[0].shape, a[1].shape)) or real(*a, **k))
+    calls = kernel_calls
     hf_model = tiny_hf_model("llama", seed=4)
     path = save_tiny_with_tokenizer(hf_model, tmp_path)
     model = harmjax.load(path, mesh=make_mesh(MeshConfig(data=1, fsdp=2, tensor=2), jax.devices()[:4]))

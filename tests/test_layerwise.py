@@ -10,13 +10,12 @@ import numpy as np
 import pytest
 
 import harmjax
-from harmjax.attribution import abs_kernel, scan
+from harmjax.attribution import scan
 from harmjax.attribution.step import abstract_accumulators, accumulator_mode, jit_accumulate, names_for
 from harmjax.errors import DeviceMemoryError
 from harmjax.sharding import MeshConfig, batch_sharding, make_mesh
 from harmjax.tree import flatten
 from tests.hf_reference import save_tiny_with_tokenizer, tiny_hf_model
-from tests.test_abs_kernel import SMALL
 from tests.test_attribution import EXAMPLES, ONE_BUCKET, _assert_close, _torch_scores
 
 
@@ -52,14 +51,10 @@ def test_layerwise_scope_of_some_layers(tiny):
     _assert_close(ours, {n: ref["harm"][n] for n in ours})
 
 
-def test_layerwise_under_tensor_parallelism_through_the_kernel(monkeypatch, tmp_path):
+def test_layerwise_under_tensor_parallelism_through_the_kernel(interpret, kernel_calls, tmp_path):
     """Gemma-2 (sliding and full layers: two block programs; sandwich norms; soft-caps) on a
     (fsdp 2, tensor 2) mesh, the retain kind through the fused kernel in Pallas' interpreter."""
-    monkeypatch.setenv("HARMJAX_ABS_KERNEL", "interpret")
-    monkeypatch.setenv("HARMJAX_ABS_KERNEL_CONFIG", SMALL)
-    calls = []
-    real = abs_kernel.local_abs_grad_sum
-    monkeypatch.setattr(abs_kernel, "local_abs_grad_sum", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    calls = kernel_calls
     hf_model = tiny_hf_model("gemma2", seed=5)
     path = save_tiny_with_tokenizer(hf_model, tmp_path)
     model = harmjax.load(path, mesh=make_mesh(MeshConfig(data=1, fsdp=2, tensor=2), jax.devices()[:4]))

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from harmjax import checkpoint, distributed
 from harmjax.attribution.step import (
-    abstract_accumulators, accumulator_mode, init_accumulators, jit_accumulate, jit_finalize, names_for,
+    abstract_accumulators, accumulator_mode, init_accumulators, jit_accumulate, jit_finalize, names_for, step_bytes,
 )
 from harmjax.data.calibration import Batch, calibration_batches
 from harmjax.data.records import Example, to_examples
@@ -230,7 +230,7 @@ def scan(
 
 def _preflight(model, step, params, names, mode, batches, sharding, kind, knobs: str, memory_limit) -> None:
     """Compiles the step for the longest batch and fails (DeviceMemoryError) if it cannot fit."""
-    from harmjax.memory import check_fits, preflight_wanted, program_bytes
+    from harmjax.memory import check_fits, preflight_wanted
 
     devices = [d for d in model.mesh.devices.flat if d.process_index == jax.process_index()]
     if not preflight_wanted(devices, memory_limit):
@@ -241,16 +241,13 @@ def _preflight(model, step, params, names, mode, batches, sharding, kind, knobs:
         specs = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
                  for a in (longest.input_ids, longest.attention_mask, longest.loss_mask)]
         accs = abstract_accumulators(model.config, model.mesh, names, mode)
-        if hasattr(step, "needed_bytes"):  # a layerwise step: several programs
-            _NEEDED[key] = step.needed_bytes(params, accs, *specs)
-        else:
-            _NEEDED[key] = program_bytes(step.lower(params, accs, *specs).compile())
+        _NEEDED[key] = step_bytes(step, params, accs, *specs)
     label = "+".join([kind] if isinstance(kind, str) else kind)
     check_fits(_NEEDED[key], f"The {label} scan step ({longest.input_ids.shape[0]} x {longest.input_ids.shape[1]} "
                "tokens)", params, devices, knobs, memory_limit)
 
 
-_NEEDED: dict = {}  # (jitted step, batch shape) -> bytes per device (harmjax.memory.program_bytes)
+_NEEDED: dict = {}  # (jitted step, batch shape) -> bytes per device (step.step_bytes)
 
 
 def score(model, examples: Any, kind: str = "harm", **kwargs) -> dict[str, Any]:

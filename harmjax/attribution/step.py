@@ -181,6 +181,17 @@ def _jit_accumulate(config: ModelConfig, mesh: Mesh, names: tuple[str, ...], kin
     )
 
 
+def step_bytes(step, params, accs, input_ids, attention_mask, loss_mask) -> int:
+    """Per-device bytes a `jit_accumulate` step needs on these (abstract or concrete) arguments,
+    from XLA's estimate: of its one program, or of each per-block program (`LayerwiseStep`).
+    Compiles the step (its own calls reuse the compilation)."""
+    from harmjax.memory import program_bytes
+
+    if hasattr(step, "needed_bytes"):
+        return step.needed_bytes(params, accs, input_ids, attention_mask, loss_mask)
+    return program_bytes(step.lower(params, accs, input_ids, attention_mask, loss_mask).compile())
+
+
 def _clear_steps() -> None:
     _jit_accumulate.cache_clear()
     _layerwise.cache_clear()
