@@ -14,11 +14,14 @@
             accumulator of its own examples, so a step has no cross-device reduction (what
             the per-step reduction costs; BUILD_NOTES "Throughput at scale").
   select:   `harmjax.select` on random float32 score trees of --select_shape (q=1e-5,
-            p=5e-5), first call (compilation included) and warm, per granularity; global
-            once with one program over every leaf (the CPU path, the old accelerator path)
-            and once with per-leaf radix passes (the accelerator path).
+            p=5e-5), first call (after jax.clear_caches: compilation included) and warm, per
+            granularity in --select_kinds, and `candidates`: `top_candidates` at 5e-5, what
+            the scores stage writes per unit. --select_one_program adds global selection
+            through the CPU's one-program plan. Rows name the select module they timed, so a
+            copy of an older harmjax on PYTHONPATH times the code before a change.
   generate: `harmjax.generate.generate_ids` greedy decoding on --gen_mesh, per batch size:
-            decode step time against its floor (weight bytes per device / copy bandwidth).
+            decode step time against its floor (weight bytes per device / copy bandwidth),
+            and against the floor with the KV cache's valid bytes added (bf16 cache).
 
 --profile_dir traces a few warm steps (scan) or decode tokens (generate) with jax.profiler and
 adds where the first GPU's time goes (matmuls, collectives and how much of them is exposed,
@@ -66,10 +69,17 @@ _LAYOUT = flags.DEFINE_list("acc_layout", ["sharded"], "Accumulator layouts, eac
 _LAYERWISE = flags.DEFINE_list("layerwise", ["0"], "Per setting, each kind once with the whole-program step (0) "
                                 "or the per-block programs of `harmjax.attribution.layerwise` (1).")
 _SELECT_SHAPE = flags.DEFINE_string("select_shape", "", "Shape of the score trees (default --shape).")
+_SELECT_KINDS = flags.DEFINE_list("select_kinds", ["matrix", "row", "global", "candidates"],
+                                  "Select part: granularities timed, and `candidates` (top_candidates at 5e-5, what "
+                                  "the scores stage writes per unit).")
+_SELECT_ONE_PROGRAM = flags.DEFINE_bool("select_one_program", False, "Also time global selection through the "
+                                        "one-program (CPU) plan.")
 _GEN_MESH = flags.DEFINE_list("gen_mesh", ["1", "1", "-1"], "Mesh of the generate part.")
 _GEN_BATCHES = flags.DEFINE_list("gen_batches", ["1", "64"], "Batch sizes of the generate part.")
 _GEN_NEW = flags.DEFINE_integer("gen_new", 256, "New tokens per sequence.")
 _GEN_PROMPT = flags.DEFINE_integer("gen_prompt", 128, "Prompt tokens.")
+_GEN_UNROLL = flags.DEFINE_list("gen_unroll", ["1"], "Per setting, decode once per batch size with this many "
+                                 "steps per decode-loop iteration (HARMJAX_DECODE_UNROLL).")
 _GEN_GATHER = flags.DEFINE_list("gen_gather_logits", ["0"], "Per setting, decode once per batch size with the "
                                 "logits gathered whole on each device before sampling (1, an experiment) or "
                                 "sampled from vocabulary-split logits as harmjax does (0).")
@@ -373,6 +383,7 @@ def select_part(rows):
 
     import jax
     import jax.numpy as jnp
+    import numpy as np
 
     import harmjax
     from harmjax.attribution.step import names_for, scope_shardings
@@ -400,25 +411,56 @@ def select_part(rows):
 
     harm, retain = scores(1), scores(2)
     jax.block_until_ready((harm, retain))
+    # The process's first collective sets up the communicators (0.7 s on 2 x H200). In a job,
+    # selection follows the scans, which did that; here it would be billed to the first row.
+    t = time.perf_counter()
+    jax.block_until_ready(jax.jit(lambda x: x.sum())(flatten(harm)[names[-1]]))
+    first_collective = time.perf_counter() - t
     real_bits = select_module._radix_bits
-    variants = [("matrix", None), ("row", None), ("global", "one_program"), ("global", "radix")]
+    from harmjax.masks.sparse import top_candidates
+
+    def run(granularity, harm=harm, retain=retain):
+        if granularity == "candidates":  # what the scores stage writes per unit (fraction = p)
+            return top_candidates(harm, 5e-5)
+        mask = harmjax.select(harm, retain, q=1e-5, p=5e-5, granularity=granularity, progress=False)
+        return jax.block_until_ready(mask)
+
+    def count(out):
+        if isinstance(next(iter(out.values())), tuple):
+            return sum(len(idx) for idx, _ in out.values())
+        return sum(int(x.sum()) for x in jax.tree.leaves(out))
+
+    def digest(out):  # the candidates themselves (indices and values, in HF order), to compare two versions
+        if not isinstance(next(iter(out.values())), tuple):
+            return None
+        from harmjax.masks.algebra import hf_order_key
+        crc = 0
+        for name in sorted(out, key=hf_order_key):
+            idx, values = out[name]
+            crc = zlib.crc32(np.asarray(values, np.float32).tobytes(), zlib.crc32(np.asarray(idx).tobytes(), crc))
+        return crc
+
+    variants = [(g, None) for g in _SELECT_KINDS.value]
+    if "global" in _SELECT_KINDS.value and _SELECT_ONE_PROGRAM.value:
+        variants.append(("global", "one_program"))
     for granularity, path in variants:
         select_module._radix_bits = real_bits if path != "one_program" else (lambda leaf: 1)
         jax.clear_caches()
-        for cache in (select_module._leaf_selector, select_module._global_leaf_selector,
-                      select_module._leaf_counter, select_module._global_counter):
-            cache.cache_clear()
+        for value in vars(select_module).values():  # every cached selector program, in any version
+            if hasattr(value, "cache_clear"):
+                value.cache_clear()
         times = []
         for _ in range(2):
             t = time.perf_counter()
-            mask = harmjax.select(harm, retain, q=1e-5, p=5e-5, granularity=granularity, progress=False)
-            jax.block_until_ready(mask)
+            out = run(granularity)
             times.append(time.perf_counter() - t)
-        pruned = sum(int(x.sum()) for x in jax.tree.leaves(mask))
-        del mask
+        pruned, crc = count(out), digest(out)
+        del out
         _emit(rows, {"part": "select", "shape": shape, "mesh": dict(mesh.shape), "granularity": granularity,
-                     "global_path": path, "first_call_s": round(times[0], 2), "warm_s": round(times[1], 2),
-                     "pruned": pruned, "scored_weights": sum(x.size for x in jax.tree.leaves(harm)),
+                     "global_path": path, "select_module": select_module.__file__,
+                     "first_collective_s": round(first_collective, 2), "first_call_s": round(times[0], 2),
+                     "warm_s": round(times[1], 2), "pruned": pruned, "candidates_crc32": crc,
+                     "scored_weights": sum(x.size for x in jax.tree.leaves(harm)),
                      "peak_gib_per_device": _peak_gib()})
     select_module._radix_bits = real_bits
     del harm, retain
@@ -452,7 +494,9 @@ def generate_part(rows):
     def gathered_sample(logits, *args, **kwargs):  # one all-gather of the logits, then a local argmax
         return harmjax_sample(jax.lax.with_sharding_constraint(logits, whole), *args, **kwargs)
 
-    for gather, b in [(g, int(v)) for g in _GEN_GATHER.value for v in _GEN_BATCHES.value]:
+    for unroll, gather, b in [(u, g, int(v)) for u in _GEN_UNROLL.value for g in _GEN_GATHER.value
+                              for v in _GEN_BATCHES.value]:
+        os.environ[sampler.UNROLL_ENV] = unroll
         sampler.sample_tokens = gathered_sample if gather == "1" else harmjax_sample
         sampler.jit_prefill.cache_clear()
         sampler.jit_decode.cache_clear()  # sample_tokens is read when the loop is traced
@@ -471,11 +515,18 @@ def generate_part(rows):
         if _PROFILE_DIR.value:  # a third, traced call: per decode step (the prefill included)
             profile = _trace(f"generate_b{b}_g{gather}", lambda p=params: generate_ids(p, config, mesh, ids, **kw),
                              s["decode_steps"])
+        # The cache bytes a step reads too: every layer's keys and values of the valid slots,
+        # on average the prompt plus half the new tokens (a lower bound: attention may read more).
+        cache_bytes = (config.num_layers * 2 * config.num_kv_heads * config.head_dim * 2 * b
+                       * (_GEN_PROMPT.value + (_GEN_NEW.value + 1) / 2) / mesh.devices.size)
+        with_cache = (per_device + cache_bytes) / bandwidth
         _emit(rows, {"part": "generate", "shape": _SHAPE.value, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-                     "mesh": dict(mesh.shape), "batch": b, "gather_logits": gather,
+                     "mesh": dict(mesh.shape), "batch": b, "gather_logits": gather, "decode_unroll": int(unroll),
                      "new_tokens": _GEN_NEW.value, "decode_step_ms": round(step * 1e3, 2),
                      "floor_ms": round(per_device / bandwidth * 1e3, 2),
                      "step_over_floor": round(step / (per_device / bandwidth), 2),
+                     "floor_with_cache_ms": round(with_cache * 1e3, 2),
+                     "step_over_floor_with_cache": round(step / with_cache, 2),
                      "decode_tokens_per_s": round(b / step), "prefill_s": round(s["prefill_s"], 3),
                      "compile_and_first_s": round(first, 1), "copy_bandwidth_tb_s": round(bandwidth / 1e12, 2),
                      "peak_gib_per_device": _peak_gib(), "profile": profile, "tokens_crc32": digest})

@@ -53,17 +53,21 @@ def _assert_same_tokens(ours, ref, eos):
         assert mine == theirs, f"row {row}: {mine} != {theirs}"
 
 
-@pytest.mark.parametrize("family,fuse", [("llama", False), ("llama", True), ("mistral", False)])
-def test_greedy_matches_transformers_generate(family, fuse, tmp_path):
+@pytest.mark.parametrize("family,fuse,unroll", [("llama", False, 1), ("llama", True, 1), ("mistral", False, 1),
+                                                ("llama", False, 4)])
+def test_greedy_matches_transformers_generate(family, fuse, unroll, tmp_path, monkeypatch):
     """Token-for-token equality with transformers' greedy generate (float32), over two
     batches of left-padded chat prompts with prefixes, with and without an early EOS. Mistral's
     window (5) is shorter than the prompts, so the cached sliding-window mask is exercised.
-    `fuse` runs on fused q/k/v and gate/up weights (the tiny Llama has biases in both)."""
+    `fuse` runs on fused q/k/v and gate/up weights (the tiny Llama has biases in both).
+    `unroll` 4 runs 4 steps per loop iteration: the 11 or 15 steps after the first token end
+    mid-iteration, and so does EOS."""
+    monkeypatch.setenv("HARMJAX_DECODE_UNROLL", str(unroll))
     hf_model = tiny_hf_model(family)
     model = harmjax.load(save_tiny_with_tokenizer(hf_model, tmp_path), dtype="float32", mesh=_one_device())
     res = harmjax.generate(model, PROMPTS, prefixes=PREFIXES, max_new_tokens=12, batch_size=2,
                            eos_token_ids=[2], progress=False, fuse_projections=fuse)
-    assert res.stats["fused_projections"] == fuse
+    assert res.stats["fused_projections"] == fuse and res.stats["decode_unroll"] == unroll
     ref = _hf_greedy(hf_model, res.prompt_token_ids, 12, eos=2)
     _assert_same_tokens(res.token_ids, ref, eos=2)
     assert max(len(t) for t in res.token_ids) == 12
@@ -75,6 +79,14 @@ def test_greedy_matches_transformers_generate(family, fuse, tmp_path):
                              eos_token_ids=[eos], progress=False, fuse_projections=fuse)
     _assert_same_tokens(early.token_ids, _hf_greedy(hf_model, res.prompt_token_ids, 12, eos=eos), eos)
     assert early.finished[row] and len(early.token_ids[row]) <= 6
+    if unroll > 1:  # 16 new tokens fill the power-of-two buffer: unrolled steps past it must change nothing
+        full = harmjax.generate(model, PROMPTS, prefixes=PREFIXES, max_new_tokens=16, batch_size=2,
+                                eos_token_ids=[2], progress=False)
+        _assert_same_tokens(full.token_ids, _hf_greedy(hf_model, res.prompt_token_ids, 16, eos=2), eos=2)
+        monkeypatch.setenv("HARMJAX_DECODE_UNROLL", "1")  # the same number of live steps as one per iteration
+        one = harmjax.generate(model, PROMPTS, prefixes=PREFIXES, max_new_tokens=16, batch_size=2,
+                               eos_token_ids=[2], progress=False)
+        assert full.stats["decode_steps"] == one.stats["decode_steps"] and full.token_ids == one.token_ids
 
 
 def test_generation_from_an_already_fused_tree(tmp_path):

@@ -211,22 +211,61 @@ def test_bad_arguments_are_named():
 
 @pytest.mark.parametrize("bits", [2, 4])
 def test_global_radix_passes_select_exactly(monkeypatch, bits):
-    """The accelerators' global threshold search (several bits per pass, one program per
-    leaf), forced on CPU: the same exact masks as the reference, ties and controls included."""
+    """The accelerators' global selection (the threshold found several bits per pass on the
+    host, one program per layer), forced on CPU: the same exact masks as the reference, with
+    ties cut inside a matrix, controls, and a leaf outside the layers."""
     import importlib
 
     select_module = importlib.import_module("harmjax.masks.select")
     monkeypatch.setattr(select_module, "_radix_bits", lambda leaf: bits)
+    cuts = []
+    real_cut = select_module._cut_leaf_selector
+    monkeypatch.setattr(select_module, "_cut_leaf_selector", lambda s: cuts.append(s) or real_cut(s))
     mesh = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2), jax.devices()[:8])
     harm, retain = score_tree(7, "ties"), score_tree(8, "ties")
+    harm["lm_head.weight"] = retain["lm_head.weight"] = np.zeros((3, 8), np.float32)
+    order = HF_ORDER + ["lm_head.weight"]
 
     def place(flat):
         return unflatten({n: jax.device_put(s, NamedSharding(mesh, P(None, "fsdp" if s.shape[1] % 4 == 0 else None)))
                           for n, s in flat.items()})
 
-    for q, p, flip, skip in [(0.3, 0.1, False, True), (0.05, 0.0, True, False), (0.0, 0.2, False, False)]:
-        want = reference(harm, retain if p else None, q, p, "global", flip, skip)
+    def ref(harm, retain, q, p, flip, skip):  # the reference over every leaf concatenated in HF order
+        cat = {"all": np.concatenate([harm[m].ravel() for m in order])}
+        cat_r = {"all": np.concatenate([retain[m].ravel() for m in order])} if retain is not None else None
+        flat = reference(cat, cat_r, q, p, "matrix", flip, skip)["all"]
+        out, start = {}, 0
+        for n in order:
+            out[n] = flat[start:start + harm[n].size].reshape(harm[n].shape)
+            start += harm[n].size
+        return out
+
+    for q, p, flip, skip in [(0.3, 0.1, False, True), (0.05, 0.0, True, False), (0.0, 0.2, False, False),
+                             (1.0, 0.0, False, False)]:
+        want = ref(harm, retain if p else None, q, p, flip, skip)
         got = flatten(select(place(harm), place(retain) if p else None, q=q, p=p, granularity="global",
                              sign_flip=flip, skip_first=skip, progress=False))
-        for n in HF_ORDER:
+        for n in order:
             np.testing.assert_array_equal(np.asarray(got[n]), want[n], err_msg=f"{n} q={q}")
+    assert cuts, "tie-heavy scores must need a cut inside some matrix"
+
+
+@pytest.mark.parametrize("bits", [1, 4])
+@pytest.mark.parametrize("granularity", ["matrix", "row"])
+def test_device_loop_digits_select_exactly(monkeypatch, bits, granularity):
+    """The per-leaf loop program with other digit widths than the default (2 bits per pass
+    for matrices): the same exact masks as the reference on sharded tie-heavy scores."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("harmjax.masks.select"), "_DEVICE_LOOP_BITS", bits)
+    mesh = make_mesh(MeshConfig(data=1, fsdp=2, tensor=1), jax.devices()[:2])
+    harm, retain = score_tree(11, "specials"), score_tree(12, "ties")
+
+    def place(flat):
+        return unflatten({n: jax.device_put(s, NamedSharding(mesh, P("fsdp" if s.shape[0] % 2 == 0 else None)))
+                          for n, s in flat.items()})
+
+    for q, p, flip, skip in [(0.3, 0.1, False, True), (0.1, 0.5, True, False)]:
+        got = flatten(select(place(harm), place(retain), q=q, p=p, granularity=granularity, sign_flip=flip,
+                             skip_first=skip, progress=False))
+        assert_same(unflatten(got), reference(harm, retain, q, p, granularity, flip, skip))

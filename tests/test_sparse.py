@@ -65,10 +65,16 @@ def test_masks_from_candidates_equal_select_on_dense_scores(placed, fsdp, tmp_pa
         select_indices(ch, cr, shapes, 0.5, 0.1)
 
 
-def test_candidates_are_the_ranked_top_entries():
+@pytest.mark.parametrize("where", ["host", "sharded"])
+def test_candidates_are_the_ranked_top_entries(where, fsdp):
+    """Against an independent ranking, on the host (NumPy's partition) and on two devices
+    (the loop program, its compilations made on threads first)."""
     harm = scores(3)
+    if where == "sharded":
+        harm = sharded(harm, fsdp)
     cands = top_candidates(harm, 0.25)
     for n, x in flatten(harm).items():
+        x = np.asarray(x)
         idx, values = cands[n]
         assert len(idx) == int(0.25 * x.size)
         np.testing.assert_array_equal(values.view(np.uint32), x.reshape(-1)[idx].view(np.uint32))

@@ -129,10 +129,21 @@ def jit_prefill(
     )
 
 
+UNROLL_ENV = "HARMJAX_DECODE_UNROLL"
+
+
+def decode_unroll() -> int:
+    """Decode steps per iteration of the decode loop: $HARMJAX_DECODE_UNROLL, default 1."""
+    value = os.environ.get(UNROLL_ENV, "1")
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{UNROLL_ENV} must be a positive integer, got {value!r}.")
+    return int(value)
+
+
 @functools.lru_cache(maxsize=64)
 def jit_decode(
     config: ModelConfig, mesh: Mesh, batch: int, prompt_len: int, gen_len: int, greedy: bool, use_top_p: bool,
-    fused_bias: tuple[bool, bool] | None = None,
+    fused_bias: tuple[bool, bool] | None = None, unroll: int = 1,
 ):
     """Jitted decode loop of one (batch, prompt bucket, generation buffer) shape; the cache
     argument is donated.
@@ -140,7 +151,9 @@ def jit_decode(
     Returns f(params, cache, first_token, done, mask, key_data, n_new, temperature, top_p,
     eos_ids, pad_id) -> (tokens (batch, gen_len), done, steps, cache). Token i of a row is
     drawn with step i; rows that are done emit `pad_id`; the loop stops after `n_new` tokens
-    or when every row is done. `fused_bias` as in `jit_prefill`.
+    or when every row is done. `fused_bias` as in `jit_prefill`. `unroll` > 1 runs that many
+    steps per loop iteration (fewer iterations, each a host round trip on GPUs); a step past
+    the end changes nothing, so the tokens are the same.
     """
     cache_len = prompt_len + gen_len
     b1, b2 = batch_sharding(mesh, 1), batch_sharding(mesh, 2)
@@ -156,7 +169,7 @@ def jit_decode(
             i, _, _, _, row_done = state
             return (i < n_new) & ~jnp.all(row_done)
 
-        def body(state):
+        def step(state):
             i, cache, tokens, last, row_done = state
             # Token i-1 (`last`) goes into slot prompt_len + i - 1 at position length + i - 1.
             h, cache = hidden_states(
@@ -166,8 +179,22 @@ def jit_decode(
             logits = logits_from_hidden(params, config, h[:, 0])
             tok = sample_tokens(logits, key_data, i, temperature, top_p, greedy=greedy, use_top_p=use_top_p)
             tok = jnp.where(row_done, pad_id, tok)
-            tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (jnp.int32(0), i))
-            return i + 1, cache, tokens, tok, row_done | jnp.isin(tok, eos_ids)
+            if unroll == 1:  # the loop's condition holds: this step is live
+                tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (jnp.int32(0), i))
+                return i + 1, cache, tokens, tok, row_done | jnp.isin(tok, eos_ids)
+            # An unrolled step past the end keeps every output as it was. Its cache write
+            # goes to slot prompt_len + i - 1 >= prompt_len + n_new - 1, read by no live step
+            # (or, when every row is done, rewrites that slot with the same key and value).
+            live = cond(state)
+            old = jax.lax.dynamic_slice(tokens, (jnp.int32(0), i), (batch, 1))
+            tokens = jax.lax.dynamic_update_slice(tokens, jnp.where(live, tok[:, None], old), (jnp.int32(0), i))
+            row_done = jnp.where(live, row_done | jnp.isin(tok, eos_ids), row_done)
+            return i + live.astype(jnp.int32), cache, tokens, jnp.where(live, tok, last), row_done
+
+        def body(state):
+            for _ in range(unroll):
+                state = step(state)
+            return state
 
         state = (jnp.int32(1), cache, tokens, first, done)
         steps, cache, tokens, _, done = jax.lax.while_loop(cond, body, state)
@@ -239,7 +266,8 @@ def generate_ids(
         sample_ids = range(n)
     if len(sample_ids) != n:
         raise ValueError(f"{len(sample_ids)} sample_ids for {n} inputs.")
-    stats = {"prefill_s": 0.0, "decode_s": 0.0, "batches": 0, "decode_steps": 0, "new_tokens": 0}
+    stats = {"prefill_s": 0.0, "decode_s": 0.0, "batches": 0, "decode_steps": 0, "new_tokens": 0,
+             "decode_unroll": decode_unroll()}
     if n == 0:
         return GeneratedIds([], [], {**stats, "wall_s": 0.0, "tokens_per_s": 0.0})
 
@@ -277,7 +305,7 @@ def generate_ids(
         key_data[: len(rows)] = keys_all[rows]
         row_valid = np.arange(batch) < len(rows)
         prefill = jit_prefill(config, mesh, batch, prompt_len, prompt_len + gen_len, greedy, use_top_p, fused_bias)
-        decode = jit_decode(config, mesh, batch, prompt_len, gen_len, greedy, use_top_p, fused_bias)
+        decode = jit_decode(config, mesh, batch, prompt_len, gen_len, greedy, use_top_p, fused_bias, decode_unroll())
 
         # Host arrays become device arrays outside the context mesh below: made inside it
         # they would be committed to a replicated sharding that jit refuses to reshard.

@@ -23,7 +23,7 @@ from harmjax.masks.algebra import (
 from harmjax.masks.apply import apply_mask, check_mask_fits
 from harmjax.masks.random import random_indices, random_like
 from harmjax.masks.plots import PlotDependencyError, counts_grid, plot_mask_counts
-from harmjax.masks.select import GRANULARITIES, select
+from harmjax.masks.select import GRANULARITIES, iter_select, select
 from harmjax.masks.sparse import jaccard_indices, mask_from_indices, mask_indices, select_indices, top_candidates
 from harmjax.masks.storage import (
     export_safetensors,
@@ -53,6 +53,7 @@ __all__ = [
     "export_safetensors",
     "format_counts",
     "hf_order_key",
+    "iter_select",
     "intersect_all",
     "intersection",
     "jaccard",

@@ -16,21 +16,34 @@ replaces T_q by the entries ranked (k, 2k] (the next slice after the top k), for
 "skip the first top-q slice" control; T_p is unchanged.
 
 How it avoids sorting: each float32 score maps to a uint32 key with the same order
-(`_sort_keys`). The k-th largest key is found bit by bit, most significant first, with one
-count reduction per bit (32 passes, each a compare-and-sum that XLA fuses and, for a sharded
-array, reduces locally and all-reduces a scalar). The entries equal to that key are then
-cut at the right flat position by two more bisections (over rows, then columns) made of the
-same count reductions. Nothing is gathered or sorted, so a 58M-entry matrix sharded over
-devices stays sharded, and memory is a few temporaries of one leaf. Global selection runs
-the same bisections with per-leaf counts summed on the host as exact Python integers (the
-total may exceed 2**31).
+(`_sort_keys`). The k-th largest key t is found a digit at a time, most significant first:
+every candidate digit is counted in one compare-and-sum pass (XLA fuses it; for a sharded
+array it reduces locally and all-reduces the counts), and the largest digit whose count
+still reaches k is kept. Entries above t are selected; the entries equal to t are all taken,
+none, or (rarely, with tied scores) cut at the right flat position by two bisections (over
+rows, then columns) made of the same count reductions. Nothing is gathered or sorted, so a
+58M-entry matrix sharded over devices stays sharded, and memory is a few temporaries of one
+leaf.
+
+Two ways to run it:
+  - one loop program per leaf (matrix and row selection): the search inside
+    `lax.fori_loop`, 2 bits per pass for matrices (`_DEVICE_LOOP_BITS`), 1 per row. Host
+    (NumPy) matrices use NumPy's partition instead.
+  - planned (global selection): the digits are chosen on the host, 4 bits per pass on
+    accelerators, with one program per decoder layer counting every matrix's candidates,
+    so the search compiles two small programs per model. Counts are summed on the host as
+    exact integers (the total may exceed 2**31). On CPU it plans one bit per pass with one
+    program over every leaf (`_global_plan_one_program`).
+The few distinct programs a model needs (one per leaf shape) are compiled side by side on
+threads before the first leaf runs (`_precompile`). See BUILD_NOTES, "Selection's first call".
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -41,7 +54,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from harmjax.distributed import to_host
-from harmjax.masks.algebra import MaskMismatchError, check_same_structure, hf_sorted_leaves
+from harmjax.masks.algebra import MaskMismatchError, check_same_structure, hf_order_key, hf_sorted_leaves
 from harmjax.tree import unflatten
 
 GRANULARITIES = ("matrix", "row", "global")
@@ -68,20 +81,39 @@ def _count(pred: jax.Array, axis: int | None) -> jax.Array:
     return jnp.sum(pred, axis=axis, keepdims=axis is not None, dtype=jnp.int32)
 
 
-def _kth_largest_key(keys: jax.Array, k: jax.Array, axis: int | None) -> jax.Array:
+# Threshold bits found per pass of `_leaf_selector`'s loop (matrix granularity; rows take 1).
+# 2 measured best at 14B on 2 x H200: 1.55 s warm against 2.09 s (1 bit) and 1.74 s (4 bits).
+_DEVICE_LOOP_BITS = 2
+
+
+def _count_ge(keys: jax.Array, cands: jax.Array, axis: int | None) -> jax.Array:
+    """#(keys >= c) for every candidate c on the last axis of `cands`: axis=None counts the
+    whole array (`cands` shape (W,), result (W,)), axis=1 each row of a 2-D `keys` (`cands`
+    (rows, 1, W), result (rows, 1, W)). One reduction per candidate over the same keys, which
+    XLA fuses into one pass; comparing against every candidate in one broadcast was 1.4x
+    slower on an H200."""
+    return jnp.stack([_count(keys >= cands[..., j], axis) for j in range(cands.shape[-1])], axis=-1)
+
+
+def _kth_largest_key(keys: jax.Array, k: jax.Array, axis: int | None, bits: int = 1) -> jax.Array:
     """The k-th largest key (per row when axis=1): the largest t with count(keys >= t) >= k.
 
-    Built bit by bit from the most significant; the predicate is monotone in t, so each
-    bit is kept exactly when the count still reaches k. For k = 0 it returns 0xffffffff,
-    which no key equals.
+    Built a digit of `bits` bits at a time from the most significant (bits divides 32): every
+    candidate digit is counted in one pass and the largest whose count still reaches k is
+    kept (the count falls as the candidate grows, so those digits are a prefix). For k = 0 it
+    returns 0xffffffff, which no key equals.
     """
+    digits = jnp.arange(1, 1 << bits, dtype=jnp.uint32)
     shape = () if axis is None else keys.shape[:-1] + (1,)
+    kk = k if axis is None else k[..., None]
 
     def step(i, t):
-        cand = t | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
-        return jnp.where(_count(keys >= cand, axis) >= k, cand, t)
+        shift = (32 - bits - bits * i).astype(jnp.uint32)
+        cands = t[..., None] + (digits << shift)  # (W,), or (rows, 1, W) per row
+        best = jnp.sum(_count_ge(keys, cands, axis) >= kk, axis=-1, dtype=jnp.uint32)
+        return t + (best << shift)
 
-    return lax.fori_loop(0, 32, step, jnp.zeros(shape, jnp.uint32))
+    return lax.fori_loop(0, 32 // bits, step, jnp.zeros(shape, jnp.uint32))
 
 
 def _largest_below(limit: int, predicate, shape: tuple[int, ...]) -> jax.Array:
@@ -122,15 +154,20 @@ def _first_equal_rows(equal: jax.Array, r: jax.Array) -> jax.Array:
     return equal & (cols <= col_cut) & (r > 0)
 
 
-def _top(keys: jax.Array, k: jax.Array, per_row: bool) -> jax.Array:
+def _top(keys: jax.Array, k: jax.Array, per_row: bool, bits: int = 1) -> jax.Array:
     """Bool mask of the k largest keys of a 2-D array (per row when per_row), ties by lowest
-    row-major index."""
+    row-major index; the threshold is found `bits` bits per pass."""
     axis = 1 if per_row else None
-    t = _kth_largest_key(keys, k, axis)
+    t = _kth_largest_key(keys, k, axis, bits)
     above = keys > t
     r = k - _count(above, axis)
+    equal = keys == t
+    # The entries equal to t are cut by bisection only when some but not all of them are
+    # taken; with continuous scores that is rare, and the cut costs ~30 more passes.
+    n_equal = _count(equal, axis)
     first = _first_equal_rows if per_row else _first_equal_matrix
-    return above | first(keys == t, r)
+    cut = jnp.any((r > 0) & (r < n_equal))
+    return above | lax.cond(cut, lambda: first(equal, r), lambda: equal & (r > 0))
 
 
 def _as_2d(x: jax.Array) -> jax.Array:
@@ -139,29 +176,55 @@ def _as_2d(x: jax.Array) -> jax.Array:
     return x.reshape(1, -1) if x.ndim <= 1 else x.reshape(-1, x.shape[-1])
 
 
-def _select_leaf(harm, retain, kq, kq_skip, kp, flip, skip, *, per_row):
+def _select_leaf(harm, retain, kq, kq_skip, kp, flip, skip, *, per_row, bits):
     """T_q \\ T_p of one leaf, all in one program (no host round trip). `flip` and `skip` are
     traced booleans, so the controls reuse the same compilation."""
     shape = harm.shape
     keys = _sort_keys(_as_2d(harm), flip)
-    selected = _top(keys, kq, per_row)
+    selected = _top(keys, kq, per_row, bits)
     # skip: ranks (k, 2k] = top 2k minus top k; the cond skips the work when not asked.
-    selected = lax.cond(skip, lambda: _top(keys, kq_skip, per_row) & ~selected, lambda: selected)
+    selected = lax.cond(skip, lambda: _top(keys, kq_skip, per_row, bits) & ~selected, lambda: selected)
     if retain is not None:
-        selected = selected & ~_top(_sort_keys(_as_2d(retain), False), kp, per_row)
+        selected = selected & ~_top(_sort_keys(_as_2d(retain), False), kp, per_row, bits)
     return selected.reshape(shape)
 
 
-@functools.lru_cache(maxsize=None)
 def _leaf_selector(sharding, per_row: bool):
-    # One jitted function per (output sharding, granularity); jax caches its compilations
-    # per leaf shape, so a model's projection shapes compile once each.
-    return _jit(functools.partial(_select_leaf, per_row=per_row), sharding)
+    """The jitted loop program of one leaf (rows search 1 bit per pass, matrices
+    `_DEVICE_LOOP_BITS`)."""
+    return _leaf_selector_for(sharding, per_row, 1 if per_row else _DEVICE_LOOP_BITS)
+
+
+@functools.lru_cache(maxsize=None)
+def _leaf_selector_for(sharding, per_row: bool, bits: int):
+    # One jitted function per (output sharding, granularity, digit width); jax caches its
+    # compilations per leaf shape, so a model's projection shapes compile once each.
+    return _jit(functools.partial(_select_leaf, per_row=per_row, bits=bits), sharding)
 
 
 def _jit(fn, out_sharding):
     # Outputs take the score's own sharding; host (NumPy) inputs leave placement to jax.
     return jax.jit(fn) if out_sharding is None else jax.jit(fn, out_shardings=out_sharding)
+
+
+_COMPILE_THREADS = 8
+
+
+def _precompile(jobs: Mapping[Any, tuple[Any, tuple]]) -> None:
+    """Compiles jitted calls before they run, side by side on threads: {signature: (jitted
+    function, example arguments)}. XLA releases the GIL while it compiles, and jit's own call
+    path then finds each compilation in its cache. A model's leaves need a few distinct small
+    programs (4 leaf shapes at 14B): 2.07 s one after another, 0.70 s on threads (measured on
+    2 x H200)."""
+    if len(jobs) < 2:
+        return
+    with ThreadPoolExecutor(min(len(jobs), _COMPILE_THREADS)) as pool:
+        list(pool.map(lambda job: job[0].lower(*job[1]).compile(), jobs.values()))
+
+
+def _signature(*xs: Any) -> tuple:
+    """What a jitted call's compilation depends on, per array argument."""
+    return tuple(None if x is None else (tuple(x.shape), str(x.dtype), _sharding_of(x)) for x in xs)
 
 
 def _colocate(x: Any, sharding: Any) -> Any:
@@ -227,6 +290,26 @@ def select(
       A nested dict of bool arrays with `harm`'s structure, each with its score's sharding.
       Selection is exact: equal to a stable sort on (-score, flat index), see module doc.
     """
+    return unflatten(dict(iter_select(harm, retain, q=q, p=p, granularity=granularity, sign_flip=sign_flip,
+                                      skip_first=skip_first, progress=progress)))
+
+
+def iter_select(
+    harm: Mapping[str, Any],
+    retain: Mapping[str, Any] | None = None,
+    *,
+    q: float,
+    p: float = 0.0,
+    granularity: str = "matrix",
+    sign_flip: bool = False,
+    skip_first: bool = False,
+    progress: bool = True,
+) -> Iterator[tuple[str, Any]]:
+    """`select`'s mask one leaf at a time: (dotted HF name, bool leaf) pairs in HF order.
+
+    The arguments are `select`'s and are checked before the first pair. A consumer that
+    drops each leaf after use (`harmjax.masks.sparse.top_candidates`) holds at most one
+    layer's masks, not the dense tree (31 GB at 32B)."""
     q = _check_fraction("q", q)
     p = _check_fraction("p", p)
     if granularity not in GRANULARITIES:
@@ -240,25 +323,41 @@ def select(
         if retain is not None:
             _check_leaf(name, retain_flat[name], "Retain")
             retain_flat[name] = _colocate(retain_flat[name], _sharding_of(leaf))
-    if not harm_items:
-        return {}
-    if granularity == "global":
-        return _select_global(harm_items, retain_flat or None, q, p, sign_flip, skip_first, progress)
+    return _iter_select(harm_items, retain_flat if retain is not None else None, q, p, granularity, sign_flip,
+                        skip_first, progress)
 
+
+def _iter_select(harm_items, retain_flat, q, p, granularity, flip, skip, progress) -> Iterator[tuple[str, Any]]:
+    if not harm_items:
+        return
+    if granularity == "global":
+        yield from _select_global(harm_items, retain_flat, q, p, flip, skip, progress)
+        return
     per_row = granularity == "row"
-    out = {}
+    _precompile(_loop_jobs(harm_items, retain_flat, per_row))
     for name, h in tqdm(harm_items, desc="select", unit="matrix", disable=not progress, leave=False):
         n = _as_2d_shape(h.shape)[1] if per_row else int(h.size)
         kq = _k(q, n)
-        r = retain_flat.get(name)
+        r = retain_flat.get(name) if retain_flat is not None else None
         if not per_row and _on_host(h) and (r is None or _on_host(r)):
-            out[name] = _select_leaf_host(h, r, kq, min(2 * kq, n), _k(p, n), sign_flip, skip_first)
+            yield name, _select_leaf_host(h, r, kq, min(2 * kq, n), _k(p, n), flip, skip)
             continue
-        out[name] = _wait_if_collective(_leaf_selector(_sharding_of(h), per_row)(
-            h, retain_flat.get(name), np.int32(kq), np.int32(min(2 * kq, n)), np.int32(_k(p, n)),
-            np.bool_(sign_flip), np.bool_(skip_first),
+        yield name, _wait_if_collective(_leaf_selector(_sharding_of(h), per_row)(
+            h, r, np.int32(kq), np.int32(min(2 * kq, n)), np.int32(_k(p, n)), np.bool_(flip), np.bool_(skip),
         ))
-    return unflatten(out)
+
+
+def _loop_jobs(harm_items, retain_flat, per_row: bool) -> dict:
+    """`_precompile` jobs of the per-leaf loop programs: one per distinct leaf signature."""
+    jobs = {}
+    for name, h in harm_items:
+        r = retain_flat.get(name) if retain_flat is not None else None
+        if (not per_row and _on_host(h) and (r is None or _on_host(r))) or not isinstance(h, jax.Array):
+            continue
+        scalars = (np.int32(0),) * 3 + (np.bool_(False),) * 2
+        jobs.setdefault(("loop", per_row) + _signature(h, r),
+                        (_leaf_selector(_sharding_of(h), per_row), (h, r) + scalars))
+    return jobs
 
 
 def _on_host(x: Any) -> bool:
@@ -323,7 +422,7 @@ def _as_2d_shape(shape: tuple[int, ...]) -> tuple[int, int]:
     return int(np.prod(shape[:-1], dtype=np.int64)), shape[-1]
 
 
-# ---- global selection --------------------------------------------------------------------
+# ---- global selection ----------------------------------------------------------------------
 
 
 def _replicated_like(x: Any):
@@ -332,11 +431,11 @@ def _replicated_like(x: Any):
 
 
 def _radix_bits(leaf: Any) -> int:
-    """Bits of the global threshold found per pass: 4 on accelerators (see `_global_plan`),
-    1 on CPUs, which run one program over every leaf instead (`_global_plan_one_program`):
-    XLA:CPU must finish each multi-device program before the next, so 2 x 33 x (leaves)
-    small programs cost more there than one big compilation (26 s against 14 s on 112
-    leaves, measured on 2 CPU cores)."""
+    """Bits of the global threshold found per host-driven pass (a divisor of 32): 4 on
+    accelerators (`_plan`, one program per layer); 1 on CPUs, which run one program over
+    every leaf instead (`_global_plan_one_program`): XLA:CPU must finish each
+    multi-device program before the next, so many small programs cost more there than one
+    big compilation (26 s against 14 s on 112 leaves, measured on 2 CPU cores)."""
     return 1 if _on_cpu(leaf) else 4
 
 
@@ -344,64 +443,89 @@ def _on_cpu(x: Any) -> bool:
     return not isinstance(x, jax.Array) or next(iter(x.sharding.device_set)).platform == "cpu"
 
 
-@functools.lru_cache(maxsize=None)
-def _leaf_counter(out_sharding):
-    """counts[j] = #(keys >= cands[j]) of one leaf (0 where not valid[j]): one small program
-    per leaf shape, so a 64-layer model compiles a handful of them, not one over every leaf."""
+def _layer_chunks(names: list[str]) -> list[list[int]]:
+    """Positions of the leaves of each decoder layer (leaves outside layers alone). Every
+    layer's chunk has the same shapes and shardings, so a program over a chunk compiles once
+    per model and a pass dispatches one program per layer (per leaf it was 336 dispatches
+    per pass at 14B; one program over every leaf took 22 s to compile)."""
+    chunks: list[list[int]] = []
+    last = None
+    for i, name in enumerate(names):
+        key = hf_order_key(name)
+        layer = key[1] if key[0] == 1 else None
+        if layer is not None and layer == last:
+            chunks[-1].append(i)
+        else:
+            chunks.append([i])
+        last = layer
+    return chunks
 
-    def counts(x, cands, valid, flip):
-        keys = _sort_keys(x, flip).reshape(-1)
-        got = jnp.stack([_count(keys >= cands[j], None) for j in range(cands.shape[0])])
+
+@functools.lru_cache(maxsize=None)
+def _chunk_counter(out_sharding):
+    """counts[i, j] = #(keys of leaf i >= cands[i, j]) over a chunk's leaves (0 where not
+    valid[i, j]): one pass over each leaf for all its candidates."""
+
+    def counts(xs, cands, valid, flip):
+        got = jnp.stack([_count_ge(_sort_keys(x, flip), cands[i], None) for i, x in enumerate(xs)])
         return jnp.where(valid, got, 0)
 
     return _jit(counts, out_sharding)
 
 
-def _counts_per_leaf(leaves: list[Any], cands: list[int], flip: bool, width: int) -> np.ndarray:
-    """(leaves, len(cands)) int64 counts of keys >= each candidate (a candidate >= 2**32
-    counts nothing; at most `width` candidates, one compiled width per run). Every leaf's
-    program is dispatched before one transfer to the host."""
-    valid = np.array([c < 2**32 for c in cands] + [False] * (width - len(cands)))
-    padded = np.array([c if c < 2**32 else 0 for c in cands] + [0] * (width - len(cands)), np.uint32)
-    out = _replicated_like(leaves[0])
-    counter = _leaf_counter(out)
-    # Accelerators run every leaf's program back to back before the one transfer; XLA:CPU
-    # must finish each multi-device program before the next (see `_wait_if_collective`).
+def _count_all(leaves: list[Any], chunks: list[list[int]], cands: np.ndarray, valid: np.ndarray,
+               flip: bool) -> np.ndarray:
+    """(leaves, W) int64 counts of keys >= cands[i, j], one program per chunk; every chunk's
+    program is dispatched before one transfer to the host (fetching each program's counts
+    apart cost ~1 ms of synchronisation each, measured on 2 x H200)."""
+    counter = _chunk_counter(_replicated_like(leaves[0]))
+    # XLA:CPU must finish each multi-device program before the next (see `_wait_if_collective`).
     cpu = _on_cpu(leaves[0])
     parts = []
-    for x in leaves:
-        parts.append(counter(x, padded, valid, np.bool_(flip)))
+    for chunk in chunks:
+        parts.append(counter(tuple(leaves[i] for i in chunk), cands[chunk].astype(np.uint32), valid[chunk],
+                             np.bool_(flip)))
         if cpu:
             _wait_if_collective(parts[-1])
-    # One transfer per pass: fetching each leaf's counts apart cost ~1 ms of synchronisation
-    # each, 5 s of a 7.4 s warm global selection at 14B (measured on 2 x H200).
-    return to_host(jnp.stack(parts)).astype(np.int64)[:, : len(cands)]
+    return to_host(jnp.concatenate(parts)).astype(np.int64)
 
 
-def _global_plan(leaves: list[Any], k: int, flip: bool) -> tuple[np.uint32, list[int]]:
-    """The global k-th largest key t and, per leaf (in the given order), how many entries
-    equal to t it contributes: all of them in leaves before the one where the k-th entry
-    falls, the remainder there, none after. Counts are summed as exact Python ints.
+def _plan(leaves: list[Any], chunks: list[list[int]], k: int, flip: bool,
+          bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per leaf: the global threshold key t (the k-th largest key over every leaf), how many
+    entries equal to t the leaf contributes, and how many it holds.
 
-    t is found a digit of `_radix_bits` bits at a time from the most significant: the largest
-    digit d with count(keys >= t + d << shift) >= k (true for d = 0), every candidate digit
-    counted in one pass per leaf. Each pass runs one small program per leaf, compiled once
-    per leaf shape: a program over all leaves at once took 22 s to compile and run at 14B
-    on 2 x H200, nearly all of it compilation."""
-    bits = _radix_bits(leaves[0])
-    if bits == 1:
-        return _global_plan_one_program(leaves, k, flip)
-    width = max(2, (1 << bits) - 1)
-    if k <= 0:
-        t = 0xFFFFFFFF  # no key equals it: nothing selected
-    else:
-        t = 0
-        for shift in range(32 - bits, -1, -bits):
-            digits = range(1, 1 << bits)
-            totals = _counts_per_leaf(leaves, [t + (d << shift) for d in digits], flip, width).sum(0)
-            t += max([d for d, total in zip(digits, totals) if total >= k], default=0) << shift
-    ge_t, ge_next = _counts_per_leaf(leaves, [t, t + 1], flip, width).T
-    return np.uint32(t), _ties_to_take(k, [int(n) for n in ge_next], [int(n) for n in ge_t - ge_next])
+    t is found `bits` bits at a time from the most significant: the largest digit d with
+    count(keys >= t + d << shift) >= k (true for d = 0), every candidate digit counted in
+    one pass, with one program per layer (`_count_all`). Counts are summed as exact int64
+    (the total may exceed 2**31). Entries equal to t join in leaf order (the lowest flat
+    index wins ties)."""
+    if 32 % bits:
+        raise ValueError(f"bits per pass must divide 32, got {bits}.")
+    n, width = len(leaves), _plan_width(bits)
+    digits = np.arange(1, 1 << bits, dtype=np.uint64)
+    valid = np.zeros((n, width), bool)
+    valid[:, : digits.size] = True
+    t = 0
+    for shift in range(32 - bits, -1, -bits):
+        cands = np.zeros((n, width), np.uint64)
+        cands[:, : digits.size] = t + (digits << np.uint64(shift))
+        totals = _count_all(leaves, chunks, cands, valid, flip).sum(0)[: digits.size]
+        # counts fall as the candidate grows, so the digits that still reach k are a prefix
+        t += int((totals >= k).sum()) << shift
+    cands = np.zeros((n, width), np.uint64)
+    cands[:, 0], cands[:, 1] = t, min(t + 1, 0xFFFFFFFF)
+    valid = np.zeros((n, width), bool)
+    valid[:, 0], valid[:, 1] = True, t < 0xFFFFFFFF  # t + 1 = 2**32: nothing is above t
+    counts = _count_all(leaves, chunks, cands, valid, flip)
+    gt, eq = counts[:, 1], counts[:, 0] - counts[:, 1]
+    take = np.asarray(_ties_to_take(k, [int(x) for x in gt], [int(x) for x in eq]), np.int64)
+    return np.full(n, t, np.uint32), take, eq
+
+
+def _plan_width(bits: int) -> int:
+    # Candidates counted per pass: every nonzero digit, and at least 2 (t and t + 1 at the end).
+    return max(2, (1 << bits) - 1)
 
 
 def _ties_to_take(k: int, gt: list[int], eq: list[int]) -> list[int]:
@@ -433,8 +557,9 @@ def _host_ints(x) -> list[int]:
     return [int(v) for v in to_host(x).astype(np.int64)]
 
 
-def _global_plan_one_program(leaves: list[Any], k: int, flip: bool) -> tuple[np.uint32, list[int]]:
-    """`_global_plan` with one bit per pass and one program over every leaf (the CPU path)."""
+def _global_plan_one_program(leaves: list[Any], k: int, flip: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`_plan` of one global unit with one bit per pass and one program over every leaf (the
+    CPU path)."""
     out = _replicated_like(leaves[0])
     ge = _global_counter(out, False)
     t = 0
@@ -446,11 +571,39 @@ def _global_plan_one_program(leaves: list[Any], k: int, flip: bool) -> tuple[np.
     else:
         t = 0xFFFFFFFF  # no key equals it: nothing selected
     gt, eq = _global_counter(out, True)(leaves, np.uint32(t), np.bool_(flip))
-    return np.uint32(t), _ties_to_take(k, _host_ints(gt), _host_ints(eq))
+    eq = np.asarray(_host_ints(eq), np.int64)
+    take = np.asarray(_ties_to_take(k, _host_ints(gt), [int(x) for x in eq]), np.int64)
+    return np.full(len(leaves), t, np.uint32), take, eq
 
 
-def _global_leaf(harm, retain, plans, flip):
-    """A leaf's part of the global mask from precomputed (threshold, ties to take) plans."""
+def _planned_part(x, t, all_equal, flip):
+    # A leaf's part when its ties need no cut: above t, plus every entry equal to t or none.
+    keys = _sort_keys(x, flip)
+    return (keys > t) | ((keys == t) & all_equal)
+
+
+@functools.lru_cache(maxsize=None)
+def _chunk_masker(out_shardings: tuple):
+    """A chunk's masks from its plans ({part: (t, all ties taken) per leaf}): T_q, the skip
+    control and T_p combined elementwise, one program per chunk signature."""
+
+    def masks(hs, rs, plans, flip):
+        out = []
+        for i, h in enumerate(hs):
+            selected = _planned_part(h, plans["q"][0][i], plans["q"][1][i], flip)
+            if "q_skip" in plans:
+                selected = _planned_part(h, plans["q_skip"][0][i], plans["q_skip"][1][i], flip) & ~selected
+            if rs is not None:
+                selected = selected & ~_planned_part(rs[i], plans["p"][0][i], plans["p"][1][i], False)
+            out.append(selected)
+        return tuple(out)
+
+    return jax.jit(masks) if None in out_shardings else jax.jit(masks, out_shardings=out_shardings)
+
+
+def _cut_leaf(harm, retain, plans, flip):
+    """A leaf's mask when some part takes only the first few of its entries equal to t: those
+    are cut by bisection in row-major order (`_first_equal_matrix`)."""
     shape = harm.shape
 
     def part(x, plan, leaf_flip):
@@ -467,27 +620,67 @@ def _global_leaf(harm, retain, plans, flip):
 
 
 @functools.lru_cache(maxsize=None)
-def _global_leaf_selector(sharding):
-    return _jit(_global_leaf, sharding)
+def _cut_leaf_selector(sharding):
+    return _jit(_cut_leaf, sharding)
 
 
-def _select_global(harm_items, retain_flat, q, p, flip, skip, progress):
+def _global_jobs(leaves, retains, chunks, bits: int, parts: list[str]) -> dict:
+    """`_precompile` jobs of global selection: per distinct layer signature, the counter (for
+    harm and retain leaves) and the mask program."""
+    jobs = {}
+    for chunk in chunks:
+        hs = tuple(leaves[i] for i in chunk)
+        rs = tuple(retains[i] for i in chunk) if retains is not None else None
+        if bits > 1:
+            width = _plan_width(bits)
+            zeros = (np.zeros((len(chunk), width), np.uint32), np.zeros((len(chunk), width), bool), np.bool_(False))
+            for xs in [hs] + ([rs] if rs is not None else []):
+                counter = _chunk_counter(_replicated_like(leaves[0]))
+                jobs.setdefault(("count",) + _signature(*xs), (counter, (xs,) + zeros))
+        dummy = {key: (np.zeros(len(chunk), np.uint32), np.zeros(len(chunk), bool)) for key in parts}
+        jobs.setdefault(("mask",) + _signature(*hs) + _signature(*(rs or ())),
+                        (_chunk_masker(tuple(_sharding_of(h) for h in hs)), (hs, rs, dummy, np.bool_(False))))
+    return jobs
+
+
+def _select_global(harm_items, retain_flat, q, p, flip, skip, progress) -> Iterator[tuple[str, Any]]:
+    """Global selection: the thresholds planned on the host (`_plan`, or on CPU
+    `_global_plan_one_program`), then every layer's masks in one program."""
     names = [n for n, _ in harm_items]
-    harm_leaves = [leaf for _, leaf in harm_items]
-    total = sum(int(leaf.size) for leaf in harm_leaves)
-    kq = _k(q, total)
-    plans = {"q": _global_plan(harm_leaves, kq, flip)}
+    leaves = [leaf for _, leaf in harm_items]
+    chunks = _layer_chunks(names)
+    bits = _radix_bits(leaves[0])
+    total = sum(int(x.size) for x in leaves)
+
+    def plan(tree_leaves, fraction, leaf_flip, double=False):
+        k = min(2 * _k(fraction, total), total) if double else _k(fraction, total)
+        if bits == 1:  # CPU: one program over every leaf
+            return _global_plan_one_program(tree_leaves, k, leaf_flip)
+        return _plan(tree_leaves, chunks, k, leaf_flip, bits)
+
+    retains = [retain_flat[n] for n in names] if retain_flat is not None else None
+    _precompile(_global_jobs(leaves, retains, chunks, bits, ["q"] + ["q_skip"] * skip + ["p"] * (retains is not None)))
+    plans = {"q": plan(leaves, q, flip)}
     if skip:
-        plans["q_skip"] = _global_plan(harm_leaves, min(2 * kq, total), flip)
-    if retain_flat is not None:
-        plans["p"] = _global_plan([retain_flat[n] for n in names], _k(p, total), False)
-    out = {}
-    for i, (name, h) in enumerate(
-        tqdm(harm_items, desc="select (global)", unit="matrix", disable=not progress, leave=False)
-    ):
-        leaf_plans = {key: (t, np.int32(take[i])) for key, (t, take) in plans.items()}
-        fn = _global_leaf_selector(_sharding_of(h))
-        out[name] = _wait_if_collective(
-            fn(h, retain_flat[name] if retain_flat is not None else None, leaf_plans, np.bool_(flip))
-        )
-    return unflatten(out)
+        plans["q_skip"] = plan(leaves, q, flip, double=True)
+    if retains is not None:
+        plans["p"] = plan(retains, p, False)
+    cut = np.zeros(len(leaves), bool)
+    for _, take, eq in plans.values():
+        cut |= (take > 0) & (take < eq)
+    bar = tqdm(total=len(names), desc="select (global)", unit="matrix", disable=not progress, leave=False)
+    for chunk in chunks:
+        hs = tuple(leaves[i] for i in chunk)
+        rs = tuple(retains[i] for i in chunk) if retains is not None else None
+        chunk_plans = {key: (t[chunk], take[chunk] == eq[chunk]) for key, (t, take, eq) in plans.items()}
+        masks = _chunk_masker(tuple(_sharding_of(h) for h in hs))(hs, rs, chunk_plans, np.bool_(flip))
+        for j, i in enumerate(chunk):
+            mask = masks[j]
+            if cut[i]:
+                leaf_plans = {key: (t[i], np.int32(take[i])) for key, (t, take, _) in plans.items()}
+                mask = _cut_leaf_selector(_sharding_of(hs[j]))(hs[j], rs[j] if rs is not None else None,
+                                                                leaf_plans, np.bool_(flip))
+            bar.update()
+            yield names[i], _wait_if_collective(mask)
+        del masks
+    bar.close()

@@ -25,7 +25,9 @@ import numpy as np
 
 from harmjax.distributed import to_host as _to_host
 from harmjax.masks.algebra import hf_sorted_leaves
-from harmjax.masks.select import _INT32_MAX, _k, _replicated_like, _sort_keys, select
+from harmjax.masks.select import (
+    _INT32_MAX, _host_sort_keys, _k, _loop_jobs, _precompile, _replicated_like, _signature, _sort_keys, iter_select,
+)
 from harmjax.tree import iter_leaves, unflatten
 
 INDEX_DTYPE = np.int64  # torch indexes with int64; a matrix may exceed 2**31 entries in future models
@@ -65,12 +67,27 @@ def device_indices(leaf: jax.Array) -> np.ndarray:
     unpacked; every process gets them all."""
     cols = int(leaf.shape[-1]) if leaf.ndim >= 2 else int(leaf.size)
     packed = _to_host(_pack_fn(_replicated_like(leaf))(leaf))
-    rows, byte = np.nonzero(packed)
-    bits = np.unpackbits(packed[rows, byte][:, None], axis=1).astype(bool)  # big-endian, as packbits
+    row_bytes = packed.shape[-1]
+    byte_at = _nonzero_bytes(packed.reshape(-1))
+    rows, byte = byte_at // row_bytes, byte_at % row_bytes
+    bits = np.unpackbits(packed.reshape(-1)[byte_at][:, None], axis=1).astype(bool)  # big-endian, as packbits
     r, b = np.nonzero(bits)
     cols_hit = byte[r].astype(np.int64) * 8 + b
     keep = cols_hit < cols  # packbits pads the last byte of a row with zeros; kept for safety
     return (rows[r].astype(np.int64) * cols + cols_hit)[keep].astype(INDEX_DTYPE)
+
+
+def _nonzero_bytes(flat: np.ndarray) -> np.ndarray:
+    """Ascending positions of the nonzero bytes of a flat uint8 array. A mask is nearly all
+    zero bytes, so the scan reads 8 bytes at a time and looks inside the nonzero words only:
+    `np.nonzero` byte by byte took 43 ms for one 13824 x 5120 matrix's 8.8 MB (measured on
+    the H200 host), most of a score unit's candidate writing."""
+    head = flat.size - flat.size % 8
+    words = np.flatnonzero(flat[:head].view(np.uint64))
+    at = (words[:, None] * 8 + np.arange(8)).reshape(-1)
+    at = at[flat[at] != 0]
+    tail = head + np.flatnonzero(flat[head:])
+    return np.concatenate([at, tail]).astype(np.int64)
 
 
 @functools.lru_cache(maxsize=None)
@@ -123,23 +140,28 @@ def mask_from_indices(indices: Mapping[str, np.ndarray], shapes: Mapping[str, tu
 
 @functools.lru_cache(maxsize=None)
 def _gather_fn(out_sharding):
-    # Replicated output: the K gathered values are small; every process gets them all.
-    fn = lambda x, idx: x.reshape(-1)[idx]  # noqa: E731
-    return jax.jit(fn) if out_sharding is None else jax.jit(fn, out_shardings=out_sharding)
+    # Replicated output: the K gathered values and their sort keys are small; every process
+    # gets them all. The keys come from `select`'s own function on the scores' own backend.
+    def gather(x, idx):
+        values = x.reshape(-1)[idx]
+        return values.astype(jnp.float32), _sort_keys(values, False)
+
+    return jax.jit(gather) if out_sharding is None else jax.jit(gather, out_shardings=out_sharding)
 
 
-def _gather_flat(leaf: Any, idx: np.ndarray) -> np.ndarray:
-    """leaf.ravel()[idx] as float32 NumPy, without bringing the whole leaf to the host."""
+def _gather_flat(leaf: Any, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(leaf.ravel()[idx] as float32, their `select` sort keys) in NumPy, without bringing
+    the whole leaf to the host. Indices are padded to a power of two (`_bucket`), so leaves
+    of different shapes share a compilation."""
     if isinstance(leaf, np.ndarray):
-        return np.asarray(leaf, np.float32).reshape(-1)[idx]
+        values = np.asarray(leaf, np.float32).reshape(-1)[idx]
+        return values, np.asarray(_host_sort_keys(jnp.asarray(values), False))
     if not idx.size:
-        return np.zeros(0, np.float32)
-    return np.asarray(_to_host(_gather_fn(_replicated_like(leaf))(leaf, jnp.asarray(idx))), np.float32)
-
-
-def host_sort_keys(values: np.ndarray, flip: bool = False) -> np.ndarray:
-    """`select`'s uint32 sort keys of float32 `values`, computed on the host."""
-    return np.asarray(jax.device_get(_sort_keys(jnp.asarray(values, jnp.float32), flip)))
+        return np.zeros(0, np.float32), np.zeros(0, np.uint32)
+    padded = np.zeros(_bucket(idx.size), np.int32)
+    padded[: idx.size] = idx
+    values, keys = _gather_fn(_replicated_like(leaf))(leaf, jnp.asarray(padded))
+    return np.asarray(_to_host(values)[: idx.size], np.float32), np.asarray(_to_host(keys)[: idx.size], np.uint32)
 
 
 Candidates = dict[str, tuple[np.ndarray, np.ndarray]]  # {HF name: (int64 flat indices, float32 scores)}
@@ -150,19 +172,28 @@ def top_candidates(scores: Mapping[str, Any], fraction: float) -> Candidates:
     order: {HF name: (int64 flat indices, float32 values)}, ordered by descending score
     (select's sort keys: -0.0 ties +0.0, NaN last) and, among equal keys, ascending index.
 
-    The set is found by `select` itself (exact and sharding-preserving), one matrix at a time
-    so that only one matrix's bool mask is ever alive; it reaches the host bit-packed, and of
-    the scores only the chosen values do.
+    The sets are found by `select` itself (exact and sharding-preserving), one matrix at a
+    time through `iter_select`, so only one matrix's bool mask is alive at once; each reaches
+    the host bit-packed, and of the scores only the chosen values do. The few distinct
+    programs (per leaf shape: selection, packing, gathering) are compiled side by side first.
     """
+    items = hf_sorted_leaves(scores)
+    jobs = _loop_jobs(items, None, per_row=False)
+    for _, leaf in items:
+        if isinstance(leaf, jax.Array) and leaf.size:
+            mask = jax.ShapeDtypeStruct(leaf.shape, jnp.bool_, sharding=leaf.sharding)
+            jobs.setdefault(("pack",) + _signature(leaf), (_pack_fn(_replicated_like(leaf)), (mask,)))
+            k = _bucket(_k(fraction, int(leaf.size)))
+            jobs.setdefault(("gather", k) + _signature(leaf),
+                            (_gather_fn(_replicated_like(leaf)), (leaf, jnp.zeros(k, jnp.int32))))
+    _precompile(jobs)
+    flat = dict(items)
     out = {}
-    for name, leaf in hf_sorted_leaves(scores):
-        top = dict(iter_leaves(select(unflatten({name: leaf}), None, q=fraction, granularity="matrix",
-                                      progress=False)))[name]
+    for name, top in iter_select(scores, None, q=fraction, granularity="matrix", progress=False):
         idx = (device_indices(top) if isinstance(top, jax.Array) and top.size
                else np.flatnonzero(_to_host(top)).astype(INDEX_DTYPE))
         del top
-        values = _gather_flat(leaf, idx)
-        keys = host_sort_keys(values)
+        values, keys = _gather_flat(flat[name], idx)
         order = np.lexsort((idx, ~keys))  # primary: key descending (~ reverses uint32), then index
         out[name] = (idx[order], values[order])
     return out
