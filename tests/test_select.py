@@ -269,3 +269,18 @@ def test_device_loop_digits_select_exactly(monkeypatch, bits, granularity):
         got = flatten(select(place(harm), place(retain), q=q, p=p, granularity=granularity, sign_flip=flip,
                              skip_first=skip, progress=False))
         assert_same(unflatten(got), reference(harm, retain, q, p, granularity, flip, skip))
+
+
+def test_iter_select_yields_select_leaves_in_hf_order():
+    """`iter_select` checks its arguments when called (before any leaf) and then yields
+    `select`'s leaves one at a time, in HF order (layer 10 after layer 9)."""
+    from harmjax.masks import iter_select
+
+    harm, retain = unflatten(score_tree(13, "normal")), unflatten(score_tree(14, "normal"))
+    with pytest.raises(ValueError, match="q must be a fraction"):
+        iter_select(harm, q=2.0)
+    pairs = list(iter_select(harm, retain, q=0.2, p=0.1, progress=False))
+    assert [name for name, _ in pairs] == HF_ORDER
+    want = flatten(select(harm, retain, q=0.2, p=0.1, progress=False))
+    for name, leaf in pairs:
+        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(want[name]), err_msg=name)
