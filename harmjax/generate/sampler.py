@@ -266,8 +266,9 @@ def generate_ids(
         sample_ids = range(n)
     if len(sample_ids) != n:
         raise ValueError(f"{len(sample_ids)} sample_ids for {n} inputs.")
+    unroll = decode_unroll()
     stats = {"prefill_s": 0.0, "decode_s": 0.0, "batches": 0, "decode_steps": 0, "new_tokens": 0,
-             "decode_unroll": decode_unroll()}
+             "decode_unroll": unroll}
     if n == 0:
         return GeneratedIds([], [], {**stats, "wall_s": 0.0, "tokens_per_s": 0.0})
 
@@ -305,7 +306,7 @@ def generate_ids(
         key_data[: len(rows)] = keys_all[rows]
         row_valid = np.arange(batch) < len(rows)
         prefill = jit_prefill(config, mesh, batch, prompt_len, prompt_len + gen_len, greedy, use_top_p, fused_bias)
-        decode = jit_decode(config, mesh, batch, prompt_len, gen_len, greedy, use_top_p, fused_bias, decode_unroll())
+        decode = jit_decode(config, mesh, batch, prompt_len, gen_len, greedy, use_top_p, fused_bias, unroll)
 
         # Host arrays become device arrays outside the context mesh below: made inside it
         # they would be committed to a replicated sharding that jit refuses to reshard.

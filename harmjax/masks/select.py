@@ -310,6 +310,13 @@ def iter_select(
     The arguments are `select`'s and are checked before the first pair. A consumer that
     drops each leaf after use (`harmjax.masks.sparse.top_candidates`) holds at most one
     layer's masks, not the dense tree (31 GB at 32B)."""
+    q, p, harm_items, retain_flat = _checked(harm, retain, q, p, granularity)
+    return _iter_select(harm_items, retain_flat, q, p, granularity, sign_flip, skip_first, progress)
+
+
+def _checked(harm, retain, q, p, granularity):
+    """`select`'s arguments checked: (q, p, harm's (name, leaf) pairs in HF order, retain's
+    {name: leaf} on the harm leaves' devices, or None)."""
     q = _check_fraction("q", q)
     p = _check_fraction("p", p)
     if granularity not in GRANULARITIES:
@@ -317,29 +324,31 @@ def iter_select(
     if retain is not None:
         check_same_structure(harm, retain, what="harm and retain score trees")
     harm_items = hf_sorted_leaves(harm)
-    retain_flat = dict(hf_sorted_leaves(retain)) if retain is not None else {}
+    retain_flat = dict(hf_sorted_leaves(retain)) if retain is not None else None
     for name, leaf in harm_items:
         _check_leaf(name, leaf, "Harm")
-        if retain is not None:
+        if retain_flat is not None:
             _check_leaf(name, retain_flat[name], "Retain")
             retain_flat[name] = _colocate(retain_flat[name], _sharding_of(leaf))
-    return _iter_select(harm_items, retain_flat if retain is not None else None, q, p, granularity, sign_flip,
-                        skip_first, progress)
+    return q, p, harm_items, retain_flat
 
 
-def _iter_select(harm_items, retain_flat, q, p, granularity, flip, skip, progress) -> Iterator[tuple[str, Any]]:
+def _iter_select(harm_items, retain_flat, q, p, granularity, flip, skip, progress,
+                 extra_jobs=None) -> Iterator[tuple[str, Any]]:
+    """`iter_select` on checked arguments; `extra_jobs` (matrix and row) are compiled
+    together with the loop programs (the candidates' packing and gathering)."""
     if not harm_items:
         return
     if granularity == "global":
         yield from _select_global(harm_items, retain_flat, q, p, flip, skip, progress)
         return
     per_row = granularity == "row"
-    _precompile(_loop_jobs(harm_items, retain_flat, per_row))
+    _precompile({**_loop_jobs(harm_items, retain_flat, per_row), **(extra_jobs or {})})
     for name, h in tqdm(harm_items, desc="select", unit="matrix", disable=not progress, leave=False):
         n = _as_2d_shape(h.shape)[1] if per_row else int(h.size)
         kq = _k(q, n)
         r = retain_flat.get(name) if retain_flat is not None else None
-        if not per_row and _on_host(h) and (r is None or _on_host(r)):
+        if _in_numpy(h, r, per_row):
             yield name, _select_leaf_host(h, r, kq, min(2 * kq, n), _k(p, n), flip, skip)
             continue
         yield name, _wait_if_collective(_leaf_selector(_sharding_of(h), per_row)(
@@ -352,12 +361,17 @@ def _loop_jobs(harm_items, retain_flat, per_row: bool) -> dict:
     jobs = {}
     for name, h in harm_items:
         r = retain_flat.get(name) if retain_flat is not None else None
-        if (not per_row and _on_host(h) and (r is None or _on_host(r))) or not isinstance(h, jax.Array):
+        if _in_numpy(h, r, per_row) or not isinstance(h, jax.Array):
             continue
         scalars = (np.int32(0),) * 3 + (np.bool_(False),) * 2
         jobs.setdefault(("loop", per_row) + _signature(h, r),
                         (_leaf_selector(_sharding_of(h), per_row), (h, r) + scalars))
     return jobs
+
+
+def _in_numpy(harm: Any, retain: Any, per_row: bool) -> bool:
+    # A matrix whose scores are on the host is selected by NumPy's partition.
+    return not per_row and _on_host(harm) and (retain is None or _on_host(retain))
 
 
 def _on_host(x: Any) -> bool:

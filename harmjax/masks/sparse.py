@@ -26,7 +26,7 @@ import numpy as np
 from harmjax.distributed import to_host as _to_host
 from harmjax.masks.algebra import hf_sorted_leaves
 from harmjax.masks.select import (
-    _INT32_MAX, _host_sort_keys, _k, _loop_jobs, _precompile, _replicated_like, _signature, _sort_keys, iter_select,
+    _INT32_MAX, _checked, _host_sort_keys, _iter_select, _k, _replicated_like, _signature, _sort_keys,
 )
 from harmjax.tree import iter_leaves, unflatten
 
@@ -151,17 +151,14 @@ def _gather_fn(out_sharding):
 
 def _gather_flat(leaf: Any, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(leaf.ravel()[idx] as float32, their `select` sort keys) in NumPy, without bringing
-    the whole leaf to the host. Indices are padded to a power of two (`_bucket`), so leaves
-    of different shapes share a compilation."""
+    the whole leaf to the host."""
     if isinstance(leaf, np.ndarray):
         values = np.asarray(leaf, np.float32).reshape(-1)[idx]
         return values, np.asarray(_host_sort_keys(jnp.asarray(values), False))
     if not idx.size:
         return np.zeros(0, np.float32), np.zeros(0, np.uint32)
-    padded = np.zeros(_bucket(idx.size), np.int32)
-    padded[: idx.size] = idx
-    values, keys = _gather_fn(_replicated_like(leaf))(leaf, jnp.asarray(padded))
-    return np.asarray(_to_host(values)[: idx.size], np.float32), np.asarray(_to_host(keys)[: idx.size], np.uint32)
+    values, keys = _gather_fn(_replicated_like(leaf))(leaf, idx.astype(np.int32))
+    return np.asarray(_to_host(values), np.float32), np.asarray(_to_host(keys), np.uint32)
 
 
 Candidates = dict[str, tuple[np.ndarray, np.ndarray]]  # {HF name: (int64 flat indices, float32 scores)}
@@ -173,23 +170,23 @@ def top_candidates(scores: Mapping[str, Any], fraction: float) -> Candidates:
     (select's sort keys: -0.0 ties +0.0, NaN last) and, among equal keys, ascending index.
 
     The sets are found by `select` itself (exact and sharding-preserving), one matrix at a
-    time through `iter_select`, so only one matrix's bool mask is alive at once; each reaches
+    time (`iter_select`), so only one matrix's bool mask is alive at once; each reaches
     the host bit-packed, and of the scores only the chosen values do. The few distinct
     programs (per leaf shape: selection, packing, gathering) are compiled side by side first.
     """
-    items = hf_sorted_leaves(scores)
-    jobs = _loop_jobs(items, None, per_row=False)
+    _, _, items, _ = _checked(scores, None, fraction, 0.0, "matrix")
+    jobs = {}  # compiled together with the selection programs
     for _, leaf in items:
         if isinstance(leaf, jax.Array) and leaf.size:
             mask = jax.ShapeDtypeStruct(leaf.shape, jnp.bool_, sharding=leaf.sharding)
             jobs.setdefault(("pack",) + _signature(leaf), (_pack_fn(_replicated_like(leaf)), (mask,)))
-            k = _bucket(_k(fraction, int(leaf.size)))
-            jobs.setdefault(("gather", k) + _signature(leaf),
-                            (_gather_fn(_replicated_like(leaf)), (leaf, jnp.zeros(k, jnp.int32))))
-    _precompile(jobs)
+            k = _k(fraction, int(leaf.size))  # exactly the selected count
+            if k:
+                jobs.setdefault(("gather", k) + _signature(leaf),
+                                (_gather_fn(_replicated_like(leaf)), (leaf, jnp.zeros(k, jnp.int32))))
     flat = dict(items)
     out = {}
-    for name, top in iter_select(scores, None, q=fraction, granularity="matrix", progress=False):
+    for name, top in _iter_select(items, None, fraction, 0.0, "matrix", False, False, False, extra_jobs=jobs):
         idx = (device_indices(top) if isinstance(top, jax.Array) and top.size
                else np.flatnonzero(_to_host(top)).astype(INDEX_DTYPE))
         del top
