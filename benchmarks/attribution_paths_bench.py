@@ -43,7 +43,8 @@ def run_one() -> dict:
 
     import harmjax
     from harmjax.attribution import DEFAULT_SCOPE, attribute
-    from harmjax.attribution.step import init_accumulators, jit_accumulate, names_for
+    from harmjax.attribution.core import names_for
+    from harmjax.attribution.step import init_accumulators, jit_accumulate
     from harmjax.data.calibration import make_batches
     from harmjax.model.init import init_params
     from bench_common import LLAMA31_8B_SHAPE as LLAMA31_8B, TINY_SHAPE as TINY, synthetic_examples as _synthetic

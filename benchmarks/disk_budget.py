@@ -7,7 +7,7 @@ models, from their shapes alone (no weights, no device): the README's disk table
 from configs import _paper
 from harmjax.config import ModelConfig
 from harmjax.io.disk_space import human_bytes
-from harmjax.pipeline.disk_budget import experiment_output_bytes
+from harmjax.experiments.main.disk_budget import experiment_output_bytes
 
 # Shapes from each model's config.json (the sizes that set the scored matrices).
 MODELS = {

@@ -1,4 +1,4 @@
-"""The end-to-end experiment (`harmjax.pipeline.run_experiment`) on a GPU: a random-weight
+"""The end-to-end experiment (`harmjax.experiments.run_experiment`) on a GPU: a random-weight
 Llama of a given shape with the embedded SmolLM2 tokenizer, on a given harmful-prompt CSV.
 
 A functional and timing check of every stage on an accelerator (answers with the decode
@@ -115,7 +115,7 @@ def main(argv):
     jax.config.update("jax_compilation_cache_dir", os.path.join(_WORK.value, "xla"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     from configs.embedded import get_config
-    from harmjax.pipeline import run_experiment
+    from harmjax.experiments import run_experiment
 
     os.makedirs(_OUT.value, exist_ok=True)
     t0 = time.perf_counter()

@@ -185,7 +185,7 @@ def _per_device_step(config, mesh, names, kind, remat, chunk):
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from harmjax.attribution import abs_kernel, probes
-    from harmjax.attribution.step import _probe, accumulator_mode
+    from harmjax.attribution.core import accumulator_mode, probe_params
     from harmjax.model.decoder import forward
     from harmjax.model.loss import mean_nll_per_example
     from harmjax.sharding import active_axes, batch_sharding, param_shardings, replicated, spec_entry
@@ -220,7 +220,7 @@ def _per_device_step(config, mesh, names, kind, remat, chunk):
     mode = accumulator_mode(kind) + "_per_device"
 
     def loss_fn(accs, params, input_ids, attention_mask, loss_mask):
-        probed = _probe(params, accs, mode, chunk)
+        probed = probe_params(params, accs, mode, chunk)
         return mean_nll_per_example(forward(probed, config, input_ids, attention_mask, remat=remat),
                                     input_ids, loss_mask).sum()
 
@@ -244,10 +244,8 @@ def scan_part(rows, rate):
 
     import harmjax
     from bench_common import synthetic_examples
-    from harmjax.attribution.step import (
-        abstract_accumulators, accumulator_mode, compiler_options, init_accumulators, jit_accumulate, names_for,
-        step_bytes,
-    )
+    from harmjax.attribution.core import accumulator_mode, compiler_options, names_for
+    from harmjax.attribution.step import abstract_accumulators, init_accumulators, jit_accumulate, step_bytes
     from harmjax.data.calibration import make_batches
     from harmjax.sharding import batch_sharding, sharded_zeros
     from harmjax.tree import flatten, unflatten
@@ -386,7 +384,7 @@ def select_part(rows):
     import numpy as np
 
     import harmjax
-    from harmjax.attribution.step import names_for, scope_shardings
+    from harmjax.attribution.core import names_for, scope_shardings
     from harmjax.model.param_specs import param_specs
     from harmjax.tree import flatten, unflatten
 

@@ -59,7 +59,8 @@ def run_jax() -> dict:
     import jax.numpy as jnp
 
     import harmjax
-    from harmjax.attribution.step import init_accumulators, jit_accumulate, jit_finalize, names_for
+    from harmjax.attribution.core import names_for
+    from harmjax.attribution.step import init_accumulators, jit_accumulate, jit_finalize
     from harmjax.config import ModelConfig, RopeConfig
     from harmjax.data.calibration import make_batches
     from harmjax.model.init import init_params

@@ -16,7 +16,7 @@ from configs import embedded, refusal_embedded
 
 
 def get_config() -> ml_collections.ConfigDict:
-    """Settings of `harmjax.pipeline.compression.run_compression`."""
+    """Settings of `harmjax.experiments.compression.run.run_compression`."""
     c = ml_collections.ConfigDict()
     c.output_dir = ""  # "" = runs/compression-<A label>-<B label>
     # Each model: a label, a model source ("refusal" = the refusal-tuned model of the `refusal`

@@ -17,7 +17,7 @@ from configs import refusal_embedded
 
 
 def get_config() -> ml_collections.ConfigDict:
-    """Settings of `harmjax.pipeline.dissociation.run_dissociation`."""
+    """Settings of `harmjax.experiments.dissociation.run.run_dissociation`."""
     c = ml_collections.ConfigDict()
     # "" = the refusal-tuned model of `refusal` (ensure_refusal_model: made once, then reused);
     # else any model source, used as is. The prompt split is the refusal tuning's either way.

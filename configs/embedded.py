@@ -13,7 +13,7 @@ import ml_collections
 
 
 def get_config() -> ml_collections.ConfigDict:
-    """Settings of the end-to-end experiment (`harmjax.pipeline.run_experiment`)."""
+    """Settings of the end-to-end experiment (`harmjax.experiments.run_experiment`)."""
     c = ml_collections.ConfigDict()
     c.model = "embedded"  # "embedded", a local HF directory, a .gguf file, an orbax dir or a hub id
     c.dtype = "float32"

@@ -7,7 +7,7 @@ log-probability measure, the prefilling attack and benign NLL, before and after.
   python -m launch.refusal_tune --config=configs/refusal_embedded.py --config.train.max_steps=60
 
 The prompt split is the main job's (configs/embedded.py, same settings and seed): its held-out
-prompts are never trained on. From Python, `harmjax.pipeline.refusal_model.ensure_refusal_model(cfg)`
+prompts are never trained on. From Python, `harmjax.experiments.refusal.run.ensure_refusal_model(cfg)`
 returns the merged model's directory, a `model=` source for the main job.
 """
 
@@ -17,7 +17,7 @@ from configs import embedded, finetune
 
 
 def get_config() -> ml_collections.ConfigDict:
-    """Settings of the refusal tuning (`harmjax.pipeline.refusal_model.run_refusal_tuning`)."""
+    """Settings of the refusal tuning (`harmjax.experiments.refusal.run.run_refusal_tuning`)."""
     main = embedded.get_config()
     c = ml_collections.ConfigDict()
     c.model = "embedded"  # "embedded", a local HF directory, a .gguf file, an orbax dir or a hub id

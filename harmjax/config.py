@@ -10,7 +10,6 @@ transformers normalises it.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 from harmjax.errors import UnsupportedArchitectureError
@@ -213,12 +212,6 @@ class ModelConfig:
             tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
             **flags,
         )
-
-    def num_params(self) -> int:
-        """Total parameter count (tied embeddings counted once)."""
-        from harmjax.model.param_specs import param_specs
-
-        return sum(math.prod(s.shape) for s in param_specs(self).values())
 
 
 def check_supported(model_type: str | None, architectures: list[str] | None = None) -> None:

@@ -19,7 +19,7 @@ _CONFIG = config_flag("configs/compression_embedded.py", "Compression config fil
 
 def run(cfg) -> dict:
     """Runs the compression comparison of `cfg`; returns its metrics (report in cfg.output_dir)."""
-    from harmjax.pipeline.compression import run_compression
+    from harmjax.experiments.compression.run import run_compression
 
     return run_compression(cfg)
 

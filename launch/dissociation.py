@@ -20,7 +20,7 @@ _CONFIG = config_flag("configs/dissociation_embedded.py", "Dissociation config f
 
 def run(cfg) -> dict:
     """Runs (or resumes) the dissociation job of `cfg`; returns its metrics."""
-    from harmjax.pipeline.dissociation import run_dissociation
+    from harmjax.experiments.dissociation.run import run_dissociation
 
     return run_dissociation(cfg)
 

@@ -42,12 +42,12 @@ def load_examples(cfg) -> list:
 def run(cfg) -> dict:
     """One fine-tuning run (or the EM experiment when cfg.experiment); returns its summary."""
     if cfg.experiment:
-        from harmjax.pipeline.emergent_experiment import run_em_experiment
+        from harmjax.experiments.em.run import run_em_experiment
 
         return run_em_experiment(cfg)
     import harmjax
     from harmjax.masks import apply_mask, load_mask
-    from harmjax.pipeline.emergent_experiment import lora_config, train_config
+    from harmjax.experiments.core.training import lora_config, train_config
     from harmjax.train import export_merged, export_peft, finetune
 
     source = resolve_model_source(cfg.model)

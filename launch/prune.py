@@ -33,6 +33,7 @@ def model_layout(source: str, mesh_cfg):
     try:
         from harmjax.config import ModelConfig, hf_config_from_dict
         from harmjax.io import hf as hf_io
+        from harmjax.model.param_specs import num_params
         from harmjax.sharding import make_mesh, param_shardings
 
         path = hf_io.resolve_checkpoint(resolve_model_source(source))
@@ -41,7 +42,7 @@ def model_layout(source: str, mesh_cfg):
 
             path = gguf_as_hf_dir(path)
         config = ModelConfig.from_hf(hf_config_from_dict(hf_io.read_config_json(path)))
-        return param_shardings(config, make_mesh(mesh_config(mesh_cfg), model_config=config)), config.num_params()
+        return param_shardings(config, make_mesh(mesh_config(mesh_cfg), model_config=config)), num_params(config)
     except (HarmjaxError, OSError) as e:
         logging.warning("Cannot read the model config of %r (%s); scores stay on the default "
                         "device and the fraction of all parameters is not reported.", source, e)

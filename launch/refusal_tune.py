@@ -17,7 +17,7 @@ _CONFIG = config_flag("configs/refusal_embedded.py", "Refusal-tuning config file
 
 def run(cfg) -> dict:
     """Makes (or reuses) the refusal-tuned model of `cfg`, measures it; returns the metrics."""
-    from harmjax.pipeline.refusal_model import run_refusal_tuning
+    from harmjax.experiments.refusal.run import run_refusal_tuning
 
     return run_refusal_tuning(cfg)
 

@@ -17,7 +17,7 @@ _CONFIG = config_flag("configs/embedded.py", "Experiment config file.")
 
 def run(cfg) -> dict:
     """Runs the experiment of `cfg` and returns its metrics (report in cfg.output_dir)."""
-    from harmjax.pipeline import run_experiment
+    from harmjax.experiments import run_experiment
 
     return run_experiment(cfg)
 

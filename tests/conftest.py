@@ -55,13 +55,13 @@ SMALL_KERNEL_TILES = "16,16,8,4,1"
 @pytest.fixture
 def interpret(monkeypatch):
     """The fused |grad| kernel on, in Pallas' interpreter, with no scan step left from another setting."""
-    from harmjax.attribution.step import jit_accumulate
+    from harmjax.attribution.step import clear_step_cache
 
     monkeypatch.setenv("HARMJAX_ABS_KERNEL", "interpret")
     monkeypatch.setenv("HARMJAX_ABS_KERNEL_CONFIG", SMALL_KERNEL_TILES)
-    jit_accumulate.cache_clear()
+    clear_step_cache()
     yield
-    jit_accumulate.cache_clear()
+    clear_step_cache()
 
 
 @pytest.fixture

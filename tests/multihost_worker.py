@@ -147,7 +147,7 @@ def main(model_dir: str, prompts_dir: str, work: str, address=None, num=None, pi
     results["finetune_val_loss"] = np.asarray(ft.val_loss)
 
     from configs.embedded import get_config
-    from harmjax.pipeline import run_experiment
+    from harmjax.experiments import run_experiment
     from tests.config_overrides import with_overrides
 
     overrides = EXPERIMENT + [("model", model_dir), ("prompts.harmful", os.path.join(prompts_dir, "harmful.csv")),

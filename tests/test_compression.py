@@ -1,4 +1,4 @@
-"""Claim 3 (`harmjax.pipeline.compression`, `launch.compression`): the compression figure and
+"""Claim 3 (`harmjax.experiments.compression`, `launch.compression`): the compression figure and
 verdict from constructed sweeps (each way, and "not tested"); the intervals against published
 values; the job end to end on two tiny random models, killed while the second model runs and
 resumed without redoing the first model's stages; model "refusal" goes through
@@ -16,8 +16,8 @@ import pytest
 
 from configs.compression_embedded import get_config
 from harmjax.evaluate.intervals import newcombe_difference, rate_summary, wilson_interval
-from harmjax.pipeline import compression
-from harmjax.pipeline.compression import area_within_budget, compare, compression_curve, fraction_at_target
+from harmjax.experiments.compression import run as compression
+from harmjax.experiments.compression.measures import area_within_budget, compare, compression_curve, fraction_at_target
 from tests.config_overrides import as_flags, with_overrides, write_prompt_files
 from tests.hf_reference import save_tiny_with_tokenizer, tiny_hf_model
 
@@ -91,7 +91,7 @@ def test_intervals_match_newcombe_1998():
 
 
 def test_em_report_refusal_change_and_judge_free_verdict():
-    from harmjax.pipeline.em_report import _rows, judge_free_em
+    from harmjax.experiments.em.report import _rows, judge_free_em
 
     def result(k, n):
         return {"em": {"rate": None, "ci_low": None, "ci_high": None, "n_judged": 0, "n_excluded": 8,
@@ -199,7 +199,7 @@ def test_killed_and_resumed_end_to_end(setup):
         return dict(overrides)["model_b.model"]
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("harmjax.pipeline.refusal_model.ensure_refusal_model", fake_ensure)
+        mp.setattr("harmjax.experiments.refusal.run.ensure_refusal_model", fake_ensure)
         cfg = with_overrides(get_config(), overrides + [("model_b.model", "refusal")], out)
         m2 = compression.run_compression(cfg, progress=False)
     (refusal_cfg, exp_cfg), = calls

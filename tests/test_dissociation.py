@@ -1,4 +1,4 @@
-"""Dissociation (issue 13 part 3, `harmjax.pipeline.dissociation`, `harmjax.evaluate.recognition`)
+"""Dissociation (issue 13 part 3, `harmjax.experiments.dissociation`, `harmjax.evaluate.recognition`)
 on a tiny random model: recognition log-odds equal an independent transformers computation;
 the job runs end to end, its refusal mask equals a NumPy top-k set difference of its scores,
 held-out prompts are never scored, and a run killed during the evaluation resumes without
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs.dissociation_embedded import get_config
-from harmjax.pipeline import dissociation
+from harmjax.experiments.dissociation import run as dissociation
 from tests.config_overrides import with_overrides, write_prompt_files
 from tests.hf_reference import save_tiny_with_tokenizer, tiny_hf_model
 
@@ -110,8 +110,8 @@ def test_end_to_end_kill_and_resume(setup, monkeypatch):
     assert sorted(p.name for p in ev.glob("*.json")) == ["harm.json", "none.json"]
 
     # The rerun: answers, scores and masks are cached; the two finished masks are not measured again.
-    import harmjax.pipeline.answers as answers_mod
-    import harmjax.pipeline.scoring as scoring
+    import harmjax.experiments.core.answers as answers_mod
+    import harmjax.experiments.core.scoring as scoring
 
     def never(*a, **k):
         raise AssertionError("redone")
@@ -175,7 +175,7 @@ def test_end_to_end_kill_and_resume(setup, monkeypatch):
 
 
 def test_default_model_is_the_refusal_tuned_one(setup, monkeypatch):
-    from harmjax.pipeline import refusal_model
+    from harmjax.experiments.refusal import run as refusal_model
 
     root, overrides, _, model_dir = setup
     cfg = _config(overrides, root / "unused")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from configs.em_embedded import get_config
-from harmjax.pipeline.emergent_experiment import MODELS, run_em_experiment
+from harmjax.experiments.em.run import MODELS, run_em_experiment
 from tests.config_overrides import as_flags, with_overrides, write_prompt_files
 from tests.hf_reference import save_tiny_with_tokenizer, tiny_hf_model
 
@@ -139,14 +139,15 @@ def test_refusal_model_source_and_heldout_prompts(setup, tmp_path, monkeypatch):
     """model "refusal" loads the refusal-tuned model of cfg.refusal, and the other-category
     prompts come only from those the refusal tuning held out."""
     from configs.em_refusal_embedded import get_config as refusal_em_config
-    from harmjax.pipeline import emergent_experiment, model_sources
+    from harmjax.experiments.em import run as emergent_experiment
+    from harmjax.experiments.refusal import source as model_sources
 
     root, overrides = setup
     model_dir = dict(overrides)["model"]
     held = {"h0010", "h0011", "h0013"}  # ids of "hate"/"weapons" prompts (write_prompt_files numbers rows)
     calls = []
     monkeypatch.setattr(model_sources, "refusal_heldout_ids", lambda cfg: held)
-    monkeypatch.setattr("harmjax.pipeline.refusal_model.ensure_refusal_model",
+    monkeypatch.setattr("harmjax.experiments.refusal.run.ensure_refusal_model",
                         lambda cfg, progress=True, experiment_cfg=None: calls.append(cfg) or model_dir)
 
     class Stop(Exception):

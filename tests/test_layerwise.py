@@ -11,7 +11,8 @@ import pytest
 
 import harmjax
 from harmjax.attribution import scan
-from harmjax.attribution.step import abstract_accumulators, accumulator_mode, jit_accumulate, names_for
+from harmjax.attribution.core import accumulator_mode, names_for
+from harmjax.attribution.step import abstract_accumulators, jit_accumulate
 from harmjax.errors import DeviceMemoryError
 from harmjax.sharding import MeshConfig, batch_sharding, make_mesh
 from harmjax.tree import flatten
@@ -100,7 +101,7 @@ def test_scan_programs_take_cublas_gemms_on_gpus(tiny, monkeypatch):
     """The scan programs' XLA options: cuBLAS GEMMs on GPUs only by default, settable by
     $HARMJAX_SCAN_TRITON_GEMM; with the option forced on, both step kinds compile on this
     backend (XLA knows the option) and still equal PyTorch autograd."""
-    from harmjax.attribution.step import TRITON_GEMM_ENV, compiler_options
+    from harmjax.attribution.core import TRITON_GEMM_ENV, compiler_options
 
     _, path, ref = tiny
     model = harmjax.load(path, mesh=make_mesh(MeshConfig(data=1), jax.devices()[:1]))
@@ -116,3 +117,22 @@ def test_scan_programs_take_cublas_gemms_on_gpus(tiny, monkeypatch):
     for layerwise in (False, True):
         ours = scan(model, EXAMPLES, "harm", batch_size=3, layerwise=layerwise, **ONE_BUCKET).scores
         _assert_close(flatten(ours), ref["harm"])
+
+
+def test_both_step_programs_share_one_interface_and_one_cache(tiny):
+    """`jit_accumulate` gives one `AccumulateStep` per implementation, reuses it while the
+    settings stay the same, and builds a new one after `clear_step_cache` (the tests' way to
+    drop steps compiled under another kernel setting)."""
+    from harmjax.attribution.core import AccumulateStep
+    from harmjax.attribution.step import clear_step_cache
+
+    _, path, _ = tiny
+    model = harmjax.load(path, mesh=make_mesh(MeshConfig(data=1), jax.devices()[:1]))
+    c, mesh = model.config, model.mesh
+    names = names_for(c, None)
+    whole, per_block = (jit_accumulate(c, mesh, names, "harm", layerwise=lw) for lw in (False, True))
+    assert isinstance(whole, AccumulateStep) and isinstance(per_block, AccumulateStep)
+    assert type(whole) is not type(per_block)
+    assert jit_accumulate(c, mesh, names, "harm") is whole
+    clear_step_cache()
+    assert jit_accumulate(c, mesh, names, "harm") is not whole

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from harmjax.masks import save_candidates, save_scores, top_candidates
-from harmjax.pipeline.baselines import match_benign_cost
-from harmjax.pipeline.mask_sweep import select_from_units
-from harmjax.pipeline.report import (
+from harmjax.experiments.core.selection import select_from_units
+from harmjax.experiments.main.baselines import match_benign_cost
+from harmjax.experiments.main.verdicts import (
     MATCH_TOLERANCE, MIN_HARM_RISE, OVERLAP_RATIO, SELECTIVE_RATIO, baseline_rows, claim2_baselines, cost_matched,
     per_unit,
 )

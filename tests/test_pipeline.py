@@ -1,4 +1,4 @@
-"""The end-to-end experiment (`launch.run` / `harmjax.pipeline.run_experiment`) on a tiny random
+"""The end-to-end experiment (`launch.run` / `harmjax.experiments.run_experiment`) on a tiny random
 model: every stage runs, the report's files and numbers agree with each other and with the
 stage outputs, a rerun is served from the cache, and a run killed mid-stage resumes without
 redoing finished stages or units."""
@@ -17,8 +17,8 @@ import pytest
 
 from configs.embedded import get_config
 from harmjax.masks import load_mask
-from harmjax.pipeline import run_experiment
-from harmjax.pipeline.stages import slug
+from harmjax.experiments import run_experiment
+from harmjax.experiments.core.stages import slug
 from harmjax.tree import flatten
 from tests.config_overrides import as_flags, with_overrides, write_prompt_files
 from tests.hf_reference import save_tiny_with_tokenizer, tiny_hf_model
@@ -147,7 +147,8 @@ def _check_benign_baselines(m, out, report):
     generations of the two masks the verdict uses, and the verdict recomputed from the rows."""
     from harmjax.masks import load_mask_indices
     from harmjax.masks.storage import load_candidates
-    from harmjax.pipeline.report import claim2_baselines, summary_text
+    from harmjax.experiments.main.report import summary_text
+    from harmjax.experiments.main.verdicts import claim2_baselines
 
     base, rows = m["baseline"], m["benign_baselines"]["rows"]
     roles = [r["role"] for r in rows]
@@ -279,7 +280,7 @@ def test_sparse_scores_give_bit_identical_masks_to_dense_scores(setup, tmp_path)
     assert _dir_bytes(sc_sparse) * 2 < _dir_bytes(sc_dense)
     # The disk budget (README table) bounds what was written: candidates at 12 B per entry.
     from harmjax.config import ModelConfig
-    from harmjax.pipeline.disk_budget import experiment_output_bytes
+    from harmjax.experiments.main.disk_budget import experiment_output_bytes
 
     model_dir = dict(overrides)["model"]
     config = ModelConfig.from_hf(json.load(open(os.path.join(model_dir, "config.json"))))

@@ -1,4 +1,4 @@
-"""The refusal-tuning stage (`harmjax.pipeline.refusal_model`, configs/refusal_embedded.py) on a
+"""The refusal-tuning stage (`harmjax.experiments.refusal.run`, configs/refusal_embedded.py) on a
 tiny random model: it runs end to end and writes a loadable merged model; held-out prompts
 (the main job's and its own) are never trained on; a second call reuses the model without
 training; a run interrupted during training resumes from its checkpoint and ends with the same
@@ -13,8 +13,8 @@ import pytest
 from configs.refusal_embedded import get_config
 from harmjax.data.refusal_set import load_refusals
 from harmjax.data.records import DatasetFormatError
-from harmjax.pipeline import refusal_model
-from harmjax.pipeline.prompt_sets import load_benign_prompts, load_harmful_prompts, split_per_category
+from harmjax.experiments.core.prompt_sets import load_benign_prompts, load_harmful_prompts, split_per_category
+from harmjax.experiments.refusal import run as refusal_model
 from tests.config_overrides import with_overrides, write_prompt_files
 from tests.hf_reference import save_tiny_with_tokenizer, tiny_hf_model
 
@@ -210,7 +210,7 @@ def test_opening_logprobs_match_a_full_forward(setup):
     import harmjax
     from harmjax.data.records import Example
     from harmjax.generate.prompts import prefix_token_ids, prompt_token_ids
-    from harmjax.pipeline.refusal_eval import opening_logprobs
+    from harmjax.experiments.refusal.eval import opening_logprobs
 
     root, overrides = setup
     model = harmjax.load(dict(overrides)["model"])

@@ -216,7 +216,7 @@ def test_global_radix_passes_select_exactly(monkeypatch, bits):
     ties cut inside a matrix, controls, and a leaf outside the layers."""
     import importlib
 
-    select_module = importlib.import_module("harmjax.masks.select")
+    select_module = importlib.import_module("harmjax.masks.select_global")
     monkeypatch.setattr(select_module, "_radix_bits", lambda leaf: bits)
     cuts = []
     real_cut = select_module._cut_leaf_selector
@@ -257,7 +257,7 @@ def test_device_loop_digits_select_exactly(monkeypatch, bits, granularity):
     for matrices): the same exact masks as the reference on sharded tie-heavy scores."""
     import importlib
 
-    monkeypatch.setattr(importlib.import_module("harmjax.masks.select"), "_DEVICE_LOOP_BITS", bits)
+    monkeypatch.setattr(importlib.import_module("harmjax.masks.select_device"), "_DEVICE_LOOP_BITS", bits)
     mesh = make_mesh(MeshConfig(data=1, fsdp=2, tensor=1), jax.devices()[:2])
     harm, retain = score_tree(11, "specials"), score_tree(12, "ties")
 

@@ -4,8 +4,8 @@ The `retain` score needs, per weight matrix (out, in) of a linear map y = x W^T,
     A = sum_b |sum_t g[b, t, :]^T x[b, t, :]|          (g = dL/dy of example b)
 XLA forms it as a batched matmul writing a (chunk, out, in) float32 block of per-example
 gradients to memory, then a reduction reading it back: 8 bytes of traffic per element per
-example against 2 * seq FLOPs, so at 256 tokens the step is memory bound and the retain scan
-ran at 68% of the harm scan's speed (Qwen2.5-32B, 2 x H200). This kernel keeps each example's
+example against 2 * seq FLOPs, so at a few hundred tokens the step is memory bound and the
+retain scan runs well below the harm scan's speed. This kernel keeps each example's
 (block_o, block_i) tile in registers, adds its absolute value to a float32 running sum, and
 writes every output tile once: the same FLOPs as the harm scan's gradient, no per-example
 block in memory.
@@ -29,16 +29,13 @@ path elsewhere), "1" (the kernel wherever it applies), "0" (always XLA's path), 
 (Pallas' interpreter on any backend, for tests). The scan step's cache (`jit_accumulate`) is
 keyed on the setting.
 
-Status (2 x H200, BUILD_NOTES "Throughput at scale"): correct. Alone, on the mesh and under
-jit(grad) it matches float64 to 3.4e-7, and inside a whole 14B retain scan step each of its 336
-calls matched XLA's per-example blocks on the same operands to 2.1e-7. Under tensor
-parallelism 2 it made the retain scan 1.3x faster (14B: 39.5% -> 52.1% MFU, same peak memory,
-accumulators within 3.1e-7 of XLA's path; 32B with remat: 35.1% -> 45.4%, +5.9 GiB, 116.7 of
-126 GiB), hence the default there. Under FSDP alone it is 1.2x faster at 14B but needs 11 GiB
-more per device (XLA's path already peaks at 123.8 of 126 GiB at 32B), so it is opt-in there;
-whole FSDP scans through it differ from XLA's by 8-14% on random 14B weights only because the
-two programs are partitioned and rounded differently in bf16 (XLA-only programs that differ in
-nothing but the partitioning plan differ by up to 21% there).
+Status (measurements: BUILD_NOTES "Throughput at scale"): correct; it matches float64 and
+XLA's per-example blocks within float32 rounding, alone, on the mesh, under jit(grad) and inside
+whole scan steps. Under tensor parallelism it makes the retain scan faster at little or no
+extra peak memory, hence the default there. Under FSDP alone it is faster too but needs more memory per
+device, where XLA's path already runs close to the limit at the largest sizes, so it is opt-in
+there; whole bf16 FSDP scans through it differ from XLA's only as any two programs partitioned
+and rounded differently do.
 """
 
 from __future__ import annotations
@@ -63,8 +60,8 @@ class AbsKernelConfig:
     """Tiling: output tile (block_o, block_i), tokens per dot (block_t), and Triton's
     num_warps / num_stages (software pipelining of the token loop)."""
 
-    # The fastest of 5 tilings at Qwen2.5-32B's per-device shapes on an H200 (8 x 256 tokens;
-    # benchmarks/abs_kernel_check.py): 1.5-2.1x XLA's per-example blocks on every projection.
+    # The fastest tiling benchmarks/abs_kernel_check.py found at Qwen2.5-32B's per-device
+    # shapes on an H200 (8 x 256 tokens).
     block_o: int = 128
     block_i: int = 64
     block_t: int = 32

@@ -13,7 +13,7 @@ next-token NLL over its `loss_mask` tokens) with plain `jax.grad`:
                      XLA reduces each matrix's block as soon as it is formed: see BUILD_NOTES)
 
 and adds them to float32 accumulators sharded like the weights they score. The scores are the
-same formulas as `harmjax.attribution.step.finalize`, returned as a nested dict keyed by the
+same formulas as `harmjax.attribution.core.finalize`, returned as a nested dict keyed by the
 scored leaves' dotted paths (`harmjax.tree.path_name`), so `select`, the mask algebra and
 `apply_mask` take them unchanged, on harmjax params, linen params or an NNX `State`.
 
@@ -24,7 +24,6 @@ prefer `harmjax.scan` (see BUILD_NOTES for the measured speed and memory of both
 
 from __future__ import annotations
 
-import fnmatch
 import functools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -37,43 +36,16 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from tqdm.auto import tqdm
 
-from harmjax.attribution.step import accumulator_mode, finalize
+from harmjax.attribution.core import Scope, accumulator_mode, accumulator_of, finalize, per_mode, scoped_names
 from harmjax.data.records import DatasetFormatError
 from harmjax.distributed import process_local_batch
 from harmjax.model.loss import mean_nll_per_example
 from harmjax.sharding import MeshConfig, batch_divisor, batch_sharding, make_mesh, replicated, sharded_zeros
-from harmjax.tree import iter_leaves, path_name, unflatten
+from harmjax.tree import path_name, unflatten
 
 ApplyFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
-Scope = Sequence[str] | Callable[[str, Any], bool] | None
 _BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask")
 _finalize = jax.jit(finalize, static_argnums=0)
-
-
-def scoped_names(params: Any, scope: Scope = None) -> list[str]:
-    """Dotted names of the leaves of `params` that `attribute` scores.
-
-    `scope` is None (every floating-point leaf with at least 2 dimensions: the weight
-    matrices, and also embeddings, which a user may want to exclude), a sequence of fnmatch
-    patterns over dotted names (e.g. `("layers.*.kernel",)`), or a predicate
-    `(name, leaf) -> bool`. Raises ValueError when nothing matches, or when a pattern matches
-    nothing.
-    """
-    leaves = list(iter_leaves(params))
-    if scope is None:
-        chosen = [n for n, x in leaves if jnp.issubdtype(jnp.result_type(x), jnp.floating) and np.ndim(x) >= 2]
-    elif callable(scope):
-        chosen = [n for n, x in leaves if scope(n, x)]
-    else:
-        patterns = (scope,) if isinstance(scope, str) else tuple(scope)
-        for pattern in patterns:
-            if not any(fnmatch.fnmatchcase(n, pattern) for n, _ in leaves):
-                example = leaves[0][0] if leaves else "(no leaves)"
-                raise ValueError(f"Scope pattern {pattern!r} matches no leaf of the params (names look like {example!r}).")
-        chosen = [n for n, _ in leaves if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
-    if not chosen:
-        raise ValueError("The attribution scope selects no leaf of the params.")
-    return chosen
 
 
 def _host_batch(batch: Any, position: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -196,7 +168,7 @@ def attribute(
     def zeros():
         return [sharded_zeros(np.shape(leaves[i]), jnp.float32, _acc_sharding(leaves[i], mesh)) for i in index]
 
-    accs = {"abs": zeros(), "signed": zeros()} if mode == "both" else zeros()
+    accs = per_mode(mode, zeros)
     step = _jit_step(apply_fn, treedef, index, mode, chunk)
     rows_multiple = batch_divisor(mesh) * (1 if mode == "signed" else chunk // math.gcd(chunk, batch_divisor(mesh)))
     sharding = batch_sharding(mesh)
@@ -209,7 +181,7 @@ def attribute(
         accs, _ = step(leaves, accs, *device)
 
     def scores_of(k: str) -> dict[str, Any]:
-        acc = accs if mode != "both" else accs["abs" if k == "retain" else "signed"]
+        acc = accumulator_of(k, mode, accs)
         return unflatten({n: _finalize(k, leaves[i], a) for n, i, a in zip(names, index, acc)})
 
     return scores_of(kinds) if isinstance(kinds, str) else {k: scores_of(k) for k in kinds}

@@ -1,8 +1,9 @@
-"""The scan step as a chain of small programs, one decoder block each: compiles one block, not 48-64.
+"""The scan step as a chain of small programs, one decoder block each: compiles one block, not all of them.
 
-`jit_accumulate` compiles a whole forward/backward pass into one XLA program. XLA unrolls the
-decoder's blocks, so that program grows with depth: 19-64 s of compilation at 14B-32B on
-H200s, against 4-16 s here (BUILD_NOTES "Per-block programs"). Here the same step runs as
+`step.WholeStep` compiles a whole forward/backward pass into one XLA program. XLA unrolls the
+decoder's blocks, so that program, and its compilation time, grows with depth (measurements:
+BUILD_NOTES "Per-block programs"). `LayerwiseStep`, the other `core.AccumulateStep`, runs the
+same step as
 
   prologue:  embeddings, RoPE tables, masks                      (one program)
   forward:   block i: x_i -> x_{i+1}, plus block i's residuals    (one program, every block)
@@ -12,11 +13,11 @@ H200s, against 4-16 s here (BUILD_NOTES "Per-block programs"). Here the same ste
 All blocks of a model have the same shapes, so each program compiles once per batch shape and
 serves every layer, with no stacked copy of the weights and the params tree untouched (a
 `lax.scan` over layers would need the weights stacked: a second copy of them on every
-device, which a 32B scan has no room for). The per-block residuals are what `jax.vjp` keeps
-for that block, i.e. what the whole program keeps; the weights, the accumulators, the block's
-input and the RoPE tables and masks are left out of them and passed to the backward program
-again, so nothing is copied. With `remat` the forward keeps only each block's input and the
-backward recomputes the block (the same trade as `jax.checkpoint` per block).
+device, which the largest scans have no room for). The per-block residuals are what `jax.vjp`
+keeps for that block, i.e. what the whole program keeps; the weights, the accumulators, the
+block's input and the RoPE tables and masks are left out of them and passed to the backward
+program again, so nothing is copied. With `remat` the forward keeps only each block's input and
+the backward recomputes the block (the same trade as `jax.checkpoint` per block).
 
 The arithmetic is that of the whole program (the same probes and backward rules, the same
 float32 additions into each accumulator); results differ only where XLA fuses and rounds the
@@ -31,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from harmjax.attribution.step import _probe, accumulator_mode, scope_shardings
+from harmjax.attribution.core import AccumulateStep, accumulator_mode, probe_params, scope_shardings
 from harmjax.config import ModelConfig
 from harmjax.model.decoder import block_tables, decoder_layer, default_positions, embed, final_norm, logits_from_hidden
 from harmjax.model.loss import mean_nll_per_example
@@ -50,10 +51,10 @@ def _split_by_layer(flat: dict[str, Any]) -> dict[int, dict[str, Any]]:
     return out
 
 
-class LayerwiseStep:
+class LayerwiseStep(AccumulateStep):
     """f(params, accs, input_ids, attention_mask, loss_mask) -> (accs, loss_sum), like
-    `jit_accumulate`'s step (same arguments, same results, `accs` donated), run as per-block
-    programs (see the module docstring). `needed_bytes` is the memory preflight's estimate."""
+    `step.WholeStep` (same arguments, same results, `accs` donated), run as per-block programs
+    (see the module docstring). `needed_bytes` is the memory preflight's estimate."""
 
     def __init__(self, config: ModelConfig, mesh: Mesh, names: tuple[str, ...], kind, remat: bool, chunk: int,
                  kernel: str, compiler_options: dict[str, Any] | None = None):
@@ -73,7 +74,7 @@ class LayerwiseStep:
         # the examples and whole on each tensor-parallel device (Megatron's layout); inside a
         # program XLA partitions freely. The other inputs arrive committed to their shardings.
         self._act = batch_sharding(mesh, 3)
-        self._options = compiler_options or None  # XLA options of every program (step.compiler_options)
+        self._options = compiler_options or None  # XLA options of every program (core.compiler_options)
         self._prologue = jax.jit(self._prologue_fn, compiler_options=self._options)
         self._head = jax.jit(self._head_fn, out_shardings=(replicated(mesh), self._act), donate_argnums=(1,),
                              compiler_options=self._options)
@@ -103,7 +104,7 @@ class LayerwiseStep:
             accs = None if accs is None else {"abs": unflatten(accs["abs"]), "signed": unflatten(accs["signed"])}
         elif accs is not None:
             accs = unflatten(accs)
-        probed = block if accs is None else _probe(block, accs, mode, chunk, self._kernel_sh.get(index))
+        probed = block if accs is None else probe_params(block, accs, mode, chunk, self._kernel_sh.get(index))
         return lambda x, rope, mask: decoder_layer(probed, self.config, x, rope, mask)
 
     def _fwd_fn(self, index, block, accs, x, rope, mask):

@@ -26,9 +26,8 @@ from absl import logging
 from tqdm.auto import tqdm
 
 from harmjax import checkpoint, distributed
-from harmjax.attribution.step import (
-    abstract_accumulators, accumulator_mode, init_accumulators, jit_accumulate, jit_finalize, names_for, step_bytes,
-)
+from harmjax.attribution.core import accumulator_mode, names_for
+from harmjax.attribution.step import abstract_accumulators, init_accumulators, jit_accumulate, jit_finalize
 from harmjax.data.calibration import Batch, calibration_batches
 from harmjax.data.records import Example, to_examples
 from harmjax.errors import HarmjaxError
@@ -147,7 +146,7 @@ def scan(
     Args:
       model: a `harmjax.Model` (params, config, tokenizer, mesh).
       examples: `Example`s, {"prompt", "response"} dicts or a `datasets.Dataset`.
-      kind: "harm", "retain" or "retain_mean" (see `harmjax.attribution.step`), or a tuple of
+      kind: "harm", "retain" or "retain_mean" (see `harmjax.attribution.core`), or a tuple of
         them, computed from one pass (scores then map each kind to its tree).
       scope: fnmatch patterns of HF names to score (default: the 7 projections of every block).
       batch_size: micro-batch rows (rounded up to a multiple of the mesh's data x fsdp size).
@@ -166,8 +165,9 @@ def scan(
         `harmjax.memory`; default: $HARMJAX_DEVICE_MEMORY_LIMIT, else the device's own limit,
         no check on CPU). A step that cannot fit raises DeviceMemoryError before any work.
       layerwise: run each step as one small program per decoder block
-        (`harmjax.attribution.layerwise`): compiles in seconds instead of tens of seconds at
-        14B-32B; same scores up to the rounding of a different program.
+        (`harmjax.attribution.layerwise`): compiles one block instead of the whole unrolled
+        pass, much faster for deep models; same scores up to the rounding of a different
+        program.
     """
     kind = kind if isinstance(kind, str) else tuple(kind)
     mode = accumulator_mode(kind)  # also validates kind
@@ -241,13 +241,13 @@ def _preflight(model, step, params, names, mode, batches, sharding, kind, knobs:
         specs = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
                  for a in (longest.input_ids, longest.attention_mask, longest.loss_mask)]
         accs = abstract_accumulators(model.config, model.mesh, names, mode)
-        _NEEDED[key] = step_bytes(step, params, accs, *specs)
+        _NEEDED[key] = step.needed_bytes(params, accs, *specs)
     label = "+".join([kind] if isinstance(kind, str) else kind)
     check_fits(_NEEDED[key], f"The {label} scan step ({longest.input_ids.shape[0]} x {longest.input_ids.shape[1]} "
                "tokens)", params, devices, knobs, memory_limit)
 
 
-_NEEDED: dict = {}  # (jitted step, batch shape) -> bytes per device (step.step_bytes)
+_NEEDED: dict = {}  # (step, batch shape) -> bytes per device (AccumulateStep.needed_bytes)
 
 
 def score(model, examples: Any, kind: str = "harm", **kwargs) -> dict[str, Any]:

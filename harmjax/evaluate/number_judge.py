@@ -43,10 +43,10 @@ from jax.sharding import Mesh
 
 from harmjax.config import ModelConfig
 from harmjax.errors import HarmjaxError
-from harmjax.inference import bucket_length, pad_batch
+from harmjax.inference import bucket_length, pad_batch, sharded_jit
 from harmjax.model import layers
-from harmjax.model.decoder import decoder_layer, default_positions, embed, logits_from_hidden
-from harmjax.sharding import batch_sharding, param_shardings, replicated, round_batch
+from harmjax.model.decoder import default_positions, hidden_states, logits_from_hidden
+from harmjax.sharding import round_batch
 
 DEFAULT_VALUES = tuple(range(101))
 DEFAULT_MIN_MASS = 0.25  # Betley et al. 2025: below this the judge "refused" and the score is None
@@ -304,31 +304,22 @@ def tree_hidden_states(params, config: ModelConfig, input_ids, mask, node_tokens
     """Final-norm hidden states of the prompt's last position and of every trie node, (b, M, hidden).
 
     `input_ids`/`mask`: (b, L) left-padded prompts; `node_tokens` (M,), `ancestors` (M, M),
-    `depths` (M,) from the trie. Same blocks as `harmjax.model.decoder.hidden_states`, with the
-    tree-shaped masks of `_tree_masks`.
+    `depths` (M,) from the trie. `harmjax.model.decoder.hidden_states` over prompt + nodes,
+    with the tree-shaped masks and positions of `_tree_masks`.
     """
-    c = config
     b, L = input_ids.shape
-    masks, positions = _tree_masks(c, mask, ancestors, depths)
+    masks, positions = _tree_masks(config, mask, ancestors, depths)
     ids = jnp.concatenate([input_ids, jnp.broadcast_to(node_tokens[None, 1:], (b, node_tokens.shape[0] - 1))], axis=1)
-    x = embed(params, c, ids)
-    ropes = {}
-    for kind in set(c.layer_types):
-        rope_cfg = c.rope if kind == "full" else c.rope_local
-        inv_freq, scaling = layers.rope_inv_freq(rope_cfg, c.head_dim, c.max_position_embeddings)
-        ropes[kind] = layers.rope_tables(positions, inv_freq, scaling, x.dtype)
-    blocks = params["model"]["layers"]
-    for i, kind in enumerate(c.layer_types):
-        with jax.named_scope(f"layer_{i}"):
-            x = decoder_layer(blocks[str(i)], c, x, ropes[kind], masks[kind])
-    x = x[:, L - 1 :]  # the root (last prompt token) and the nodes
-    w = params["model"]["norm"]["weight"]
-    return layers.rms_norm(x, w, c.rms_norm_eps, c.norm_offset, c.norm_scale_in_fp32)
+    h = hidden_states(params, config, ids, positions=positions, block_masks=masks)
+    return h[:, L - 1 :]  # the root (last prompt token) and the nodes
 
 
 @functools.lru_cache(maxsize=16)
 def _jit_trie_log_probs(config: ModelConfig, mesh: Mesh):
-    """jit(params, ids, mask, tokens, parents, ancestors, depths, members, ends, digit_mask) -> (b, K)."""
+    """jit(params, ids, mask, tokens, parents, ancestors, depths, members, ends, digit_mask) -> (b, K).
+
+    Its own jit (not `harmjax.inference.token_logprobs`): the stop term needs the whole
+    next-token table at every node."""
 
     def fn(params, input_ids, mask, tokens, parents, ancestors, depths, members, ends, digit_mask):
         h = tree_hidden_states(params, config, input_ids, mask, tokens, ancestors, depths)
@@ -336,12 +327,7 @@ def _jit_trie_log_probs(config: ModelConfig, mesh: Mesh):
         edge, stop = node_terms(lp, parents, tokens, digit_mask)
         return combine_node_terms(edge, stop, members, ends)
 
-    b2, rep = batch_sharding(mesh), replicated(mesh)
-    return jax.jit(
-        fn,
-        in_shardings=(param_shardings(config, mesh), b2, b2) + (rep,) * 7,
-        out_shardings=rep,
-    )
+    return sharded_jit(fn, config, mesh, (2, 2), n_replicated=7)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,33 +1,25 @@
 """Token log-likelihood scoring on the model's mesh, and perplexity over a text corpus.
 
-`target_logprob_sums` is the one jitted primitive both perplexity and multiple-choice scoring
-use: the summed log-probability of chosen target tokens of each sequence, batched over the
-mesh's data x fsdp axes, with sequences grouped by length and padded to power-of-two buckets
-so XLA compiles few shapes.
+`target_logprob_sums` is what both perplexity and multiple-choice scoring use: the summed
+log-probability of chosen target tokens of each sequence (`harmjax.inference.token_logprobs`,
+summed inside the jit), batched over the mesh's data x fsdp axes, with sequences grouped by
+length and padded to power-of-two buckets so XLA compiles few shapes.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from collections.abc import Sequence
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from harmjax.config import ModelConfig
-from harmjax.distributed import to_host
 from harmjax.data.calibration import pad_id_of
 from harmjax.errors import MissingFileError
-from harmjax.inference import bucket_length, pad_batch
-from harmjax.model.decoder import forward
-from harmjax.model.loss import token_nll
-from harmjax.sharding import batch_sharding, param_shardings, replicated, round_batch
+from harmjax.inference import bucket_length, next_token_targets, pad_batch, token_logprobs
+from harmjax.sharding import round_batch
 
 # Names that mean WikiText-2 (raw) on the hub; the canonical repository comes first.
 WIKITEXT_NAMES = ("wikitext", "wikitext-2", "wikitext2", "wikitext-2-raw-v1")
@@ -35,21 +27,6 @@ WIKITEXT_HUB = ("Salesforce/wikitext:wikitext-2-raw-v1", "wikitext:wikitext-2-ra
 
 # How the documents of a corpus are concatenated (as in the Hugging Face perplexity guide).
 CORPUS_SEPARATOR = "\n\n"
-
-
-@functools.lru_cache(maxsize=32)
-def _jit_target_logprob_sums(config: ModelConfig, mesh: Mesh):
-    batch = batch_sharding(mesh)
-
-    def sums(params, input_ids, attention_mask, targets):
-        logits = forward(params, config, input_ids, attention_mask)
-        return -token_nll(logits, input_ids, targets).sum(-1)
-
-    return jax.jit(
-        sums,
-        in_shardings=(param_shardings(config, mesh), batch, batch, batch),
-        out_shardings=replicated(mesh),
-    )
 
 
 def bos_prefix(tokenizer) -> list[int]:
@@ -82,8 +59,6 @@ def target_logprob_sums(
             raise ValueError(f"Row {i}: {len(ids)} ids but {len(targets)} target flags.")
         if len(targets) and targets[0]:
             raise ValueError(f"Row {i}: the first token cannot be a target (nothing precedes it).")
-    params = model.params if params is None else params
-    fn = _jit_target_logprob_sums(model.config, model.mesh)
     step = round_batch(batch_size, model.mesh)
     pad_id = pad_id_of(model.tokenizer)
     # Longest first: a too-long batch fails (out of memory) at once, not at the end of a run.
@@ -95,8 +70,8 @@ def target_logprob_sums(
         length = bucket_length(max(len(rows[i][0]) for i in chunk))
         ids, mask = pad_batch([rows[i][0] for i in chunk], pad_id, length, step, left=False)
         targets, _ = pad_batch([rows[i][1] for i in chunk], 0, length, step, left=False)
-        sums = fn(params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(targets))
-        out[chunk] = to_host(sums).astype(np.float64)[: len(chunk)]
+        sums = token_logprobs(model, ids, mask, *next_token_targets(ids, targets), reduce="sum", params=params)
+        out[chunk] = sums.astype(np.float64)[: len(chunk)]
     return out
 
 

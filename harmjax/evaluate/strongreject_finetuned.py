@@ -12,8 +12,9 @@ both read from local directories; the adapter is merged into the weights once at
    five, and return the expected value on {0, .25, .5, .75, 1}.
 
 Batches are right-padded to a power-of-two length (examples sorted by length so a batch pads
-little) and run through one jitted, sharded function that projects only the last real token's
-hidden state onto the vocabulary, so no (batch, seq, 256k) logits tensor is ever built.
+little) and scored by `harmjax.inference.token_logprobs`, which projects only the last real
+token's hidden state onto the vocabulary, so no (batch, seq, 256k) logits tensor is ever built;
+the softmax over the five score tokens' log-probabilities equals that over their logits.
 
 The judge prompt is not shipped with harmjax and never invented: pass a text file holding it
 (with `{forbidden_prompt}` and `{response}` fields) or a `judge_templates.json` (key
@@ -33,25 +34,20 @@ Differences from the reference implementations, both deliberate:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib.util
 import json
 import os
 from collections.abc import Sequence
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from harmjax.config import ModelConfig
 from harmjax.data.calibration import pad_id_of
 from harmjax.errors import HarmjaxError, MissingFileError
-from harmjax.inference import bucket_length, pad_batch
+from harmjax.inference import bucket_length, pad_batch, token_logprobs
 from harmjax.io.lora import merge_lora, missing_adapter_files, read_lora_adapter
-from harmjax.model.decoder import hidden_states, logits_from_hidden
-from harmjax.sharding import MeshConfig, batch_sharding, param_shardings, replicated, round_batch
+from harmjax.sharding import MeshConfig, round_batch
 
 TEMPLATE_KEY = "strongreject_finetuned"
 SCORE_TOKENS = ("1", "2", "3", "4", "5")
@@ -286,8 +282,8 @@ def finetuned_probabilities(
     encoded = [tok(t, add_special_tokens=True)["input_ids"] for t in texts]
     pad_id = pad_id_of(tok)
     step = round_batch(batch_size, model.mesh)
-    fn = _jit_score_probs(model.config, model.mesh)
-    score_ids = jnp.asarray(judge.score_ids, jnp.int32)
+    # The five score tokens, read at one position (the last real token) of every row.
+    score_ids = np.broadcast_to(np.asarray(judge.score_ids, np.int32), (step, 1, len(judge.score_ids)))
     # Longest first, so each batch holds similar lengths and padding stays small.
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     out = np.full((len(encoded), len(SCORE_TOKENS)), np.nan, np.float32)
@@ -301,10 +297,10 @@ def finetuned_probabilities(
         chunk = [encoded[i] for i in members]
         length = bucket_length(max(len(s) for s in chunk))
         ids, mask = pad_batch(chunk, pad_id, length, step, left=False)
-        last = np.zeros((step,), np.int32)
-        last[: len(chunk)] = [len(s) - 1 for s in chunk]
-        probs = np.asarray(fn(model.params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(last), score_ids))
-        out[members] = probs[: len(chunk)]
+        last = np.zeros((step, 1), np.int32)
+        last[: len(chunk), 0] = [len(s) - 1 for s in chunk]
+        log_probs = token_logprobs(model, ids, mask, last, score_ids)[:, 0]  # (step, 5)
+        out[members] = _softmax(log_probs[: len(chunk)])
     return out
 
 
@@ -320,21 +316,8 @@ def score_finetuned(
     return (probs @ SCORE_LEVELS).astype(np.float32)
 
 
-@functools.lru_cache(maxsize=16)
-def _jit_score_probs(config: ModelConfig, mesh: Mesh):
-    """jit(params, ids, mask, last, score_ids) -> (batch, 5) probabilities, batch sharded."""
-
-    def probs(params, input_ids, attention_mask, last, score_ids):
-        h = hidden_states(params, config, input_ids, attention_mask)
-        h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
-        logits = logits_from_hidden(params, config, h_last)  # (batch, vocab) float32
-        return jax.nn.softmax(logits[:, score_ids], axis=-1)
-
-    return jax.jit(
-        probs,
-        in_shardings=(
-            param_shardings(config, mesh), batch_sharding(mesh), batch_sharding(mesh),
-            batch_sharding(mesh, ndim=1), replicated(mesh),
-        ),
-        out_shardings=replicated(mesh),
-    )
+def _softmax(x: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis, float32 (the judge's distribution over "1".."5")."""
+    x = np.asarray(x, np.float64)
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)

@@ -97,7 +97,9 @@ def check_same_structure(a: Tree, b: Tree, what: str = "masks") -> None:
             )
 
 
-def _check_bool(tree: Tree, what: str) -> None:
+def check_bool(tree: Tree, what: str) -> None:
+    """Raises MaskMismatchError unless every leaf of `tree` is bool (`what` names the tree in
+    the message)."""
     for name, leaf in iter_leaves(tree):
         if np.dtype(leaf.dtype) != np.bool_:
             raise MaskMismatchError(
@@ -109,7 +111,7 @@ def _check_bool(tree: Tree, what: str) -> None:
 def _map(fn, *masks: Tree) -> dict[str, Any]:
     """Applies `fn` leafwise to masks of one structure, returning a new nested dict."""
     for i, m in enumerate(masks):
-        _check_bool(m, f"Mask #{i}")
+        check_bool(m, f"Mask #{i}")
     for m in masks[1:]:
         check_same_structure(masks[0], m)
     flats = [dict(iter_leaves(m)) for m in masks]
@@ -163,7 +165,9 @@ def _leaf_counts(leaves: list[Any]) -> jax.Array:
     return jnp.stack([jnp.sum(x, dtype=jnp.int32) for x in leaves])
 
 
-def _counts(leaves: list[Any]) -> list[int]:
+def leaf_true_counts(leaves: list[Any]) -> list[int]:
+    """The number of True entries of each bool leaf, as Python ints (one program, one host
+    transfer for all of them)."""
     if not leaves:
         return []
     return [int(c) for c in to_host(_leaf_counts(leaves))]
@@ -171,7 +175,7 @@ def _counts(leaves: list[Any]) -> list[int]:
 
 def count(mask: Tree) -> int:
     """Number of pruned (True) entries in `mask`."""
-    return sum(_counts([leaf for _, leaf in iter_leaves(mask)]))
+    return sum(leaf_true_counts([leaf for _, leaf in iter_leaves(mask)]))
 
 
 def jaccard(a: Tree, b: Tree) -> float:
@@ -201,9 +205,9 @@ def mask_counts(mask: Tree, params: Tree | None = None, num_params: int | None =
     order), and `num_params` / `fraction_params` (pruned as a fraction of all model
     parameters) when `params` or `num_params` is given, else None.
     """
-    _check_bool(mask, "Mask")
+    check_bool(mask, "Mask")
     items = hf_sorted_leaves(mask)
-    counts = _counts([leaf for _, leaf in items])
+    counts = leaf_true_counts([leaf for _, leaf in items])
     if params is not None:
         num_params = param_count(params)
     return counts_summary([(name, tuple(leaf.shape), n) for (name, leaf), n in zip(items, counts)], num_params)

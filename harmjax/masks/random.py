@@ -11,7 +11,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from harmjax.masks.algebra import _check_bool, _counts, hf_order_key, hf_sorted_leaves
+from harmjax.masks.algebra import check_bool, hf_order_key, hf_sorted_leaves, leaf_true_counts
 
 
 def random_indices(counts: Mapping[str, int], shapes: Mapping[str, tuple[int, ...]], seed: int = 0,
@@ -38,9 +38,9 @@ def random_like(mask: Mapping[str, Any], seed: int = 0) -> dict[str, Any]:
     positions for the same counts and seed), each leaf in `mask`'s sharding."""
     from harmjax.masks.sparse import mask_from_indices
 
-    _check_bool(mask, "mask")
+    check_bool(mask, "mask")
     items = hf_sorted_leaves(mask)
     shapes = {name: tuple(leaf.shape) for name, leaf in items}
-    counts = dict(zip(shapes, _counts([leaf for _, leaf in items])))
+    counts = dict(zip(shapes, leaf_true_counts([leaf for _, leaf in items])))
     shardings = {name: leaf.sharding for name, leaf in items if isinstance(leaf, jax.Array)}
     return mask_from_indices(random_indices(counts, shapes, seed), shapes, shardings)

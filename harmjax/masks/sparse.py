@@ -25,9 +25,9 @@ import numpy as np
 
 from harmjax.distributed import to_host as _to_host
 from harmjax.masks.algebra import hf_sorted_leaves
-from harmjax.masks.select import (
-    _INT32_MAX, _checked, _host_sort_keys, _iter_select, _k, _replicated_like, _signature, _sort_keys,
-)
+from harmjax.masks.select import check_arguments, iter_checked
+from harmjax.masks.select_compile import replicated_like, signature
+from harmjax.masks.select_keys import INT32_MAX, host_sort_keys, sort_keys, top_count
 from harmjax.tree import iter_leaves, unflatten
 
 INDEX_DTYPE = np.int64  # torch indexes with int64; a matrix may exceed 2**31 entries in future models
@@ -49,8 +49,8 @@ def _bucket(n: int) -> int:
 def _pack_fn(out_sharding):
     # 8 entries per byte along the last axis: the dense bool leaf never crosses to the host,
     # only an eighth of it does. (`jnp.nonzero` at a static size would send k indices, but its
-    # bincount is a scatter-add of every entry into k bins, which serialises on GPU atomics:
-    # minutes per 32B score unit, measured on 2 x H200.)
+    # bincount is a scatter-add of every entry into k bins, which serialises on GPU atomics;
+    # see BUILD_NOTES, "Selection's first call, candidate writing".)
     def pack(m):
         return jnp.packbits(_as_matrix(m), axis=-1)
 
@@ -66,7 +66,7 @@ def device_indices(leaf: jax.Array) -> np.ndarray:
     bit-packed on the devices (1/8 of its bytes reach the host) and only its nonzero bytes are
     unpacked; every process gets them all."""
     cols = int(leaf.shape[-1]) if leaf.ndim >= 2 else int(leaf.size)
-    packed = _to_host(_pack_fn(_replicated_like(leaf))(leaf))
+    packed = _to_host(_pack_fn(replicated_like(leaf))(leaf))
     row_bytes = packed.shape[-1]
     byte_at = _nonzero_bytes(packed.reshape(-1))
     rows, byte = byte_at // row_bytes, byte_at % row_bytes
@@ -79,9 +79,8 @@ def device_indices(leaf: jax.Array) -> np.ndarray:
 
 def _nonzero_bytes(flat: np.ndarray) -> np.ndarray:
     """Ascending positions of the nonzero bytes of a flat uint8 array. A mask is nearly all
-    zero bytes, so the scan reads 8 bytes at a time and looks inside the nonzero words only:
-    `np.nonzero` byte by byte took 43 ms for one 13824 x 5120 matrix's 8.8 MB (measured on
-    the H200 host), most of a score unit's candidate writing."""
+    zero bytes, so the scan reads 8 bytes at a time and looks inside the nonzero words only
+    (`np.nonzero` byte by byte was most of a score unit's candidate writing)."""
     head = flat.size - flat.size % 8
     words = np.flatnonzero(flat[:head].view(np.uint64))
     at = (words[:, None] * 8 + np.arange(8)).reshape(-1)
@@ -125,7 +124,7 @@ def mask_from_indices(indices: Mapping[str, np.ndarray], shapes: Mapping[str, tu
             dense = np.zeros(size, bool)
             dense[idx] = True
             out[name] = dense.reshape(shape)
-        elif len(shape) == 2 and 0 < size <= _INT32_MAX:
+        elif len(shape) == 2 and 0 < size <= INT32_MAX:
             out[name] = _device_mask(idx, shape, sharding)
         else:
             def part(index, idx=idx, shape=shape):
@@ -144,7 +143,7 @@ def _gather_fn(out_sharding):
     # gets them all. The keys come from `select`'s own function on the scores' own backend.
     def gather(x, idx):
         values = x.reshape(-1)[idx]
-        return values.astype(jnp.float32), _sort_keys(values, False)
+        return values.astype(jnp.float32), sort_keys(values, False)
 
     return jax.jit(gather) if out_sharding is None else jax.jit(gather, out_shardings=out_sharding)
 
@@ -154,10 +153,10 @@ def _gather_flat(leaf: Any, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     the whole leaf to the host."""
     if isinstance(leaf, np.ndarray):
         values = np.asarray(leaf, np.float32).reshape(-1)[idx]
-        return values, np.asarray(_host_sort_keys(jnp.asarray(values), False))
+        return values, np.asarray(host_sort_keys(jnp.asarray(values), False))
     if not idx.size:
         return np.zeros(0, np.float32), np.zeros(0, np.uint32)
-    values, keys = _gather_fn(_replicated_like(leaf))(leaf, idx.astype(np.int32))
+    values, keys = _gather_fn(replicated_like(leaf))(leaf, idx.astype(np.int32))
     return np.asarray(_to_host(values), np.float32), np.asarray(_to_host(keys), np.uint32)
 
 
@@ -174,19 +173,19 @@ def top_candidates(scores: Mapping[str, Any], fraction: float) -> Candidates:
     the host bit-packed, and of the scores only the chosen values do. The few distinct
     programs (per leaf shape: selection, packing, gathering) are compiled side by side first.
     """
-    _, _, items, _ = _checked(scores, None, fraction, 0.0, "matrix")
+    _, _, items, _ = check_arguments(scores, None, fraction, 0.0, "matrix")
     jobs = {}  # compiled together with the selection programs
     for _, leaf in items:
         if isinstance(leaf, jax.Array) and leaf.size:
             mask = jax.ShapeDtypeStruct(leaf.shape, jnp.bool_, sharding=leaf.sharding)
-            jobs.setdefault(("pack",) + _signature(leaf), (_pack_fn(_replicated_like(leaf)), (mask,)))
-            k = _k(fraction, int(leaf.size))  # exactly the selected count
+            jobs.setdefault(("pack",) + signature(leaf), (_pack_fn(replicated_like(leaf)), (mask,)))
+            k = top_count(fraction, int(leaf.size))  # exactly the selected count
             if k:
-                jobs.setdefault(("gather", k) + _signature(leaf),
-                                (_gather_fn(_replicated_like(leaf)), (leaf, jnp.zeros(k, jnp.int32))))
+                jobs.setdefault(("gather", k) + signature(leaf),
+                                (_gather_fn(replicated_like(leaf)), (leaf, jnp.zeros(k, jnp.int32))))
     flat = dict(items)
     out = {}
-    for name, top in _iter_select(items, None, fraction, 0.0, "matrix", False, False, False, extra_jobs=jobs):
+    for name, top in iter_checked(items, None, fraction, 0.0, "matrix", False, False, False, extra_jobs=jobs):
         idx = (device_indices(top) if isinstance(top, jax.Array) and top.size
                else np.flatnonzero(_to_host(top)).astype(INDEX_DTYPE))
         del top
@@ -205,7 +204,7 @@ def select_indices(harm: Candidates, retain: Candidates | None,
     out = {}
     for name, shape in shapes.items():
         n = int(np.prod(shape, dtype=np.int64))
-        kq = _k(q, n)
+        kq = top_count(q, n)
         h_idx = harm[name][0]
         if kq > len(h_idx):
             raise ValueError(
@@ -215,7 +214,7 @@ def select_indices(harm: Candidates, retain: Candidates | None,
             )
         chosen = np.sort(h_idx[:kq])
         if retain is not None:
-            kp = _k(p, n)
+            kp = top_count(p, n)
             r_idx = retain[name][0]
             if kp > len(r_idx):
                 raise ValueError(f"p={p} needs the top {kp} retain entries of {name!r}, but the candidates "

@@ -37,7 +37,7 @@ from harmjax import checkpoint, distributed
 from harmjax.distributed import to_host as _to_host  # gathers arrays that span processes
 from harmjax.errors import CheckpointError, MissingFileError
 from harmjax.io.safetensors_io import read_header
-from harmjax.masks.algebra import MaskMismatchError, _check_bool, counts_summary, hf_order_key, param_count
+from harmjax.masks.algebra import MaskMismatchError, check_bool, counts_summary, hf_order_key, param_count
 from harmjax.masks.apply import check_mask_fits
 from harmjax.tree import iter_leaves, unflatten
 
@@ -271,7 +271,7 @@ def save_mask(
     """
     from harmjax.masks.sparse import mask_indices
 
-    _check_bool(mask, "Mask")
+    check_bool(mask, "Mask")
     if params is not None:
         num_params = param_count(params)
     shapes = {name: tuple(leaf.shape) for name, leaf in iter_leaves(mask)}

@@ -179,8 +179,13 @@ def hidden_states(
     remat: bool = False,
     kv_cache: dict[str, LayerCache] | None = None,
     cache_index: jax.Array | int | None = None,
+    block_masks: dict[str, jax.Array] | None = None,
 ):
     """Final-norm hidden states (batch, seq, hidden) in the parameter dtype.
+
+    `block_masks` (layer kind "full"/"sliding" -> bool (batch, seq, seq)) replaces the causal
+    masks built from `attention_mask`, for custom attention patterns (the number judge's tree
+    attention); give `positions` with it.
 
     With `kv_cache` (layer key -> {"k", "v"} of shape (batch, kv_heads, cache_len,
     head_dim)) the `seq` new tokens occupy cache slots [cache_index, cache_index + seq) and
@@ -202,6 +207,8 @@ def hidden_states(
             positions = jax.lax.dynamic_slice_in_dim(positions, cache_index, seq, axis=1)
     x = embed(params, c, input_ids)
     ropes, masks = block_tables(c, positions, attention_mask, seq, x.dtype, cache_index if cached else 0)
+    if block_masks is not None:
+        masks = block_masks
 
     layer_fn = decoder_layer
     if remat:

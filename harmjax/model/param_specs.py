@@ -12,6 +12,7 @@ Logical axis names (mapped to mesh axes in `harmjax.sharding`):
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from harmjax.config import ModelConfig
 
@@ -96,3 +97,8 @@ def param_specs(config: ModelConfig) -> dict[str, ParamSpec]:
     if not c.tie_word_embeddings:
         specs["lm_head.weight"] = ParamSpec((c.vocab_size, c.hidden_size), ("vocab", "embed"))
     return specs
+
+
+def num_params(config: ModelConfig) -> int:
+    """Total parameter count of a model of `config` (tied embeddings counted once)."""
+    return sum(math.prod(spec.shape) for spec in param_specs(config).values())
