@@ -14,7 +14,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import zipfile
 
 import numpy as np
@@ -245,12 +244,22 @@ def test_real_model_matches_transformers_gguf_loading(real_model_dir, session_ca
 
 @pytest.mark.slow
 def test_default_model_dir_is_idempotent(real_model_dir, session_cache, monkeypatch):
+    import harmjax.io.gguf
+
     monkeypatch.setenv(assets.CACHE_ENV, session_cache)
-    before = mtimes(real_model_dir)
-    start = time.perf_counter()
+    models = os.path.dirname(real_model_dir)
+    before, listing = mtimes(real_model_dir), sorted(os.listdir(models))
+
+    # Not redone: neither the conversion nor a download may run (either raises here), nothing
+    # in the model directory is rewritten, and no partial directory is left beside it.
+    def redone(*args, **kwargs):
+        raise AssertionError("default_model_dir redid work on a complete conversion")
+
+    monkeypatch.setattr(harmjax.io.gguf, "gguf_to_hf_dir", redone)
+    monkeypatch.setattr(assets, "_download_wheel", redone)
     assert assets.default_model_dir() == real_model_dir
-    assert time.perf_counter() - start < 0.5
     assert mtimes(real_model_dir) == before
+    assert sorted(os.listdir(models)) == listing
     # The entry point finds everything in place too.
     result = subprocess.run(
         [sys.executable, "-m", "launch.assets", f"--cache_dir={session_cache}"],

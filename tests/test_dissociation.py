@@ -131,10 +131,24 @@ def test_end_to_end_kill_and_resume(setup, monkeypatch):
     assert (out / "dissociation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Verdict:" in (out / "report.md").read_text()
     assert json.load(open(out / "metrics.json"))["verdict"]["outcome"] == m["verdict"]["outcome"]
+    # Each mask's refusal rate and recognition AUROC, recomputed from what its evaluation unit
+    # stored (answers with the keyword judge; log-odds by counting pairs): equal, so an empty,
+    # wrong-prompt or swapped row fails.
+    from harmjax.evaluate.refusal import is_refusal
+
+    heldout_ids = json.load(open(out / "prompts.json"))["heldout"]
     for name in dissociation.MASKS:
         row = m["table"][name]
         assert math.isfinite(row["harm_nll"]) and math.isfinite(row["explanation_nll"]), name
-        assert 0.0 <= row["refusal_rate"] <= 1.0 and 0.0 <= row["recognition_auroc"] <= 1.0, name
+        unit = json.load(open(ev / f"{name}.json"))
+        samples = unit["samples"]
+        assert [s["id"] for s in samples] == heldout_ids, name
+        refused = [is_refusal(s["answer"], min_words=cfg.evaluation.refusal_min_words) for s in samples]
+        assert row["refusal_rate"] == sum(refused) / len(refused), name
+        harmful, benign = [s["recognition_logodds"] for s in samples], unit["benign_recognition_logodds"]
+        assert benign, name
+        wins = sum(1.0 if h > b else 0.5 if h == b else 0.0 for h in harmful for b in benign)
+        assert row["recognition_auroc"] == wins / (len(harmful) * len(benign)), name
     assert set(m["verdict"]["cells"]) == {"harm_mask/harmful_generation", "harm_mask/refusal_recognition",
                                           "refusal_mask/harmful_generation", "refusal_mask/refusal_recognition"}
     d = m["data"]

@@ -82,8 +82,44 @@ def test_finetune_launcher_on_a_pruned_model(tmp_path):
                 assert (merged[name][leaf["weight"]] == 0.0).all(), name
                 changed += int((merged[name] != np.asarray(model.params["model"]["layers"][layer][block][proj]["weight"])).sum())
     assert changed > 0  # training moved the unpruned weights
-    assert (tmp_path / "out" / "peft" / "adapter_config.json").is_file()
-    assert (tmp_path / "out" / "peft" / "mask_indices.safetensors").is_file()
+
+    # mask_indices.safetensors holds, per HF name, the flat indices of the mask's True entries.
+    peft_dir = tmp_path / "out" / "peft"
+    hf_mask = {f"model.layers.{layer}.{block}.{proj}.weight": leaf["weight"]
+               for layer, blocks in mask["model"]["layers"].items()
+               for block, projs in blocks.items() for proj, leaf in projs.items()}
+    indices = load_file(str(peft_dir / "mask_indices.safetensors"))
+    assert sorted(indices) == sorted(hf_mask)
+    for name, m in hf_mask.items():
+        np.testing.assert_array_equal(np.sort(indices[name]), np.flatnonzero(m), err_msg=name)
+
+    # The adapter, loaded by PEFT onto the PyTorch base pruned with the same mask, merged and
+    # re-pruned (as its README says), is harmjax's fine-tuned model: same weights, same logits.
+    import peft
+    import torch
+
+    from tests.hf_reference import left_padded_batch, torch_logits
+
+    ids, ids_mask, positions = left_padded_batch()
+    base = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, m in hf_mask.items():
+            base.get_parameter(name)[torch.from_numpy(m)] = 0.0
+    pruned_only = torch_logits(base, ids, ids_mask, positions)  # before PEFT merges into `base`
+    with torch.no_grad():
+        reference = peft.PeftModel.from_pretrained(base, str(peft_dir)).merge_and_unload().eval()
+        for name, m in hf_mask.items():
+            reference.get_parameter(name)[torch.from_numpy(m)] = 0.0
+    ref_state = {k: v.numpy() for k, v in reference.state_dict().items()}
+    for name, value in merged.items():
+        np.testing.assert_allclose(value, ref_state[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    tuned = harmjax.load(str(tmp_path / "out" / "merged"))
+    ours = np.asarray(harmjax.forward(tuned.params, tuned.config, jax.numpy.asarray(ids), jax.numpy.asarray(ids_mask)))
+    ref = torch_logits(reference, ids, ids_mask, positions)
+    valid = ids_mask.astype(bool)
+    assert np.abs(ours - ref)[valid].max() <= 1e-4 * ref[valid].std()  # tests/test_parity.py's tolerance
+    # The adapter is not a no-op: without it the logits differ.
+    assert np.abs(pruned_only - ref)[valid].max() > 1e-3
 
 
 def test_bad_input_is_one_error_line_not_a_traceback(tmp_path):

@@ -3,6 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
 import harmjax
 from harmjax.sharding import MeshConfig, make_mesh
@@ -61,14 +62,33 @@ def test_sliding_window_matters(tmp_path):
 
 
 def test_bfloat16_params_track_float32(tmp_path):
-    """bfloat16 params compute in bfloat16 and stay close to the float32 reference."""
+    """bfloat16 params compute in bfloat16, with an error like transformers' own bfloat16 forward.
+
+    The bounds come from bf16's unit roundoff u = 2^-8 and from transformers run in bfloat16
+    on the same weights (an independent bf16 implementation): measured on seeds 0-2, both
+    are 1.0-1.7% of max |logit| (2.5-4.3 u) away from the float32 logits, so 8 u leaves a factor
+    ~2 of margin, and harmjax may be at most twice as far off as transformers is.
+    """
     hf_model = tiny_hf_model("llama")
     model = harmjax.load(save_tiny(hf_model, tmp_path), dtype="bfloat16", mesh=_single_device_mesh())
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(model.params))
     ids, mask, positions = left_padded_batch()
     ref = torch_logits(hf_model, ids, mask, positions)
+    ref_bf16 = torch_logits(hf_model.to(torch.bfloat16), ids, mask, positions)
     ours = np.asarray(harmjax.forward(model.params, model.config, jnp.asarray(ids), jnp.asarray(mask)))
     valid = mask.astype(bool)
     assert ours.dtype == np.float32
-    assert np.abs(ours - ref)[valid].max() < 0.05 * np.abs(ref[valid]).max()
-    assert (ours.argmax(-1) == ref.argmax(-1))[valid].mean() > 0.9
+    scale = np.abs(ref[valid]).max()
+    tol = 8 * 2.0**-8 * scale
+    err = np.abs(ours - ref)[valid].max()
+    assert err <= tol, f"max |bf16 - f32| {err:.3g} > 8u x max|logit| {tol:.3g}"
+    assert np.abs(ours - ref_bf16)[valid].max() <= tol
+    assert err <= 2 * np.abs(ref_bf16 - ref)[valid].max()
+    # It really computes in bf16: a float32 forward would match to the 1e-4 x std of the parity test.
+    assert err > 1e-3 * scale
+    # Wherever float32's top-2 margin exceeds twice the bf16 error, the argmax cannot move.
+    top2 = np.sort(ref, -1)[..., -2:]
+    clear = valid & (top2[..., 1] - top2[..., 0] > 2 * tol)
+    assert clear.sum() >= 5  # the check covers some positions
+    np.testing.assert_array_equal(ours.argmax(-1)[clear], ref.argmax(-1)[clear])
+    np.testing.assert_array_equal(ref_bf16.argmax(-1)[clear], ref.argmax(-1)[clear])

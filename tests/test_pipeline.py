@@ -20,7 +20,7 @@ from harmjax.masks import load_mask
 from harmjax.experiments import run_experiment
 from harmjax.experiments.core.stages import slug
 from harmjax.tree import flatten
-from tests.config_overrides import as_flags, with_overrides, write_prompt_files
+from tests.config_overrides import as_flags, assert_same_results, with_overrides, write_prompt_files
 from tests.hf_reference import save_tiny_with_tokenizer, tiny_hf_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,10 +51,23 @@ def _config(overrides, output_dir):
     return with_overrides(get_config(), overrides, output_dir)
 
 
-def test_every_stage_and_a_consistent_report(setup):
+@pytest.fixture(scope="module")
+def uninterrupted(setup):
+    """(run dir, metrics) of one uninterrupted run of the test settings, run here once per
+    module (per xdist worker), so every test that compares with it always has it."""
     root, overrides = setup
     out = root / "run"
-    m = run_experiment(_config(overrides, out), progress=False)
+    return out, run_experiment(_config(overrides, out), progress=False)
+
+
+# The metrics of a run that depend on its results (not on where it ran or how long it took).
+RESULT_KEYS = ("data", "baseline", "sweep", "random_control", "transfer", "overlap", "category_masks",
+               "benign_baselines", "claims")
+
+
+def test_every_stage_and_a_consistent_report(setup, uninterrupted):
+    _, overrides = setup
+    out, m = uninterrupted
 
     for name in ("report.md", "metrics.json", "prompts.json", "harm_vs_utility.png", "mask_layers.png",
                  "overlap.png", "transfer.png"):
@@ -97,8 +110,8 @@ def test_every_stage_and_a_consistent_report(setup):
     for row in sweep + random:
         assert row["d_harm"] == pytest.approx(row["harm_nll"] - base["harm_nll"])
         assert row["d_benign"] == pytest.approx(row["benign_nll"] - base["benign_nll"])
-    for row in sweep:  # generations with the harm masks (the random ones are off by default)
-        assert 0.0 <= row["refusal_rate"] <= 1.0 and random[0]["refusal_rate"] is None
+    assert all(row["refusal_rate"] is not None for row in sweep)  # generations with the harm masks
+    assert all(row["refusal_rate"] is None for row in random)  # (the random ones are off by default)
     assert np.isfinite(base["harm_nll"]) and np.isfinite(base["benign_nll"])
     assert set(base["harm_nll_per_category"]) == set(CATEGORIES)
 
@@ -108,8 +121,8 @@ def test_every_stage_and_a_consistent_report(setup):
     mat = np.array(ov["matrix"], dtype=float)
     np.testing.assert_allclose(mat, mat.T)
     np.testing.assert_allclose(np.diag(mat), 1.0)
-    assert ((mat >= 0) & (mat <= 1)).all()
     assert set(mask_dirs) == {*CATEGORIES, "benign"}
+    _check_against_stage_files(m, out)
     # Transfer: 3 x 3 rises of per-category harmful NLL.
     t = m["transfer"]
     assert t["rows"] == list(CATEGORIES) == t["cols"] and np.array(t["delta_harm_nll"]).shape == (3, 3)
@@ -139,6 +152,53 @@ def test_every_stage_and_a_consistent_report(setup):
     assert {k: without["claims"]["2"][k] for k in ("overlap_supported", "transfer_supported")} == \
         {k: m["claims"]["2"][k] for k in ("overlap_supported", "transfer_supported")}
     assert without["claims"]["2"]["distinct_supported"] is None
+
+
+def _check_against_stage_files(m, out):
+    """The report's counts, refusal rates and overlaps recomputed from the stage files on disk:
+    example counts from the stored answers and prompts.json, pruned counts from the masks'
+    indices, refusal rates by the keyword judge over the stored generations, Jaccard overlaps
+    as Python set operations on the masks' (matrix, index) pairs."""
+    from harmjax.evaluate.refusal import is_refusal
+    from harmjax.masks import load_mask_indices
+
+    cache = out / "cache"
+    prompts = json.load(open(out / "prompts.json"))
+    answers = next(cache.glob("answers-*"))
+    rows_h, rows_b = ({r["id"]: r for r in (json.loads(x) for x in open(answers / f) if x.strip())}
+                      for f in ("harmful.jsonl", "benign.jsonl"))
+
+    def usable(rows, ids, drop_refused=True):
+        return sum(bool(rows[i]["response"].strip()) and not (drop_refused and rows[i]["refused"]) for i in ids)
+
+    d = m["data"]
+    assert d["pruning_examples"] == usable(rows_h, prompts["pruning"])
+    assert d["heldout_examples"] == usable(rows_h, prompts["heldout"])
+    assert d["harmful_refused_dropped"] == sum(r["refused"] for r in rows_h.values())
+    assert d["retain_examples"] == usable(rows_b, prompts["retain"], drop_refused=False)
+    assert d["benign_heldout_examples"] == usable(rows_b, prompts["benign_heldout"], drop_refused=False)
+
+    masks, evaluation = next(cache.glob("masks-*")), next(cache.glob("evaluation-*"))
+    min_words = get_config().evaluation.refusal_min_words
+    for kind, rows in (("harm", m["sweep"]), ("random", m["random_control"])):
+        for row in rows:
+            indices, _ = load_mask_indices(str(masks / f"{kind}_q{row['q']:g}"))
+            assert row["pruned"] == sum(len(v) for v in indices.values()), row["name"]
+    for name, row in [("unpruned", m["baseline"])] + [(f"harm_q{r['q']:g}", r) for r in m["sweep"]]:
+        samples = json.load(open(evaluation / f"{name}.json"))["samples"]
+        assert len(samples) == d["generation_prompts"] and {s["id"] for s in samples} <= set(prompts["heldout"])
+        flags = [is_refusal(s["response"], min_words=min_words) for s in samples]
+        assert row["refusal_rate"] == pytest.approx(np.mean(flags)), name
+
+    dirs = {e["name"]: e["dir"] for e in m["category_masks"]}
+    pairs = {}
+    for label in m["overlap"]["labels"]:
+        indices, _ = load_mask_indices(dirs[label])
+        pairs[label] = {(n, int(i)) for n, idx in indices.items() for i in idx}
+    for i, a in enumerate(m["overlap"]["labels"]):
+        for j, b in enumerate(m["overlap"]["labels"]):
+            union = pairs[a] | pairs[b]
+            assert m["overlap"]["matrix"][i][j] == pytest.approx(len(pairs[a] & pairs[b]) / len(union)), (a, b)
 
 
 def _check_benign_baselines(m, out, report):
@@ -189,8 +249,8 @@ def _check_benign_baselines(m, out, report):
     assert "benign mask" in summary and "matched     benign \\ retain" in summary
 
 
-def test_killed_mid_stage_resumes_without_redoing_work(setup, tmp_path):
-    root, overrides = setup
+def test_killed_mid_stage_resumes_without_redoing_work(setup, uninterrupted, tmp_path):
+    _, overrides = setup
     out = tmp_path / "run"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "HARMJAX_XLA_CACHE": "off"}
     proc = subprocess.Popen([sys.executable, "-m", "launch.run", "--config=configs/embedded.py",
@@ -243,12 +303,11 @@ def test_killed_mid_stage_resumes_without_redoing_work(setup, tmp_path):
     assert Path(m["timings"]["scores"]["dir"]) == scores_dir
     for p, stamp in stamps.items():
         assert p.stat().st_mtime_ns == stamp, f"{p} was redone"
-    # Same results as the uninterrupted run of the other test's settings.
-    whole = json.load(open(root / "run" / "metrics.json")) if (root / "run" / "metrics.json").exists() else None
-    if whole is not None:
-        for a, b in zip(whole["sweep"], m["sweep"]):
-            assert a["pruned"] == b["pruned"]
-            assert a["harm_nll"] == pytest.approx(b["harm_nll"], rel=1e-5, abs=1e-5)
+    # The same results as the uninterrupted run, every number of the report: exact counts, NLLs
+    # and rates to float32 rounding (the resumed scores took other batches: masks agree to rounding).
+    _, whole = uninterrupted
+    for key in RESULT_KEYS:
+        assert_same_results(whole[key], m[key], rel=1e-5, abs_tol=1e-6, skip=("seconds", "dir"), where=key)
 
 
 def _dir_bytes(path):

@@ -80,10 +80,30 @@ def test_end_to_end(setup, finished):
     out, m = finished
     for name in ("report.md", "metrics.json", "prompts.json"):
         assert (out / name).is_file(), name
+    # Each model's rates, recomputed from the answers its evaluation stored (one sample per
+    # held-out prompt, in order) with the keyword judge: equal, so an empty or swapped set fails.
+    from harmjax.evaluate.refusal import is_refusal
+
+    E = _config(overrides, out).evaluation
+    prompts = json.load(open(out / "prompts.json"))
+    assert prompts["main_heldout"] and set(prompts["main_heldout"]) <= set(prompts["heldout"])
     for model in refusal_model.MODELS:
         row = m["table"][model]
-        for key in ("refusal_rate", "refusal_rate_phrase", "logprob_refusal_fraction", "attack_harmful_rate"):
-            assert 0.0 <= row[key] <= 1.0, (model, key)
+        (stage,) = (out / "cache").glob(f"evaluate_{model}-*")
+        samples = json.load(open(stage / "results.json"))["samples"]
+        assert [s["id"] for s in samples] == prompts["heldout"], model
+        plain = [is_refusal(s["answer"], min_words=E.refusal_min_words) for s in samples]
+        phrase = [is_refusal(s["answer"], min_words=0) for s in samples]
+        attacked = [is_refusal(s["attacked_answer"], min_words=E.refusal_min_words) for s in samples]
+        assert all(s["attacked_answer"].startswith(E.attack_prefix) for s in samples)
+        main = [r for r, s in zip(plain, samples) if s["id"] in prompts["main_heldout"]]
+        margins = np.array([s["logprob_margin"] for s in samples])
+        assert row["refusal_rate"] == sum(plain) / len(plain), model
+        assert row["refusal_rate_phrase"] == sum(phrase) / len(phrase), model
+        assert row["refusal_rate_main_heldout"] == pytest.approx(sum(main) / len(main), abs=1e-12), model
+        assert row["attack_harmful_rate"] == pytest.approx(1 - sum(attacked) / len(attacked), abs=1e-12), model
+        assert row["logprob_refusal_fraction"] == (margins > 0).sum() / len(margins), model
+        assert row["logprob_margin_mean"] == pytest.approx(margins.mean(), rel=1e-12), model
         assert np.isfinite(row["benign_nll"]) and np.isfinite(row["logprob_margin_mean"])
     assert set(m["targets"]) >= {"refusal_rate", "logprob_refusal_fraction", "benign_nll_rise", "all_met"}
     assert m["training"]["steps"] == 4 and m["training"]["resumed_from"] is None

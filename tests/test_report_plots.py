@@ -52,11 +52,43 @@ def test_tradeoff_handles_nan_one_point_series_and_zero_fraction(tmp_path):
     read_png(plot_tradeoff({"s": sweep([0.0, 0.01], [2.0, 5.0], [1.0, 1.3], [1.0, 0.99])}, path0))
 
 
-def test_tradeoff_over_q(tmp_path):
+@pytest.fixture
+def saved_figures(monkeypatch):
+    """The matplotlib figures saved during the test (the plot functions close them, but a
+    closed figure keeps its artists, so the plotted data can be read back)."""
+    import matplotlib.figure
+
+    figures, real_savefig = [], matplotlib.figure.Figure.savefig
+
+    def savefig(self, *args, **kwargs):
+        figures.append(self)
+        return real_savefig(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    return figures
+
+
+def test_tradeoff_over_q(tmp_path, saved_figures):
     """x="q" (one of the documented axes) plots q itself, not a doubled q column."""
-    sweeps = {"harm mask": sweep([1e-4, 1e-3], [2.0, 3.5], [1.1, 1.15], [0.9999, 0.999])}
+    points = sweep([1e-4, 1e-3], [2.0, 3.5], [1.1, 1.15], [0.9999, 0.999])
     path = str(tmp_path / "q.png")
-    assert read_png(plot_tradeoff(sweeps, path, x="q")).shape[1] > 0
+    read_png(plot_tradeoff({"harm mask": points}, path, x="q"))
+    (fig,) = saved_figures
+    a, b, c = fig.axes[:3]
+    # The expected series, independently: the points sorted by q, one line per panel.
+    by_q = sorted(points, key=lambda p: p["q"])
+    q, harm, benign = ([p[k] for p in by_q] for k in ("q", "harm_nll", "benign_nll"))
+    for ax, ys in ((a, harm), (b, benign)):
+        (line,) = ax.get_lines()  # no baseline given: no dashed line
+        np.testing.assert_array_equal(line.get_xdata(), q)
+        np.testing.assert_array_equal(line.get_ydata(), ys)
+        assert ax.get_xlabel() == "quantile q" and ax.get_xscale() == "log"
+    (line,) = c.get_lines()
+    np.testing.assert_array_equal(line.get_xdata(), benign)
+    np.testing.assert_array_equal(line.get_ydata(), harm)
+    # Each point of panel (c) is labelled with its own q.
+    labels = sorted((t.get_text(), tuple(t.xy)) for t in c.texts)
+    assert labels == sorted((f"q={v:g}", (u, h)) for v, u, h in zip(q, benign, harm))
 
 
 def test_tradeoff_errors_name_series_and_key(tmp_path):

@@ -70,11 +70,50 @@ def test_load_with_host_tensor_mesh(tmp_path):
 
 
 def test_indivisible_dimension_is_replicated(tmp_path):
-    """MQA k/v (1 head x 32) on tensor=8 cannot split 8 ways evenly per head; it still loads."""
-    src = save_tiny(tiny_hf_model("gemma", vocab_size=101), tmp_path)
+    """On tensor=8, a dimension that 8 does not divide is replicated (the prime vocabulary of
+    101 rows); one that it divides is split into equal row blocks even inside a head: MQA k/v
+    (1 head x head_dim 32) hold 4 rows per device. Each device holds exactly its block of the
+    checkpoint tensor, and the forward pass still equals transformers'."""
+    from tests.hf_reference import torch_logits
+
+    hf_model = tiny_hf_model("gemma", vocab_size=101)
+    src = save_tiny(hf_model, tmp_path)
     model = harmjax.load(src, mesh=MeshConfig(data=1, fsdp=1, tensor=8))
-    embed = model.params["model"]["embed_tokens"]["weight"]  # vocab 101 is prime
-    assert embed.sharding.spec[0] is None
+    c = hf_model.config
+    assert (c.num_key_value_heads, c.head_dim, c.vocab_size) == (1, 32, 101)  # the case described
+    hf_state = {k: v.numpy() for k, v in hf_model.state_dict().items()}
+    layer = model.params["model"]["layers"]["0"]["self_attn"]
+    tensor = 8
+    # Expected per-device block of each weight, from the HF config alone: the output (row)
+    # dimension is split 8 ways when 8 divides it; the hidden (fsdp) dimension stays whole.
+    expected_rows = {
+        "model.embed_tokens.weight": (model.params["model"]["embed_tokens"]["weight"], c.vocab_size),
+        "model.layers.0.self_attn.q_proj.weight": (layer["q_proj"]["weight"], c.num_attention_heads * c.head_dim),
+        "model.layers.0.self_attn.k_proj.weight": (layer["k_proj"]["weight"], c.num_key_value_heads * c.head_dim),
+        "model.layers.0.self_attn.v_proj.weight": (layer["v_proj"]["weight"], c.num_key_value_heads * c.head_dim),
+    }
+    for name, (array, rows) in expected_rows.items():
+        block = rows // tensor if rows % tensor == 0 else rows
+        shards = array.addressable_shards
+        assert len(shards) == tensor, name
+        starts = set()
+        for shard in shards:
+            assert shard.data.shape == (block, c.hidden_size), (name, shard.data.shape)
+            # The block a device holds is the checkpoint's rows at that device's index.
+            np.testing.assert_array_equal(np.asarray(shard.data), hf_state[name][shard.index], err_msg=name)
+            starts.add(shard.index[0].start or 0)
+        # Split: 8 distinct row blocks covering the tensor; replicated: every device from row 0.
+        assert starts == (set(range(0, rows, block)) if block < rows else {0}), (name, starts)
+    assert model.params["model"]["embed_tokens"]["weight"].sharding.is_fully_replicated  # 101 is prime
+    assert not layer["k_proj"]["weight"].sharding.is_fully_replicated
+
+    ids, mask, positions = left_padded_batch()
+    ref = torch_logits(hf_model, ids, mask, positions)
+    ours = np.asarray(harmjax.jit_forward(model.config, model.mesh)(
+        model.params, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)))
+    valid = mask.astype(bool)
+    # The tolerance of tests/test_parity.py: 1e-4 of the logits' spread.
+    assert np.abs(ours - ref)[valid].max() <= 1e-4 * ref[valid].std()
 
 
 def test_loading_reads_only_each_devices_slice(tmp_path, monkeypatch):
