@@ -173,7 +173,7 @@ def main(argv):
     del argv
     from harmjax.model.decode_attention import KernelConfig
 
-    # Whole-row tilings (the split ones were slower in the first sweep, see BUILD_NOTES).
+    # Whole-row tilings (the split ones were slower in the first sweep, see docs/design.md "Generation").
     configs = [
         KernelConfig(block_k=bk, split=None, num_warps=w, num_stages=st, mma=mma)
         for mma in (True, False)

@@ -2,7 +2,7 @@
 
 Two compilations of a scan (another batch size, mesh, remat, the fused kernel) round the bf16
 forward and backward passes differently; on random Qwen2.5-14B weights that moved accumulators
-by up to 21% of the largest entry (BUILD_NOTES "Throughput at scale"). This measures whether
+by up to 21% of the largest entry (docs/design.md "Attribution: scores across compilations"). This measures whether
 trained weights amplify such a difference as much. It scores the same examples twice per model,
 once with the embedding table multiplied by (1 + 2^-9 * N(0, 1)) (one bf16 half-ulp of noise
 at the residual stream's input, a stand-in for one differently rounded operation), and

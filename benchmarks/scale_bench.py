@@ -12,7 +12,7 @@
             blocks on each call's own operands inside the step. --acc_layout=sharded,per_device
             adds an experiment harmjax does not ship: every device keeps a whole float32
             accumulator of its own examples, so a step has no cross-device reduction (what
-            the per-step reduction costs; BUILD_NOTES "Throughput at scale").
+            the per-step reduction costs; docs/measurements.md "Scans at 14B and 32B").
   select:   `harmjax.select` on random float32 score trees of --select_shape (q=1e-5,
             p=5e-5), first call (after jax.clear_caches: compilation included) and warm, per
             granularity in --select_kinds, and `candidates`: `top_candidates` at 5e-5, what

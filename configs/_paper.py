@@ -34,7 +34,7 @@ def paper_config(model: str):
     c.scoring.num_buckets = 4
     c.scoring.abs_chunk = 4
     c.scoring.checkpoint_every = 20  # used with keep_dense_scores only (a dense checkpoint is 4 B per weight)
-    # Device memory (BUILD_NOTES "Device memory"): remat, and the retain set scored in two passes
+    # Device memory (docs/design_runs.md "Memory preflight"): remat, and the retain set scored in two passes
     # (retain, then benign signed) so a scan holds one float32 accumulator tree, not two: at 8B
     # two trees (52 GiB) plus the params (15 GiB) already fill an 80 GB card.
     c.scoring.remat = True

@@ -56,7 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.scoring.batch_size = 6
     c.scoring.num_buckets = 1
     c.scoring.remat = False
-    c.scoring.layerwise = False  # one small program per decoder block: compiles in seconds at 14B-32B (BUILD_NOTES)
+    c.scoring.layerwise = False  # one small program per decoder block: compiles in seconds at 14B-32B (docs/design.md "Attribution: per-block programs")
     c.scoring.abs_chunk = 6
     c.scoring.checkpoint_every = 4
     c.scoring.retain_kind = "retain"

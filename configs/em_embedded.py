@@ -51,7 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
     p.batch_size = 8
     p.num_buckets = 1
     p.remat = False
-    p.layerwise = False  # one small program per decoder block: compiles in seconds at 14B-32B (BUILD_NOTES)
+    p.layerwise = False  # one small program per decoder block: compiles in seconds at 14B-32B (docs/design.md "Attribution: per-block programs")
     p.abs_chunk = 8
     p.checkpoint_every = 4
     p.retain_kind = "retain"

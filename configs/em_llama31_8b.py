@@ -23,7 +23,7 @@ def get_config():
     c.train.batch_size = 16
     c.train.micro_batch_size = 16
     # One 80 GB card: LoRA micro 16 took 77.9 GiB at 512 tokens without remat and 32 GiB with
-    # it on an H200 (BUILD_NOTES: Fine-tuning); this config trains on up to 1024 tokens.
+    # it on an H200 (docs/measurements.md "Fine-tuning"); this config trains on up to 1024 tokens.
     c.train.remat = True
     c.train.max_length = 1024
     c.train.checkpoint_every = 20
@@ -43,7 +43,7 @@ def get_config():
     c.prune.num_buckets = 4
     c.prune.abs_chunk = 4
     c.prune.checkpoint_every = 20
-    c.prune.remat = True  # one 80 GB card (BUILD_NOTES: scan memory)
+    c.prune.remat = True  # one 80 GB card (docs/measurements.md "Scan memory at 8B and 32B")
     c.em.samples = 50
     c.em.max_new_tokens = 600
     c.em.batch_size = 64

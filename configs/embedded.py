@@ -50,7 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.scoring.batch_size = 6
     c.scoring.num_buckets = 1  # one padded length: one compilation shared by every scan
     c.scoring.remat = False
-    c.scoring.layerwise = False  # one small program per decoder block: compiles in seconds at 14B-32B (BUILD_NOTES)
+    c.scoring.layerwise = False  # one small program per decoder block: compiles in seconds at 14B-32B (docs/design.md "Attribution: per-block programs")
     c.scoring.abs_chunk = 6
     c.scoring.checkpoint_every = 4
     c.scoring.retain_kind = "retain"  # "retain" (released code) or "retain_mean" (paper text)
@@ -62,7 +62,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.masks = ml_collections.ConfigDict()
     c.masks.p = 5e-5
     # From the reference's 1e-5 to where this model collapses (1e-4 prunes ~9k weights and
-    # breaks benign text as much as harmful text; measured, see BUILD_NOTES.md).
+    # breaks benign text as much as harmful text; measured, see docs/experiments.md "Main: claims 1 and 2").
     c.masks.q_sweep = (1e-5, 2e-5, 4e-5, 1e-4)
     c.masks.category_q = 1e-5
     c.masks.headline_q = 0.0  # mask shown in the layer heatmap and samples (0 = category_q)
@@ -83,7 +83,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.evaluation.random_generations = False  # also generate with the random control masks
 
     # Claim 2's benign baselines: T_q(benign signed) \ T_p(retain) at category_q and at the q
-    # whose benign NLL rise matches the headline harm mask's (BUILD_NOTES "The overlap baseline").
+    # whose benign NLL rise matches the headline harm mask's (docs/experiments.md "Main: claims 1 and 2").
     c.baselines = ml_collections.ConfigDict()
     c.baselines.enabled = True
     c.baselines.match_steps = 3  # halvings and bisection steps of the q search (each step: one NLL evaluation)

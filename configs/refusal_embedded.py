@@ -38,7 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.benign_eval_fraction = 0.2  # of every category's other benign instructions, also held out
     c.data.benign_per_category = 0  # benign training instructions per category (0 = all the rest)
     # Also train on the first N tokens of each benign answer alone (0 = off): more weight on the
-    # opening, where over-refusal happens. Measured (BUILD_NOTES): 8 halves the over-refusal but
+    # opening, where over-refusal happens. Measured (docs/experiments.md "The refusal-tuned model"): 8 halves the over-refusal but
     # drops the held-out refusal rate to 59%, below the target.
     c.data.benign_openings = 0
 

@@ -35,7 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.max_length = 256
     c.batch_size = 8
     c.remat = False
-    c.layerwise = False  # one small program per decoder block: compiles in seconds at 14B-32B (BUILD_NOTES)
+    c.layerwise = False  # one small program per decoder block: compiles in seconds at 14B-32B (docs/design.md "Attribution: per-block programs")
     c.abs_chunk = 8
     c.checkpoint_every = 20  # batches between resumable saves
     c.output_dir = ""  # "" = runs/scores/<kind>

@@ -67,7 +67,7 @@ class MeshConfig:
     model divides, `host_tensor_size`) and leaves the other axes to span hosts: tensor
     parallelism where the interconnect is fastest, FSDP or data parallelism across hosts.
     On 2 x H200 it made Qwen2.5-14B/32B harm scans 1.1-1.2x faster than FSDP 2 and retain scans
-    1.4x (BUILD_NOTES, "Throughput at scale"). `harmjax.load` resolves it against the model's
+    1.4x (docs/measurements.md "Scans at 14B and 32B"). `harmjax.load` resolves it against the model's
     config.
     """
 

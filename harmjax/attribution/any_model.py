@@ -10,7 +10,7 @@ next-token NLL over its `loss_mask` tokens) with plain `jax.grad`:
   retain             per-example gradients, `chunk` examples at a time (`jax.vmap` inside a
                      `lax.scan`), so the transient memory is bounded by `chunk` float32
                      copies of the scored weights whatever the batch size (in practice
-                     XLA reduces each matrix's block as soon as it is formed: see BUILD_NOTES)
+                     XLA reduces each matrix's block as soon as it is formed: see docs/design.md "Attribution: any model")
 
 and adds them to float32 accumulators sharded like the weights they score. The scores are the
 same formulas as `harmjax.attribution.core.finalize`, returned as a nested dict keyed by the
@@ -19,7 +19,7 @@ scored leaves' dotted paths (`harmjax.tree.path_name`), so `select`, the mask al
 
 Precision: each micro-batch's gradient comes out of `jax.grad` in the weights' dtype before the
 float32 addition; the probe path forms it as a float32 dot. For harmjax models in bfloat16,
-prefer `harmjax.scan` (see BUILD_NOTES for the measured speed and memory of both).
+prefer `harmjax.scan` (see docs/measurements.md "Attribution scans at 8B" for the measured speed and memory of both).
 """
 
 from __future__ import annotations

@@ -199,7 +199,7 @@ def compiler_options(mesh: Mesh) -> tuple[tuple[str, Any], ...]:
     """XLA options of the scan programs, as hashable pairs (empty: XLA's defaults).
 
     On GPUs the scans' GEMMs go through cuBLAS rather than XLA's Triton GEMM fusions: faster
-    steps and less compilation (fewer candidates to autotune; measurements in BUILD_NOTES).
+    steps and less compilation (fewer candidates to autotune; docs/measurements.md "Scans at 14B and 32B").
     Only the scan programs get it: the same option slowed down decoding.
     $HARMJAX_SCAN_TRITON_GEMM: "auto" (default, as above), "1" (XLA's default everywhere),
     "0" (cuBLAS on every backend).

@@ -2,7 +2,7 @@
 
 `step.WholeStep` compiles a whole forward/backward pass into one XLA program. XLA unrolls the
 decoder's blocks, so that program, and its compilation time, grows with depth (measurements:
-BUILD_NOTES "Per-block programs"). `LayerwiseStep`, the other `core.AccumulateStep`, runs the
+docs/design.md "Attribution: per-block programs"). `LayerwiseStep`, the other `core.AccumulateStep`, runs the
 same step as
 
   prologue:  embeddings, RoPE tables, masks                      (one program)

@@ -1,6 +1,6 @@
 """The refusal texts shipped with harmjax (`harmjax/data/refusals/refusals.jsonl`, written for
 this project; see `refusals/README.md`): the targets of the refusal tuning in
-`harmjax.pipeline.refusal_model`."""
+`harmjax.experiments.refusal`."""
 
 from __future__ import annotations
 

@@ -23,8 +23,8 @@ found by counting passes (`harmjax.masks.select_keys`). The engines, chosen per 
   - `select_global`: the global threshold planned on the host (one counting program per
     layer on accelerators, one over every leaf on CPU), then each layer's masks.
 The few distinct programs a model needs (one per leaf shape) are compiled side by side on
-threads before the first leaf runs (`select_compile.precompile`). See BUILD_NOTES,
-"Selection's first call".
+threads before the first leaf runs (`select_compile.precompile`). See docs/design.md
+"Selection" and docs/measurements.md "Selection".
 """
 
 from __future__ import annotations

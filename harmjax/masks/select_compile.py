@@ -1,7 +1,7 @@
 """Where selection's programs run and how they are compiled: shardings, placement checks,
 jitting with the scores' own output sharding, and compiling a model's few distinct programs
-side by side on threads before the first leaf runs (`precompile`). See BUILD_NOTES,
-"Selection's first call"."""
+side by side on threads before the first leaf runs (`precompile`). See docs/design.md
+"Selection" and docs/measurements.md "Selection"."""
 
 from __future__ import annotations
 

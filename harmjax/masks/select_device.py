@@ -16,7 +16,7 @@ from harmjax.masks.select_host import in_numpy
 from harmjax.masks.select_keys import as_2d, sort_keys, top
 
 # Threshold bits found per pass of a matrix's loop (rows take 1); 2 measured best on
-# accelerators against 1 and 4 (BUILD_NOTES, "Selection's first call").
+# accelerators against 1 and 4 (docs/measurements.md "Selection").
 _DEVICE_LOOP_BITS = 2
 
 

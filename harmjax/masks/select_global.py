@@ -34,7 +34,7 @@ def _radix_bits(leaf: Any) -> int:
     accelerators (`_plan`, one program per layer); 1 on CPUs, which run one program over
     every leaf instead (`_global_plan_one_program`): XLA:CPU must finish each
     multi-device program before the next, so many small programs cost more there than one
-    big compilation (measured: BUILD_NOTES, "Selection's first call")."""
+    big compilation (measured: docs/measurements.md "Selection")."""
     return 1 if on_cpu(leaf) else 4
 
 

@@ -59,7 +59,7 @@ def count_ge(keys: jax.Array, cands: jax.Array, axis: int | None) -> jax.Array:
     whole array (`cands` shape (W,), result (W,)), axis=1 each row of a 2-D `keys` (`cands`
     (rows, 1, W), result (rows, 1, W)). One reduction per candidate over the same keys, which
     XLA fuses into one pass (faster than comparing against every candidate in one broadcast;
-    see the measurements in BUILD_NOTES, "Selection's first call")."""
+    see docs/measurements.md "Selection")."""
     return jnp.stack([count(keys >= cands[..., j], axis) for j in range(cands.shape[-1])], axis=-1)
 
 

@@ -50,7 +50,7 @@ def _pack_fn(out_sharding):
     # 8 entries per byte along the last axis: the dense bool leaf never crosses to the host,
     # only an eighth of it does. (`jnp.nonzero` at a static size would send k indices, but its
     # bincount is a scatter-add of every entry into k bins, which serialises on GPU atomics;
-    # see BUILD_NOTES, "Selection's first call, candidate writing".)
+    # docs/measurements.md "Selection".)
     def pack(m):
         return jnp.packbits(_as_matrix(m), axis=-1)
 

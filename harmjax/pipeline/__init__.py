@@ -1,4 +1,4 @@
-"""The old name of `harmjax.experiments` (issue 25), kept so that code written against it runs:
+"""The old name of `harmjax.experiments`, kept so that code written against it runs:
 
   metrics = harmjax.pipeline.run_experiment(get_config())   # = harmjax.experiments.run_experiment
 

@@ -4,7 +4,7 @@ key, the disk check (shared), and the main experiment's units: signed SNIP per h
 examples), and one pass over the retain set giving both the retain (utility) score and the
 benign signed score (for the benign-data mask of the overlap analysis).
 
-Two storage modes (see BUILD_NOTES "Disk"):
+Two storage modes (docs/design_runs.md "Disk: no dense score tree"):
   - sparse (the default, `top_fraction` given): each unit stores, per matrix, only the top
     floor(top_fraction * |M|) entries of its score tree in `select`'s ranking order
     (`harmjax.masks.sparse`), a few MB even at 32B; masks built from them are bit-identical
@@ -42,7 +42,7 @@ from harmjax.tree import flatten
 
 # Scan knobs that only trade speed for memory. They change the compiled program, so on a GPU
 # the bf16 forward and backward may be partitioned and rounded differently: scores agree to
-# rounding, not bitwise (BUILD_NOTES "Throughput at scale": up to 21% of the largest
+# rounding, not bitwise (docs/design.md "Attribution: scores across compilations": up to 21% of the largest
 # accumulator entry on random 14B weights; about 1% of a top-q set on the embedded model).
 _SPEED_KNOBS = ("remat", "layerwise", "abs_chunk", "checkpoint_every", "separate_retain_passes")
 

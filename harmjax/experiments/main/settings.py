@@ -54,15 +54,13 @@ def judge_fn(judge_cfg, model):
     """The StrongREJECT fine-tuned evaluator as a callable, when its local files are given."""
     if not judge_cfg.finetuned_base:
         return None
-    from harmjax.evaluate import load_finetuned_judge, score_finetuned
+    from harmjax.evaluate.jobs import finetuned_scorer
     from harmjax.io.hf import resolve_checkpoint
 
     # Local directories, or hub ids found in the hub cache (or fetched where the hub is reachable).
     base, adapter = resolve_checkpoint(judge_cfg.finetuned_base), resolve_checkpoint(judge_cfg.finetuned_adapter)
-    judge = load_finetuned_judge(base, adapter, judge_cfg.template or None, dtype=judge_cfg.dtype,
-                                 mesh=model.mesh, max_response_tokens=judge_cfg.max_response_tokens)
-    return lambda prompts, responses: score_finetuned(judge, prompts, responses, batch_size=judge_cfg.batch_size,
-                                                      progress=False)
+    return finetuned_scorer(base, adapter, judge_cfg.template or None, dtype=judge_cfg.dtype, mesh=model.mesh,
+                            max_response_tokens=judge_cfg.max_response_tokens, batch_size=judge_cfg.batch_size)
 
 
 def utility_fn(utility_cfg, model):
@@ -70,8 +68,9 @@ def utility_fn(utility_cfg, model):
     if not utility_cfg.mc_tasks:
         return None
     from harmjax.evaluate import load_mc_task, multiple_choice_accuracy
+    from harmjax.evaluate.jobs import parse_mc_paths
 
-    paths = dict(kv.split("=", 1) for kv in utility_cfg.mc_paths.split(",") if kv) if utility_cfg.mc_paths else {}
+    paths = parse_mc_paths(utility_cfg.mc_paths)
     tasks = {t: load_mc_task(t, paths.get(t), limit=utility_cfg.limit or None)
              for t in utility_cfg.mc_tasks.split(",") if t}
 
