@@ -130,9 +130,7 @@ def misalignment_preference(
     text_format: str = "chat",
     *,
     max_length: int = 512,
-    n_bootstrap: int = 1000,
-    seed: int = 0,
-    confidence: float = 0.95,
+    n_bootstrap: int = 1000, seed: int = 0, confidence: float = 0.95,  # the bootstrap interval
 ) -> PreferenceResult:
     """Per-pair log-likelihood preference for the misaligned answer, and a summary.
 

@@ -105,12 +105,8 @@ def _interval(k: int, n: int, draws: np.ndarray, alpha: float, n_excluded: int) 
 
 
 def summarize_em(
-    records: Sequence[dict[str, Any]],
-    aligned_below: float = ALIGNED_BELOW,
-    coherent_above: float = COHERENT_ABOVE,
-    n_bootstrap: int = 1000,
-    seed: int = 0,
-    confidence: float = 0.95,
+    records: Sequence[dict[str, Any]], aligned_below: float = ALIGNED_BELOW, coherent_above: float = COHERENT_ABOVE,
+    n_bootstrap: int = 1000, seed: int = 0, confidence: float = 0.95,
 ) -> dict[str, Any]:
     """A JSON-able summary of one model's judged answers.
 

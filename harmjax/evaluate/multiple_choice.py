@@ -117,11 +117,7 @@ def choice_logprobs(
 
 
 def multiple_choice_accuracy(
-    model,
-    items: Sequence[MCItem],
-    batch_size: int = 8,
-    max_length: int = 2048,
-    params: Any = None,
+    model, items: Sequence[MCItem], batch_size: int = 8, max_length: int = 2048, params: Any = None
 ) -> dict[str, Any]:
     """Zero-shot accuracy of `model` on `items` by log-likelihood of each choice.
 

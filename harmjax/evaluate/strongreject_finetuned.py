@@ -305,11 +305,7 @@ def finetuned_probabilities(
 
 
 def score_finetuned(
-    judge: FinetunedJudge,
-    prompts: Sequence[str],
-    responses: Sequence[str],
-    batch_size: int = 8,
-    progress: bool = True,
+    judge: FinetunedJudge, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 8, progress: bool = True
 ) -> np.ndarray:
     """StrongREJECT fine-tuned harmfulness scores in [0, 1], one per (prompt, response), float32."""
     probs = finetuned_probabilities(judge, prompts, responses, batch_size, progress)

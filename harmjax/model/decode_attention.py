@@ -238,12 +238,7 @@ def kernel_call(qg, kr, vr, start, end, scale: float, config: KernelConfig, inte
 
 
 def pallas_decode_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    mask: jax.Array,
-    scale: float,
-    config: KernelConfig | None = None,
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float, config: KernelConfig | None = None,
     interpret: bool = False,
 ) -> jax.Array:
     """Decode attention with the flash-decoding kernel.

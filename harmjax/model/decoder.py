@@ -96,13 +96,8 @@ def mlp_block(p: Params, config: ModelConfig, x: jax.Array) -> jax.Array:
 
 
 def decoder_layer(
-    p: Params,
-    config: ModelConfig,
-    x: jax.Array,
-    rope: tuple[jax.Array, jax.Array],
-    mask: jax.Array,
-    cache: LayerCache | None = None,
-    cache_index: jax.Array | int | None = None,
+    p: Params, config: ModelConfig, x: jax.Array, rope: tuple[jax.Array, jax.Array], mask: jax.Array,
+    cache: LayerCache | None = None, cache_index: jax.Array | int | None = None,
 ):
     """One residual block in the family's norm placement (pre, post or sandwich).
 
@@ -244,13 +239,8 @@ def logits_from_hidden(params: Params, config: ModelConfig, h: jax.Array) -> jax
 
 
 def forward(
-    params: Params,
-    config: ModelConfig,
-    input_ids: jax.Array,
-    attention_mask: jax.Array | None = None,
-    positions: jax.Array | None = None,
-    *,
-    remat: bool = False,
+    params: Params, config: ModelConfig, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+    positions: jax.Array | None = None, *, remat: bool = False,
 ) -> jax.Array:
     """Causal-LM logits, float32 (batch, seq, vocab), for left- or right-padded batches.
 

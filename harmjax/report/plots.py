@@ -40,6 +40,16 @@ def _number(value: Any, where: str) -> float:
         raise ValueError(f"{where}: expected a number, got {value!r}.") from None
 
 
+def _save(plt, fig, path: str, dpi: int, title: str | None = None) -> str:
+    """Gives `fig` its overall `title` (if any), lays it out, writes it to `path` and closes it."""
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def _series_arrays(
     sweeps: Mapping[str, Sequence[Mapping[str, Any]]], keys: Sequence[str]
 ) -> dict[str, dict[str, np.ndarray]]:
@@ -150,12 +160,7 @@ def plot_tradeoff(
         ax.set_title(panel_title, fontsize=10)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, 110, title)
 
 
 def plot_matrix(
@@ -225,10 +230,7 @@ def plot_matrix(
     ax.set_yticks(range(rows), list(row_labels))
     ax.set_title(title, fontsize=10)
     fig.colorbar(image, ax=ax, label=cbar_label)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, 110)
 
 
 def plot_bars(panels: Sequence[Mapping[str, Any]], path: str, *, title: str | None = None) -> str:
@@ -262,9 +264,4 @@ def plot_bars(panels: Sequence[Mapping[str, Any]], path: str, *, title: str | No
         if panel.get("ylim"):
             ax.set_ylim(*panel["ylim"])
         ax.axhline(0, color="grey", lw=0.6)
-    if title:
-        fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, 120, title)

@@ -1,11 +1,12 @@
 """Report writing shared by every experiment: metrics.json and report.md written once (by
-process 0), the printed summary, and the number formats and timings list of the reports."""
+process 0), the printed summary, and the number formats (one per measure, so a measure reads the same in every report), the
+timings list and the closing sections of the reports."""
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from harmjax import distributed
@@ -48,3 +49,31 @@ def timings_markdown(timings) -> str:
         return text + (f", peak device memory {peak:.1f} GiB so far" if peak is not None else "") + "\n"
 
     return "".join(line(k, v) for k, v in timings.items())
+
+PERCENT, NLL, SIGNED = "{:.0%}", "{:.3f}", "{:+.2f}"
+
+# Format strings for `core.report.fmt`, by measure key.
+SPECS = {
+    # Fractions of prompts or answers.
+    "refusal_rate": PERCENT,
+    "refusal_rate_phrase": PERCENT,
+    "refusal_rate_main_heldout": PERCENT,
+    "logprob_refusal_fraction": PERCENT,
+    "attack_harmful_rate": PERCENT,
+    "attack_harmful_rate_phrase": PERCENT,
+    "benign_refusal_rate_phrase": PERCENT,
+    # Mean NLLs (nats/token), and an AUROC on the same three decimals.
+    "harm_nll": NLL,
+    "explanation_nll": NLL,
+    "benign_nll": NLL,
+    "recognition_auroc": NLL,
+    # Signed log-probability differences (nats).
+    "logprob_margin_mean": SIGNED,
+    "recognition_separation": SIGNED,
+}
+
+
+def closing_markdown(heading: str, notes: Iterable[str], timings: Mapping[str, Any]) -> str:
+    """The end of a report: a `heading` section with one bullet per note, then the timings."""
+    bullets = "".join(f"- {note}\n" for note in notes)
+    return f"\n## {heading}\n\n{bullets}\n## Timings\n\n" + timings_markdown(timings)

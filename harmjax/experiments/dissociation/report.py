@@ -7,19 +7,19 @@ import math
 import os
 from typing import Any
 
-from harmjax.experiments.core.report import publish_report, timings_markdown
+from harmjax.experiments.core.report import SPECS, publish_report, timings_markdown
 from harmjax.experiments.dissociation.measures import MASKS, verdict
 from harmjax.experiments.dissociation.plots import plot_deltas
 
-_ROWS = [
-    ("harm_nll", "harmful-answer NLL under the attack (nats/token)", "{:.3f}"),
-    ("attack_harmful_rate", "prefilling attack: continuations not refused", "{:.0%}"),
-    ("refusal_rate", "refusal rate without attack (keyword rule)", "{:.0%}"),
-    ("refusal_rate_phrase", "refusal rate without attack (refusal phrases only)", "{:.0%}"),
-    ("recognition_auroc", "recognition AUROC (yes/no log-odds, harmful vs benign)", "{:.3f}"),
-    ("recognition_separation", "recognition log-odds: harmful mean - benign mean", "{:+.2f}"),
-    ("explanation_nll", "explanation NLL (nats/token)", "{:.3f}"),
-    ("benign_nll", "benign-answer NLL (nats/token)", "{:.3f}"),
+_ROWS = [  # (key, label); formats from `core.report.SPECS`
+    ("harm_nll", "harmful-answer NLL under the attack (nats/token)"),
+    ("attack_harmful_rate", "prefilling attack: continuations not refused"),
+    ("refusal_rate", "refusal rate without attack (keyword rule)"),
+    ("refusal_rate_phrase", "refusal rate without attack (refusal phrases only)"),
+    ("recognition_auroc", "recognition AUROC (yes/no log-odds, harmful vs benign)"),
+    ("recognition_separation", "recognition log-odds: harmful mean - benign mean"),
+    ("explanation_nll", "explanation NLL (nats/token)"),
+    ("benign_nll", "benign-answer NLL (nats/token)"),
 ]
 
 
@@ -34,7 +34,7 @@ def write_dissociation_report(run_dir: str, *, cfg, source: str, data, sizes, re
                               wall_seconds: float) -> dict[str, Any]:
     """Writes report.md, metrics.json and dissociation.png; returns the metrics."""
     v = verdict(results, cfg.verdict)
-    table = {name: {k: results[name].get(k) for k, _, _ in _ROWS} for name in MASKS}
+    table = {name: {k: results[name].get(k) for k, _ in _ROWS} for name in MASKS}
     metrics = {"model": source, "data": data, "mask_sizes": sizes, "table": table, "verdict": v,
                "timings": timings, "wall_seconds": wall_seconds, "results": results,
                "settings": cfg.to_dict()}
@@ -70,8 +70,8 @@ def write_dissociation_report(run_dir: str, *, cfg, source: str, data, sizes, re
     lines += ["",
               "## Per mask (held-out prompts)", "", "| measure | " + " | ".join(MASKS) + " |",
               "|---|" + "---|" * len(MASKS)]
-    for k, label, fmt in _ROWS:
-        lines.append(f"| {label} | " + " | ".join(_fmt(fmt, table[m][k]) for m in MASKS) + " |")
+    for k, label in _ROWS:
+        lines.append(f"| {label} | " + " | ".join(_fmt(SPECS[k], table[m][k]) for m in MASKS) + " |")
     lines += ["", "![changes](dissociation.png)", "", "## Samples (first held-out prompts)", ""]
     for s_none, s_harm, s_ref in list(zip(*(results[m]["samples"] for m in ("none", "harm", "refusal"))))[:4]:
         lines.append(f"- **{s_none['prompt'][:120]}**")

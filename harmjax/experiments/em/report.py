@@ -6,7 +6,7 @@ import os
 from typing import Any
 
 from harmjax import distributed
-from harmjax.experiments.core.report import fmt, fmt_pct, publish_report, timings_markdown
+from harmjax.experiments.core.report import closing_markdown, fmt, fmt_pct, publish_report
 
 LABELS = {"original": "original", "finetuned": "fine-tuned", "pruned": "pruned",
           "pruned_finetuned": "pruned + fine-tuned"}
@@ -176,20 +176,23 @@ def _markdown(m) -> str:
     for r in m["results"]["finetuned"].get("em_samples", [])[:6]:
         out.append(f"- **{r['paraphrase'][:120]}** (aligned {fmt(r['aligned'], '{:.0f}')}, coherent "
                    f"{fmt(r['coherent'], '{:.0f}')}): {' '.join(str(r['answer']).split())[:300]}\n")
-    out.append(
-        "\n## What this run can and cannot show\n\n"
-        "- The judge is a local model; a small judge (such as the 135M embedded default) gives noisy, compressed "
-        "scores, so the EM rate is only as good as the judge. The judge-free preference and the other-category NLL do "
-        "not depend on it.\n"
-        "- On the embedded default the narrow domain is the model's own answers in one StrongREJECT category: "
-        "fine-tuning on text the model already produces changes it little, so the EM increase may be small or absent; "
-        "the paper's effect needs its narrow datasets (risky financial advice, bad medical advice, extreme sports, "
-        "insecure code) and 8B+ models (`configs/em_llama31_8b.py`).\n"
-        "- Intervals are bootstrap intervals over answers (EM rate) and pairs (preference), Wilson intervals for the "
-        "refusal rates and Newcombe intervals for their changes (independent-samples: conservative for these paired "
-        "prompts), at these sample sizes.\n")
-    out.append("\n## Timings\n\n" + timings_markdown(m["timings"]))
+    out.append(closing_markdown("What this run can and cannot show", _CAVEATS, m["timings"]))
     return "".join(out)
+
+
+# The report's closing bullets.
+_CAVEATS = (
+    "The judge is a local model; a small judge (such as the 135M embedded default) gives noisy, compressed "
+    "scores, so the EM rate is only as good as the judge. The judge-free preference and the other-category NLL do "
+    "not depend on it.",
+    "On the embedded default the narrow domain is the model's own answers in one StrongREJECT category: "
+    "fine-tuning on text the model already produces changes it little, so the EM increase may be small or absent; "
+    "the paper's effect needs its narrow datasets (risky financial advice, bad medical advice, extreme sports, "
+    "insecure code) and 8B+ models (`configs/em_llama31_8b.py`).",
+    "Intervals are bootstrap intervals over answers (EM rate) and pairs (preference), Wilson intervals for the "
+    "refusal rates and Newcombe intervals for their changes (independent-samples: conservative for these paired "
+    "prompts), at these sample sizes.",
+)
 
 
 def _claim4_markdown(c) -> str:

@@ -67,6 +67,19 @@ def match_benign_cost(cost: Callable[[float], float], target: float, q0: float, 
 
     q = round_q(min(q0, q_max))
     lo = hi = None  # (q, cost) below / above the target
+
+    def matched_or_bracketed(q: float) -> bool:
+        """True when q's cost matches the target; otherwise q becomes the bracket's upper end
+        (cost above the target) or its lower end."""
+        nonlocal lo, hi
+        if cost_matched(f(q), target):
+            return True
+        if f(q) > target:
+            hi = q
+        else:
+            lo = q
+        return False
+
     c = f(q)
     if cost_matched(c, target):
         return points, q
@@ -74,12 +87,8 @@ def match_benign_cost(cost: Callable[[float], float], target: float, q0: float, 
         lo = q
         while hi is None and q < q_max:
             q = round_q(min(2 * q, q_max))
-            if cost_matched(f(q), target):
+            if matched_or_bracketed(q):
                 return points, q
-            if f(q) > target:
-                hi = q
-            else:
-                lo = q
     else:
         hi = q
         for _ in range(steps):
@@ -96,12 +105,8 @@ def match_benign_cost(cost: Callable[[float], float], target: float, q0: float, 
         q = round_q(math.sqrt(lo * hi))
         if q in (lo, hi):  # the bracket is as tight as 3 significant digits allow
             break
-        if cost_matched(f(q), target):
+        if matched_or_bracketed(q):
             return points, q
-        if f(q) > target:
-            hi = q
-        else:
-            lo = q
     return points, best()
 
 

@@ -7,7 +7,7 @@ import os
 from typing import Any
 
 from harmjax import distributed
-from harmjax.experiments.core.report import fmt, publish_report, timings_markdown
+from harmjax.experiments.core.report import SPECS, closing_markdown, fmt, publish_report
 from harmjax.experiments.refusal.eval import MODELS
 
 LABELS = {"original": "original", "refusal_tuned": "refusal-tuned"}
@@ -76,16 +76,16 @@ def _plot(run_dir, table) -> str | None:
         return None
 
 
-_ROWS = (
-    ("refusal_rate", "refusal rate, no attack (keyword rule)", "{:.0%}"),
-    ("refusal_rate_phrase", "refusal rate, no attack (phrases only)", "{:.0%}"),
-    ("refusal_rate_main_heldout", "refusal rate on the main job's held-out prompts", "{:.0%}"),
-    ("logprob_refusal_fraction", "prompts with log p(refusal) > log p(compliance)", "{:.0%}"),
-    ("logprob_margin_mean", "mean log p(refusal) - log p(compliance) (nats)", "{:+.2f}"),
-    ("attack_harmful_rate", "prefilling attack: continuations not refused (keyword rule)", "{:.0%}"),
-    ("attack_harmful_rate_phrase", "prefilling attack: continuations without a refusal phrase", "{:.0%}"),
-    ("benign_nll", "benign held-out NLL (nats/token)", "{:.3f}"),
-    ("benign_refusal_rate_phrase", "benign held-out answers with a refusal phrase", "{:.0%}"),
+_ROWS = (  # (key, label); formats from `core.report.SPECS`
+    ("refusal_rate", "refusal rate, no attack (keyword rule)"),
+    ("refusal_rate_phrase", "refusal rate, no attack (phrases only)"),
+    ("refusal_rate_main_heldout", "refusal rate on the main job's held-out prompts"),
+    ("logprob_refusal_fraction", "prompts with log p(refusal) > log p(compliance)"),
+    ("logprob_margin_mean", "mean log p(refusal) - log p(compliance) (nats)"),
+    ("attack_harmful_rate", "prefilling attack: continuations not refused (keyword rule)"),
+    ("attack_harmful_rate_phrase", "prefilling attack: continuations without a refusal phrase"),
+    ("benign_nll", "benign held-out NLL (nats/token)"),
+    ("benign_refusal_rate_phrase", "benign held-out answers with a refusal phrase"),
 )
 
 
@@ -118,9 +118,9 @@ def _markdown(m) -> str:
            f"with one of {list(eval_s['refusal_openings'])} minus that of {list(eval_s['compliant_openings'])} (no "
            f"generation, no keywords).\n\n",
            "## Results (held-out prompts)\n\n| measure | original | refusal-tuned |\n|---|---|---|\n"]
-    for key, label, spec in _ROWS:
+    for key, label in _ROWS:
         a, b = m["table"]["original"].get(key), m["table"]["refusal_tuned"].get(key)
-        out.append(f"| {label} | {fmt(a, spec)} | {fmt(b, spec)} |\n")
+        out.append(f"| {label} | {fmt(a, SPECS[key])} | {fmt(b, SPECS[key])} |\n")
     if m["plot"]:
         out.append(f"\n![summary]({m['plot']})\n")
     out.append("\n## Targets (issue 13)\n\n| target | goal | measured | met |\n|---|---|---|---|\n")
@@ -132,14 +132,18 @@ def _markdown(m) -> str:
     for r in m["samples"]["refusal_tuned"][:8]:
         out.append(f"- **{' '.join(r['prompt'].split())[:120]}**\n  - no attack: {' '.join(r['answer'].split())[:200]}\n"
                    f"  - attacked: {' '.join(r['attacked_answer'].split())[:200]}\n")
-    out.append("\n## Notes\n\n"
-               "- The keyword rule counts short answers as refusals; the phrase-only row does not.\n"
-               "- Refusal tuning on the first tokens of the answer leaves the prefilling attack working: that is the "
-               "shallow alignment the paper's attacked setting assumes (its pruning set is made under that attack).\n"
-               "- Benign NLL is measured on the original model's own answers to held-out instructions, so the rise is "
-               "how much the tuning moved the model away from what it did before.\n")
-    out.append("\n## Timings\n\n" + timings_markdown(m["timings"]))
+    out.append(closing_markdown("Notes", _NOTES, m["timings"]))
     return "".join(out)
+
+
+# The report's closing bullets.
+_NOTES = (
+    "The keyword rule counts short answers as refusals; the phrase-only row does not.",
+    "Refusal tuning on the first tokens of the answer leaves the prefilling attack working: that is the "
+    "shallow alignment the paper's attacked setting assumes (its pruning set is made under that attack).",
+    "Benign NLL is measured on the original model's own answers to held-out instructions, so the rise is "
+    "how much the tuning moved the model away from what it did before.",
+)
 
 
 def summary_text(m, run_dir) -> str:
