@@ -30,7 +30,7 @@ from absl import logging
 
 from harmjax import distributed
 from harmjax.attribution import scan
-from harmjax.attribution.scope import scored_names
+from harmjax.attribution import scored_names
 from harmjax.data.records import Example
 from harmjax.io.disk_space import human_bytes, require_free_space
 from harmjax.experiments.core.stages import finish_unit, fresh_dir, slug, unit_done

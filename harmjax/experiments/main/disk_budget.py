@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from harmjax.attribution.scope import scored_names
+from harmjax.attribution import scored_names
 from harmjax.experiments.main.baselines import max_searched
 from harmjax.model.param_specs import param_specs
 
