@@ -104,6 +104,13 @@ def initialize(
     # CPU devices talk through gloo (without it they have no cross-process collectives);
     # the setting only concerns CPU devices, so it is harmless on GPU and TPU hosts.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # JAX's preemption service catches SIGTERM in C++ and does nothing visible unless the
+    # program polls its sync point, so a SIGTERM'd process kept running. harmjax handles
+    # SIGTERM itself (`harmjax.preemption`: every process agrees on the stopping boundary).
+    try:
+        jax.config.update("jax_enable_preemption_service", False)
+    except AttributeError:  # a JAX without the option has no service to turn off
+        pass
     jax.distributed.initialize(
         coordinator_address=address, num_processes=num, process_id=pid, initialization_timeout=int(timeout_s),
     )

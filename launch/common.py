@@ -45,8 +45,9 @@ def init_runtime() -> None:
     DEFAULT_MEM_FRACTION unless it is already set (before JAX starts its backend), joins the
     multi-process runtime when asked (it must precede any use of JAX devices), keeps library
     INFO chatter (orbax logs every save) off the console unless `-v`/`--verbosity` is given
-    (progress bars and summaries still show), and turns on JAX's persistent compilation cache
-    (`HARMJAX_XLA_CACHE`, default ~/.cache/harmjax/xla; "off" disables it)."""
+    (progress bars and summaries still show), turns on JAX's persistent compilation cache
+    (`HARMJAX_XLA_CACHE`, default ~/.cache/harmjax/xla; "off" disables it), and in a
+    multi-process job starts the lost-process watchdog (`harmjax.preemption`)."""
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", DEFAULT_MEM_FRACTION)
     from absl import logging
 
@@ -56,6 +57,11 @@ def init_runtime() -> None:
         _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
         timeout_s=_COORDINATOR_TIMEOUT.value, auto_detect=_DISTRIBUTED.value,
     )
+    # A process of the job that dies makes the others exit with one line within
+    # $HARMJAX_LOST_PROCESS_TIMEOUT s (default 30) instead of hanging in a collective.
+    from harmjax import preemption
+
+    preemption.watch_processes()
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     cache = os.environ.get("HARMJAX_XLA_CACHE", "~/.cache/harmjax/xla")
@@ -73,8 +79,9 @@ def config_main(run, config, report=None):
 
     def main(argv):
         del argv
+        cfg = checked_config(config)  # before start-up: a slip costs no JAX start
         init_runtime()
-        result = run(config.value)
+        result = run(cfg)
         if report is None:
             from absl import logging
 
@@ -88,12 +95,19 @@ def config_main(run, config, report=None):
 def run_app(main) -> None:
     """`absl.app.run(main)`, with harmjax's input errors (missing file, bad dataset, disk too
     small, ...) printed as one `error:` line and exit status 1 instead of a traceback: the
-    message already names the problem and the fix, and finished stages stay on disk."""
+    message already names the problem and the fix, and finished stages stay on disk.
+
+    SIGTERM (preemption) stops the job at the next unit boundary: one `error: PreemptedError`
+    line and exit status 143 (`harmjax.preemption.EXIT_PREEMPTED`); rerunning the command
+    continues from the last finished unit."""
     from harmjax.errors import HarmjaxError
 
     def guarded(argv):
+        from harmjax import preemption
+
         try:
-            return main(argv)
+            with preemption.handle_sigterm(), preemption.clean_exit():
+                return main(argv)
         except HarmjaxError as e:
             sys.exit(f"error: {type(e).__name__}: {e}")
 
@@ -128,5 +142,25 @@ def config_flag(default: str, help_text: str = "Job config file (ml_collections)
     if _CONFIG_HOLDER is None:
         from ml_collections import config_flags
 
-        _CONFIG_HOLDER = config_flags.DEFINE_config_file("config", default, help_text)
+        from launch import slips
+
+        try:
+            _CONFIG_HOLDER = config_flags.DEFINE_config_file("config", default, help_text)
+        except Exception as e:  # noqa: BLE001 - one line, not a traceback
+            # Without --config on the command line, ml_collections parses the default file
+            # and the --config.x overrides right here, at definition.
+            slips.fail(slips.explain_parse_error(default, e, sys.argv))
+        # A typo in a setting, a wrong value or a missing config file: one `error:` line
+        # while absl parses the command line, before any model is loaded.
+        slips.guard_config_flag(flags.FLAGS, "config")
     return _CONFIG_HOLDER
+
+
+def checked_config(holder):
+    """The parsed config of `holder` (from `config_flag`), after checking that every
+    non-empty `output_dir` setting can be created and written (one `error:` line if not)."""
+    from launch import slips
+
+    cfg = holder.value
+    slips.check_output_dirs(cfg)
+    return cfg

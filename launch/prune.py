@@ -20,7 +20,7 @@ from harmjax.masks import (
     select, select_indices,
 )
 from harmjax.masks.storage import has_candidates
-from launch.common import config_flag, init_runtime, mesh_config, resolve_model_source, run_app
+from launch.common import checked_config, config_flag, init_runtime, mesh_config, resolve_model_source, run_app
 
 _CONFIG = config_flag("configs/prune.py", "Prune job config file.")
 
@@ -110,8 +110,8 @@ def _select(cfg):
 
 def main(argv):
     del argv
+    cfg = checked_config(_CONFIG)  # a slip in the config: one line, before start-up
     init_runtime()
-    cfg = _CONFIG.value
     if cfg.intersect:
         mask, summary, num_params = _intersect(cfg)
         default_dir = os.path.join("runs", "mask_intersect")

@@ -17,7 +17,7 @@ import harmjax
 from harmjax.attribution import scan
 from harmjax.data.records import filter_categories, read_records, sample, to_examples
 from harmjax.masks.storage import save_scores
-from launch.common import config_flag, init_runtime, mesh_config, resolve_model_source, run_app
+from launch.common import checked_config, config_flag, init_runtime, mesh_config, resolve_model_source, run_app
 
 _CONFIG = config_flag("configs/score.py", "Scan config file.")
 
@@ -47,8 +47,8 @@ def load_examples(cfg):
 
 def main(argv):
     del argv
+    cfg = checked_config(_CONFIG)  # a slip in the config: one line, before start-up
     init_runtime()
-    cfg = _CONFIG.value
     examples, skipped, total_rows = load_examples(cfg)
     model = harmjax.load(resolve_model_source(cfg.model), dtype=cfg.dtype, mesh=mesh_config(cfg.mesh))
     out_dir = cfg.output_dir or os.path.join("runs", "scores", cfg.kind)

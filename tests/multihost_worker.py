@@ -3,10 +3,16 @@ paths on a tiny model over a 4-device mesh and writes what they produced to `<wo
 (process 0 writes; every array is gathered to every process first).
 
   python tests/multihost_worker.py MODEL_DIR PROMPTS_DIR WORK_DIR [ADDRESS NUM_PROCESSES PROCESS_ID]
+  python tests/multihost_worker.py --scan MODEL_DIR WORK_DIR [ADDRESS NUM_PROCESSES PROCESS_ID]
 
 Without the last three arguments it runs as one process (the reference, 4 CPU devices);
 with them it joins a job of NUM_PROCESSES processes whose 4 devices together form the mesh.
 Each process needs `XLA_FLAGS=--xla_force_host_platform_device_count=<4 / NUM_PROCESSES>`.
+
+`--scan` runs only a checkpointed harm scan (one save per batch) the way a launcher runs a
+job (tests/test_preemption.py): SIGTERM stops it at a batch boundary with one line and exit
+status 143, a lost peer ends it with one line and status 75, and a rerun resumes. It writes
+the scores and the batch it resumed from to `<work>/scan.npz`.
 """
 
 from __future__ import annotations
@@ -163,9 +169,46 @@ def main(model_dir: str, prompts_dir: str, work: str, address=None, num=None, pi
     distributed.barrier("results written")
 
 
+def scan_job(model_dir: str, work: str, address=None, num=None, pid=None) -> None:
+    """The `--scan` job: the launchers' guards (`launch.common.run_app`) around one scan."""
+    if address is not None:
+        distributed.initialize(address, int(num), int(pid), timeout_s=120)
+    import numpy as np
+
+    import harmjax
+    from harmjax import preemption
+    from harmjax.errors import HarmjaxError
+
+    preemption.watch_processes()  # $HARMJAX_LOST_PROCESS_TIMEOUT from the test
+    try:
+        with preemption.handle_sigterm(), preemption.clean_exit():
+            model = harmjax.load(model_dir, dtype="float32",
+                                 mesh=harmjax.MeshConfig(data=1, fsdp=-1, tensor=harmjax.HOST))
+            # 48 examples in batches of 2: 24 batches, a save after each, several seconds.
+            examples = [{"prompt": f"{r['prompt']} ({i})", "response": f"{r['response']} Step {i}."}
+                        for i in range(12) for r in HARMFUL[:4]]
+            result = harmjax.scan(model, examples, "harm", batch_size=2, progress=False,
+                                  checkpoint_dir=os.path.join(work, "scan"), checkpoint_every=1)
+            scores = {f"harm/{n}": distributed.to_host(x) for n, x in harmjax.tree.iter_leaves(result.scores)}
+            if distributed.is_writer():
+                tmp = os.path.join(work, "scan.tmp.npz")
+                np.savez(tmp, resumed_from=np.int64(result.resumed_from), **scores)
+                os.replace(tmp, os.path.join(work, "scan.npz"))
+            distributed.barrier("scan results written")
+    except HarmjaxError as e:
+        sys.exit(f"error: {type(e).__name__}: {e}")
+
+
 if __name__ == "__main__":
     try:
-        main(*sys.argv[1:])
+        if sys.argv[1] == "--scan":
+            scan_job(*sys.argv[2:])
+        else:
+            main(*sys.argv[1:])
+    except SystemExit as e:  # the job's own status (143: preempted), without the shutdown wait
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(e.code if isinstance(e.code, int) else 1)
     except BaseException:
         # Exit at once: the other process then fails in its next collective instead of
         # waiting out the runtime's shutdown barrier.

@@ -3,7 +3,8 @@
 The graph is built from the source with `ast` (imports inside functions included, as they run
 too), so the test needs nothing imported. Layers, lowest first:
 
-  model        config, model, sharding, distributed, errors, tree (the decoder and its mesh)
+  model        config, model, sharding, distributed, preemption, errors, tree (the decoder, its
+               mesh and its processes)
   loading      io, data, loading, assets, checkpoint, memory (checkpoints, tokenizers, datasets,
                disk and device-memory checks)
   core         attribution, masks, generate, inference (the sequence scorer)
@@ -25,7 +26,7 @@ PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 
 # First dotted component under harmjax -> layer. A top-level module not named here fails the
 # test, so a new module has to say where it sits.
 LAYERS = {
-    "model": {"errors", "tree", "config", "distributed", "sharding", "model"},
+    "model": {"errors", "tree", "config", "distributed", "preemption", "sharding", "model"},
     "loading": {"io", "data", "loading", "assets", "checkpoint", "memory"},
     "core": {"attribution", "masks", "generate", "inference"},
     "measures": {"evaluate", "report"},

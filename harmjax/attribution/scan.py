@@ -5,7 +5,9 @@ and runs one jitted forward/backward over all layers per micro-batch, accumulati
 statistics in donated accumulators sharded like the weights. With `checkpoint_dir`, the
 accumulators and the position in the data are saved with orbax every `checkpoint_every`
 batches; a restarted scan continues from the last save and ends with scores identical to an
-uninterrupted scan (same batches, same order, same float32 additions).
+uninterrupted scan (same batches, same order, same float32 additions). After SIGTERM (with
+`harmjax.preemption`'s handler installed) the scan saves its state at the batch boundary and
+raises `PreemptedError`.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
-from harmjax import checkpoint, distributed
+from harmjax import checkpoint, distributed, preemption
 from harmjax.attribution.core import accumulator_mode, names_for
 from harmjax.attribution.step import abstract_accumulators, init_accumulators, jit_accumulate, jit_finalize
 from harmjax.data.calibration import Batch, calibration_batches
@@ -199,7 +201,7 @@ def scan(
 
     end = len(batches) if stop_after is None else min(len(batches), start + stop_after)
     t0 = time.perf_counter()
-    bar = tqdm(total=len(batches), initial=start, desc=f"{'+'.join([kind] if isinstance(kind, str) else kind)} scan", unit="batch", disable=not progress)
+    bar = tqdm(total=len(batches), initial=start, desc=f"{_label(kind)} scan", unit="batch", disable=not progress)
     for position in range(start, end):
         b = batches[position]
         accs, loss = step(params, accs, *(_device_batch(a, sharding) for a in (b.input_ids, b.attention_mask, b.loss_mask)))
@@ -210,8 +212,14 @@ def scan(
         done = position + 1
         # No save after the last batch: the scores are returned (and saved by the caller)
         # right away, and an 8B accumulator tree is 28 GiB of writing for nothing.
-        if checkpoint_dir and done < len(batches) and (done % checkpoint_every == 0 or done == end):
+        saved = checkpoint_dir and done < len(batches) and (done % checkpoint_every == 0 or done == end)
+        if saved:
             _save_state(checkpoint_dir, accs, done, loss_sum, tokens, fingerprint)
+        if done < end and preemption.should_stop():  # SIGTERM: save here (atomic), then stop
+            if checkpoint_dir and not saved:
+                _save_state(checkpoint_dir, accs, done, loss_sum, tokens, fingerprint)
+            bar.close()
+            raise preemption.preempted(f"the {_label(kind)} scan's batch {done} of {len(batches)}")
     bar.close()
     resumed_from = start
     if end < len(batches):
@@ -242,12 +250,15 @@ def _preflight(model, step, params, names, mode, batches, sharding, kind, knobs:
                  for a in (longest.input_ids, longest.attention_mask, longest.loss_mask)]
         accs = abstract_accumulators(model.config, model.mesh, names, mode)
         _NEEDED[key] = step.needed_bytes(params, accs, *specs)
-    label = "+".join([kind] if isinstance(kind, str) else kind)
-    check_fits(_NEEDED[key], f"The {label} scan step ({longest.input_ids.shape[0]} x {longest.input_ids.shape[1]} "
+    check_fits(_NEEDED[key], f"The {_label(kind)} scan step ({longest.input_ids.shape[0]} x {longest.input_ids.shape[1]} "
                "tokens)", params, devices, knobs, memory_limit)
 
 
 _NEEDED: dict = {}  # (step, batch shape) -> bytes per device (AccumulateStep.needed_bytes)
+
+
+def _label(kind) -> str:
+    return "+".join([kind] if isinstance(kind, str) else kind)
 
 
 def score(model, examples: Any, kind: str = "harm", **kwargs) -> dict[str, Any]:

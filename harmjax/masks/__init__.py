@@ -4,6 +4,7 @@ params, storage (HF-named safetensors: sparse indices by default) and a per-laye
   mask = select(harm_scores, retain_scores, q=1e-5, p=5e-5)       # bool tree, True = prune
   pruned = apply_mask(model.params, mask)                          # new params, weights zeroed
   save_mask("runs/mask", mask, {"q": 1e-5, "p": 5e-5, ...})        # mask_indices.safetensors, summary.json
+  summary(mask, params); compare(mask_a, mask_b)                     # tables in notebooks and print
 """
 
 from harmjax.masks.algebra import (
@@ -21,6 +22,7 @@ from harmjax.masks.algebra import (
     union_all,
 )
 from harmjax.masks.apply import apply_mask, check_mask_fits
+from harmjax.masks.display import MaskComparison, MaskSummary, ScoreSummary, compare, summary
 from harmjax.masks.random import random_indices, random_like
 from harmjax.masks.plots import PlotDependencyError, counts_grid, plot_mask_counts
 from harmjax.masks.select import GRANULARITIES, iter_select, select
@@ -42,10 +44,14 @@ from harmjax.masks.storage import (
 
 __all__ = [
     "GRANULARITIES",
+    "MaskComparison",
     "MaskMismatchError",
+    "MaskSummary",
     "PlotDependencyError",
+    "ScoreSummary",
     "apply_mask",
     "check_mask_fits",
+    "compare",
     "complement",
     "count",
     "counts_grid",
@@ -77,6 +83,7 @@ __all__ = [
     "save_scores",
     "select",
     "select_indices",
+    "summary",
     "top_candidates",
     "union",
     "union_all",

@@ -6,7 +6,8 @@ the step, the PRNG key, the data position, and a fingerprint of the settings and
 `finetune` again with the same `output_dir` continues from the latest checkpoint and, because
 the data order and dropout keys are functions of the step number, ends with the same
 parameters as an uninterrupted run. A resume with other settings or data raises
-`FinetuneResumeError` naming what changed.
+`FinetuneResumeError` naming what changed. After SIGTERM (with `harmjax.preemption`'s handler
+installed) the loop checkpoints the step just done and raises `PreemptedError`.
 
 Per-step metrics go to `output_dir/metrics.jsonl` (and TensorBoard scalars under
 `output_dir/tb` when asked).
@@ -31,7 +32,7 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
-from harmjax import distributed
+from harmjax import distributed, preemption
 from harmjax.checkpoint import read_metadata, restore_tree, save_tree
 from harmjax.data.records import Example
 from harmjax.errors import HarmjaxError
@@ -235,8 +236,13 @@ def finetune(
                                | ({"val/loss": row["val_loss"]} if row.get("val_loss") is not None else {}))
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4f}")
-            if ckpt_root and (done == end or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)):
+            saved = ckpt_root and (done == end or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0))
+            if saved:
                 _save(ckpt_root, state, settings, data.position(done))
+            if done < end and preemption.should_stop():  # SIGTERM: checkpoint this step, stop
+                if ckpt_root and not saved:
+                    _save(ckpt_root, state, settings, data.position(done))
+                raise preemption.preempted(f"fine-tuning step {done} of {total}")
     finally:
         bar.close()
         if writer:

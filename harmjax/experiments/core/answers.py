@@ -13,6 +13,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from harmjax import preemption
 from harmjax.data.records import Example
 from harmjax.evaluate.refusal import is_refusal
 from harmjax.io.jsonl import JsonlWriter, read_jsonl
@@ -60,6 +61,9 @@ def generate_answers(
             for r in rows:
                 out.write(r)
             bar.update(len(part))
+            if s + chunk < len(todo) and preemption.should_stop():  # the chunk is on disk
+                bar.close()
+                raise preemption.preempted(f"{desc} {s + len(part)} of {len(todo)} ({path})")
         bar.close()
     by_id = {r["id"]: r for r in read_jsonl(path)}
     return [by_id[e.id] for e in examples]

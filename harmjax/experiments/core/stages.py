@@ -5,7 +5,8 @@ settings and the keys of the stages it reads. A stage is finished when its `DONE
 (written last, atomically), so a killed run redoes only unfinished stages, and a changed
 setting redoes exactly the stages that depend on it. Inside a stage, work is split into
 units (a chunk of generations, a scan checkpoint, one mask, one evaluation) that are each
-written atomically, so a kill mid-stage loses at most the unit in progress.
+written atomically, so a kill mid-stage loses at most the unit in progress. After SIGTERM
+(`harmjax.preemption`), a run stops at the next unit boundary with `PreemptedError`.
 
 In a multi-process job every process runs every stage (the arrays span all of them); process
 0 alone writes and renames files, and the others wait at a barrier until it has, so all of
@@ -26,7 +27,7 @@ from typing import Any
 import jax
 from absl import logging
 
-from harmjax import distributed, memory
+from harmjax import distributed, memory, preemption
 
 DONE = "DONE.json"
 
@@ -119,6 +120,7 @@ class StageCache:
                                   **{f"computed_{k}": record[k] for k in ("seconds", "peak_device_gib") if k in record}}
             logging.info("Stage %s: cached (%s).", name, directory)
             return record["info"]
+        preemption.check(f"stage {name}")  # SIGTERM: stop before starting a stage
         os.makedirs(directory, exist_ok=True)
         t0 = time.perf_counter()
         info = compute(directory)
@@ -167,7 +169,9 @@ def finish_unit(tmp_path: str, path: str, info: Mapping[str, Any] | None = None)
 
 
 def fresh_dir(path: str) -> str:
-    """An empty `<path>.partial` directory to build a unit in (a leftover from a kill is cleared)."""
+    """An empty `<path>.partial` directory to build a unit in (a leftover from a kill is cleared).
+    A unit boundary: after SIGTERM, raises `PreemptedError` instead of starting the unit."""
+    preemption.check(f"unit {os.path.basename(path)}")
     tmp = f"{path}.partial"
     if distributed.is_writer():
         if os.path.exists(tmp):
