@@ -130,3 +130,20 @@ def torch_logits(model, ids, mask, positions) -> np.ndarray:
             torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(positions)
         )
     return out.logits.float().numpy()
+
+
+def hf_greedy(hf_model, inputs, max_new_tokens, eos=None, pad=0, every_step=False):
+    """transformers' greedy generate on left-padded inputs: the new tokens per row (pads after
+    EOS). `every_step` forbids an early stop (min_new_tokens), so every step is compared."""
+    length = max(map(len, inputs))
+    ids = np.full((len(inputs), length), pad, np.int64)
+    mask = np.zeros_like(ids)
+    for i, seq in enumerate(inputs):
+        ids[i, length - len(seq):], mask[i, length - len(seq):] = seq, 1
+    extra = {"min_new_tokens": max_new_tokens, "use_cache": True} if every_step else {}
+    with torch.no_grad():
+        out = hf_model.generate(
+            torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=max_new_tokens,
+            do_sample=False, eos_token_id=eos, pad_token_id=pad, **extra,
+        )
+    return out[:, length:].numpy()

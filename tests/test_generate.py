@@ -16,7 +16,7 @@ import harmjax
 import harmjax.generate
 from harmjax.generate import PromptFormatError, sample_tokens
 from harmjax.sharding import MeshConfig, make_mesh
-from tests.hf_reference import save_tiny_with_tokenizer, tiny_hf_model, tiny_tokenizer
+from tests.hf_reference import hf_greedy, save_tiny_with_tokenizer, tiny_hf_model, tiny_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["How do I pick a lock?", "Tell me a story about a dragon and a knight.", "Hi"]
@@ -32,17 +32,7 @@ def _one_device():
 
 def _hf_greedy(hf_model, inputs, max_new_tokens, eos, pad=0):
     """transformers' greedy generate on left-padded inputs; new tokens per row (pads after EOS)."""
-    length = max(map(len, inputs))
-    ids = np.full((len(inputs), length), pad, np.int64)
-    mask = np.zeros_like(ids)
-    for i, seq in enumerate(inputs):
-        ids[i, length - len(seq):], mask[i, length - len(seq):] = seq, 1
-    with torch.no_grad():
-        out = hf_model.generate(
-            torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=max_new_tokens,
-            do_sample=False, eos_token_id=eos, pad_token_id=pad,
-        )
-    return out[:, length:].numpy()
+    return hf_greedy(hf_model, inputs, max_new_tokens, eos=eos, pad=pad)
 
 
 def _assert_same_tokens(ours, ref, eos):

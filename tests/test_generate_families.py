@@ -23,7 +23,7 @@ import torch
 import harmjax
 import harmjax.generate
 from harmjax.sharding import MeshConfig, make_mesh
-from tests.hf_reference import FAMILIES, VOCAB, save_tiny, tiny_hf_model
+from tests.hf_reference import FAMILIES, VOCAB, hf_greedy, save_tiny, tiny_hf_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
@@ -46,19 +46,8 @@ def _prompts(seed: int) -> list[list[int]]:
 
 
 def _hf_greedy(hf_model, inputs: list[list[int]], max_new_tokens: int) -> np.ndarray:
-    """transformers' greedy generate on left-padded inputs (no EOS): the new tokens per row."""
-    length = max(map(len, inputs))
-    ids = np.full((len(inputs), length), PAD, np.int64)
-    mask = np.zeros_like(ids)
-    for i, seq in enumerate(inputs):
-        ids[i, length - len(seq):], mask[i, length - len(seq):] = seq, 1
-    with torch.no_grad():
-        out = hf_model.generate(
-            torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=max_new_tokens,
-            min_new_tokens=max_new_tokens,  # no early stop: every step is compared
-            do_sample=False, eos_token_id=None, pad_token_id=PAD, use_cache=True,
-        )
-    return out[:, length:].numpy()
+    """transformers' greedy generate on left-padded inputs (no EOS, no early stop): the new tokens per row."""
+    return hf_greedy(hf_model, inputs, max_new_tokens, eos=None, pad=PAD, every_step=True)
 
 
 def test_every_supported_family_has_a_tiny_reference():
