@@ -21,7 +21,8 @@ Hugging Face's tensor names and orientation:
 Every name loads on first use, so `import harmjax` stays light: the experiments, training
 and the evaluators are imported only when a program touches them. Submodules:
 `harmjax.attribution`, `harmjax.masks`, `harmjax.generate`, `harmjax.evaluate`, `harmjax.data`,
-`harmjax.train`, `harmjax.experiments` (`harmjax.pipeline` is its old name), `harmjax.report`,
+`harmjax.train`, `harmjax.direction` (the refusal direction), `harmjax.experiments`
+(`harmjax.pipeline` is its old name), `harmjax.report`,
 `harmjax.distributed` (multi-process start-up: `harmjax.distributed.initialize(...)` before any
 other JAX use).
 """
@@ -109,8 +110,8 @@ _EXPORTS: dict[str, dict[str, str]] = {
     },
     "Subpackages": {
         name: f"harmjax.{name}"
-        for name in ("attribution", "data", "distributed", "evaluate", "experiments", "masks", "pipeline",
-                     "report", "train")
+        for name in ("attribution", "data", "direction", "distributed", "evaluate", "experiments", "masks",
+                     "pipeline", "report", "train")
     },
 }
 _WHERE = {name: module for group in _EXPORTS.values() for name, module in group.items()}
@@ -137,7 +138,9 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what static tools and IDEs see
-    from harmjax import attribution, data, distributed, evaluate, experiments, generate, masks, pipeline, report, train
+    from harmjax import (
+        attribution, data, direction, distributed, evaluate, experiments, generate, masks, pipeline, report, train,
+    )
     from harmjax.attribution import ScanResult, attribute, scan, score
     from harmjax.config import SUPPORTED_MODEL_TYPES, ModelConfig, RopeConfig
     from harmjax.errors import (AssetError, CheckpointError, HarmjaxError, HubUnavailableError, MissingFileError,

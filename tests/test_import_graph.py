@@ -7,7 +7,7 @@ too), so the test needs nothing imported. Layers, lowest first:
                mesh and its processes)
   loading      io, data, loading, assets, checkpoint, memory (checkpoints, tokenizers, datasets,
                disk and device-memory checks)
-  core         attribution, masks, generate, inference (the sequence scorer)
+  core         attribution, masks, generate, inference (the sequence scorer), direction
   measures     evaluate, report
   training     train
   experiments  experiments (and the `pipeline` alias)
@@ -28,7 +28,7 @@ PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 
 LAYERS = {
     "model": {"errors", "tree", "config", "distributed", "preemption", "sharding", "model"},
     "loading": {"io", "data", "loading", "assets", "checkpoint", "memory"},
-    "core": {"attribution", "masks", "generate", "inference"},
+    "core": {"attribution", "masks", "generate", "inference", "direction"},
     "measures": {"evaluate", "report"},
     "training": {"train"},
     "experiments": {"experiments", "pipeline"},

@@ -100,7 +100,7 @@ def jit_prefill(
 ):
     """Jitted prefill of one (batch, prompt bucket, cache length) shape.
 
-    Returns f(params, ids, mask, key_data, temperature, top_p, eos_ids, row_valid) ->
+    Returns f(params, ids, mask, key_data, temperature, top_p, eos_ids, row_valid, edit) ->
     (cache, first_token, done): the cache holds the prompt's keys and values in slots
     [0, prompt_len), `first_token` is sampled from the last position's logits with step 0,
     and `done` is set for padding rows and rows whose first token is EOS. `fused_bias` is
@@ -110,11 +110,12 @@ def jit_prefill(
     b1, b2 = batch_sharding(mesh, 1), batch_sharding(mesh, 2)
     rep = replicated(mesh)
 
-    def prefill(params, ids, mask, key_data, temperature, top_p, eos_ids, row_valid):
+    def prefill(params, ids, mask, key_data, temperature, top_p, eos_ids, row_valid, edit):
         cache = kvc.init_cache(config, batch, cache_len, kvc.activation_dtype(params))
         key_valid = _key_valid(mask, cache_len)
         h, cache = hidden_states(
-            params, config, ids, key_valid, default_positions(mask), kv_cache=cache, cache_index=0
+            params, config, ids, key_valid, default_positions(mask), kv_cache=cache, cache_index=0,
+            residual_edit=edit,
         )
         # Logits of the last position only: (batch, vocab) rather than (batch, seq, vocab).
         logits = logits_from_hidden(params, config, h[:, -1])
@@ -124,7 +125,7 @@ def jit_prefill(
 
     return jax.jit(
         prefill,
-        in_shardings=(_param_shardings(config, mesh, fused_bias), b2, b2, b2, rep, rep, rep, b1),
+        in_shardings=(_param_shardings(config, mesh, fused_bias), b2, b2, b2, rep, rep, rep, b1, rep),
         out_shardings=(kvc.cache_shardings(config, mesh, batch, cache_len), b1, b1),
     )
 
@@ -149,7 +150,7 @@ def jit_decode(
     argument is donated.
 
     Returns f(params, cache, first_token, done, mask, key_data, n_new, temperature, top_p,
-    eos_ids, pad_id) -> (tokens (batch, gen_len), done, steps, cache). Token i of a row is
+    eos_ids, pad_id, edit) -> (tokens (batch, gen_len), done, steps, cache). Token i of a row is
     drawn with step i; rows that are done emit `pad_id`; the loop stops after `n_new` tokens
     or when every row is done. `fused_bias` as in `jit_prefill`. `unroll` > 1 runs that many
     steps per loop iteration (fewer iterations, each a host round trip on GPUs); a step past
@@ -160,7 +161,7 @@ def jit_decode(
     rep = replicated(mesh)
     cache_sh = kvc.cache_shardings(config, mesh, batch, cache_len)
 
-    def decode(params, cache, first, done, mask, key_data, n_new, temperature, top_p, eos_ids, pad_id):
+    def decode(params, cache, first, done, mask, key_data, n_new, temperature, top_p, eos_ids, pad_id, edit):
         key_valid = _key_valid(mask, cache_len)
         lengths = jnp.sum(mask.astype(jnp.int32), axis=-1)
         tokens = jnp.full((batch, gen_len), pad_id, jnp.int32).at[:, 0].set(first)
@@ -174,7 +175,7 @@ def jit_decode(
             # Token i-1 (`last`) goes into slot prompt_len + i - 1 at position length + i - 1.
             h, cache = hidden_states(
                 params, config, last[:, None], key_valid, (lengths + i - 1)[:, None],
-                kv_cache=cache, cache_index=prompt_len + i - 1,
+                kv_cache=cache, cache_index=prompt_len + i - 1, residual_edit=edit,
             )
             logits = logits_from_hidden(params, config, h[:, 0])
             tok = sample_tokens(logits, key_data, i, temperature, top_p, greedy=greedy, use_top_p=use_top_p)
@@ -202,7 +203,7 @@ def jit_decode(
 
     return jax.jit(
         decode,
-        in_shardings=(_param_shardings(config, mesh, fused_bias), cache_sh, b1, b1, b2, b2, rep, rep, rep, rep, rep),
+        in_shardings=(_param_shardings(config, mesh, fused_bias), cache_sh, b1, b1, b2, b2, *(rep,) * 6),
         out_shardings=(b2, b1, rep, cache_sh),
         donate_argnums=(1,),
     )
@@ -232,6 +233,7 @@ def generate_ids(
     min_bucket: int = 16,
     progress: bool = True,
     fuse_projections: bool | str = "auto",
+    residual_edit: Any = None,
 ) -> GeneratedIds:
     """Generates continuations of token-id inputs (no tokenizer needed).
 
@@ -253,6 +255,8 @@ def generate_ids(
         (`harmjax.model.fused`): True, False, or "auto" (when the devices have the memory).
         Same results; fewer, larger matmuls per decode step. `params` may also be an
         already fused tree (callers that generate in many chunks fuse once).
+      residual_edit: a `harmjax.model.residual.ResidualEdit` applied at every position, prompt
+        and generated tokens alike (directional ablation, activation addition).
     """
     n = len(inputs)
     if max_new_tokens < 1:
@@ -315,11 +319,14 @@ def generate_ids(
         # The context mesh lets mesh-aware layers (the decode-attention kernel's shard_map)
         # see how the batch and heads are split while tracing.
         with jax.set_mesh(mesh):
-            cache, first, done = prefill(params, ids_d, mask_d, key_d, scalars[1], scalars[2], eos, valid_d)
+            cache, first, done = prefill(
+                params, ids_d, mask_d, key_d, scalars[1], scalars[2], eos, valid_d, residual_edit
+            )
             first.block_until_ready()
             t1 = time.perf_counter()
             toks, done, steps, _ = decode(
-                params, cache, first, done, mask_d, key_d, scalars[0], scalars[1], scalars[2], eos, pad
+                params, cache, first, done, mask_d, key_d, scalars[0], scalars[1], scalars[2], eos, pad,
+                residual_edit,
             )
             toks = to_host(toks)  # the batch spans every process's devices
         t2 = time.perf_counter()
@@ -392,6 +399,7 @@ def generate(
     params: dict | None = None,
     progress: bool = True,
     fuse_projections: bool | str = "auto",
+    residual_edit: Any = None,
 ) -> GenerationResult:
     """Generates a response to each prompt, optionally under the prefilling attack.
 
@@ -416,6 +424,7 @@ def generate(
       params: use these params instead of `model.params` (e.g. an edited copy).
       progress: show a tqdm bar over batches.
       fuse_projections: see `generate_ids`.
+      residual_edit: see `generate_ids`.
     """
     if model.tokenizer is None:
         raise prompt_fmt.PromptFormatError(
@@ -434,6 +443,7 @@ def generate(
         max_new_tokens=max_new_tokens, pad_id=_pad_id(model, eos), eos_ids=eos if stop_at_eos else (),
         temperature=temperature, top_p=top_p, seed=seed, sample_ids=sample_ids,
         batch_size=batch_size, progress=progress, fuse_projections=fuse_projections,
+        residual_edit=residual_edit,
     )
     texts = []
     for pre, new, done in zip(prefix_ids, out.tokens, out.finished):

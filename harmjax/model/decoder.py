@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from harmjax.config import ModelConfig
 from harmjax.model import layers
+from harmjax.model.residual import ResidualEdit, ablated, add_at_block, project_out
 
 Params = dict[str, Any]
 # Optional KV cache of one decoder block: {"k": ..., "v": ...}, each (batch, kv_heads,
@@ -98,11 +99,13 @@ def mlp_block(p: Params, config: ModelConfig, x: jax.Array) -> jax.Array:
 def decoder_layer(
     p: Params, config: ModelConfig, x: jax.Array, rope: tuple[jax.Array, jax.Array], mask: jax.Array,
     cache: LayerCache | None = None, cache_index: jax.Array | int | None = None,
+    ablate: jax.Array | None = None,
 ):
     """One residual block in the family's norm placement (pre, post or sandwich).
 
     Returns the block output, or `(output, updated_cache)` when this block's KV `cache` is
-    given (see `attention_block`).
+    given (see `attention_block`). `ablate` (a unit vector) is projected out of the residual
+    stream after each sub-block's residual add (see `harmjax.model.residual`).
     """
     c = config
     new_cache = None
@@ -115,16 +118,17 @@ def decoder_layer(
         return out
 
     if c.norm_style == "pre":
-        x = x + attend(_norm(c, x, p["input_layernorm"]))
+        x = project_out(x + attend(_norm(c, x, p["input_layernorm"])), ablate)
         x = x + mlp_block(p["mlp"], c, _norm(c, x, p["post_attention_layernorm"]))
     elif c.norm_style == "post":
-        x = x + _norm(c, attend(x), p["post_attention_layernorm"])
+        x = project_out(x + _norm(c, attend(x), p["post_attention_layernorm"]), ablate)
         x = x + _norm(c, mlp_block(p["mlp"], c, x), p["post_feedforward_layernorm"])
     else:  # sandwich (Gemma-2): norms on both sides of each sub-block.
         h = attend(_norm(c, x, p["input_layernorm"]))
-        x = x + _norm(c, h, p["post_attention_layernorm"])
+        x = project_out(x + _norm(c, h, p["post_attention_layernorm"]), ablate)
         h = mlp_block(p["mlp"], c, _norm(c, x, p["pre_feedforward_layernorm"]))
         x = x + _norm(c, h, p["post_feedforward_layernorm"])
+    x = project_out(x, ablate)
     return x if cache is None else (x, new_cache)
 
 
@@ -175,6 +179,8 @@ def hidden_states(
     kv_cache: dict[str, LayerCache] | None = None,
     cache_index: jax.Array | int | None = None,
     block_masks: dict[str, jax.Array] | None = None,
+    residual_edit: ResidualEdit | None = None,
+    return_residuals: bool = False,
 ):
     """Final-norm hidden states (batch, seq, hidden) in the parameter dtype.
 
@@ -187,6 +193,11 @@ def hidden_states(
     attend to every earlier slot; `attention_mask` is then the (batch, cache_len) validity
     of the cache slots (0 for left padding), `positions` default to real-token counts over
     those slots, and the result is `(hidden, updated_cache)`.
+
+    `residual_edit` (`harmjax.model.residual.ResidualEdit`) ablates a direction from, or adds
+    vectors to, the residual stream as the blocks run. `return_residuals` appends to the
+    result a list of num_layers + 1 (batch, seq, hidden) arrays: the input of each block
+    (after any edit) and the last block's output before the final norm.
     """
     c = config
     seq = input_ids.shape[1]
@@ -200,7 +211,7 @@ def hidden_states(
         positions = default_positions(attention_mask)
         if cached:
             positions = jax.lax.dynamic_slice_in_dim(positions, cache_index, seq, axis=1)
-    x = embed(params, c, input_ids)
+    x = project_out(embed(params, c, input_ids), ablated(residual_edit))
     ropes, masks = block_tables(c, positions, attention_mask, seq, x.dtype, cache_index if cached else 0)
     if block_masks is not None:
         masks = block_masks
@@ -210,18 +221,23 @@ def hidden_states(
         # Recompute each block's activations in the backward pass: memory O(layers) smaller.
         layer_fn = jax.checkpoint(decoder_layer, static_argnums=(1,))
     blocks = params["model"]["layers"]
-    new_cache = {}
+    new_cache, residuals = {}, []
     for i, kind in enumerate(c.layer_types):
         with jax.named_scope(f"layer_{i}"):
+            x = add_at_block(residual_edit, i, x)
+            residuals.append(x)
             if cached:
                 key = str(i)
                 x, new_cache[key] = layer_fn(
-                    blocks[key], c, x, ropes[kind], masks[kind], kv_cache[key], cache_index
+                    blocks[key], c, x, ropes[kind], masks[kind], kv_cache[key], cache_index,
+                    ablate=ablated(residual_edit),
                 )
             else:
-                x = layer_fn(blocks[str(i)], c, x, ropes[kind], masks[kind])
+                x = layer_fn(blocks[str(i)], c, x, ropes[kind], masks[kind], ablate=ablated(residual_edit))
     h = final_norm(params, c, x)
-    return (h, new_cache) if cached else h
+    out = (h, new_cache) if cached else (h,)
+    out += ([*residuals, x],) if return_residuals else ()
+    return out if len(out) > 1 else h
 
 
 def logits_from_hidden(params: Params, config: ModelConfig, h: jax.Array) -> jax.Array:
