@@ -30,7 +30,21 @@ _FAMILIES: dict[str, dict[str, Any]] = {
     },
     "olmo2": {"qk_norm": "full", "norm_style": "post", "norm_scale_in_fp32": True},
     "olmo3": {"qk_norm": "full", "norm_style": "post", "norm_scale_in_fp32": True},
+    "gemma3_text": {
+        "norm_offset": 1.0,
+        "norm_scale_in_fp32": True,
+        "embed_scale": True,
+        "norm_style": "sandwich",
+        "qk_norm": "head",
+    },
+    "smollm3": {},  # nope_layers from the checkpoint's no_rope_layers
+    "phi3": {"fused_linears": True},
 }
+
+# Families whose attention logit scale is query_pre_attn_scalar**-0.5, with optional soft-caps.
+_QUERY_PRE_ATTN_SCALAR = ("gemma2", "gemma3_text")
+# Families that apply `sliding_window` to every layer when it is set (no layer_types).
+_WINDOW_ON_EVERY_LAYER = ("mistral", "phi3")
 
 SUPPORTED_MODEL_TYPES = tuple(_FAMILIES)
 
@@ -43,7 +57,7 @@ _ACTIVATIONS = {
     "gelu": "gelu",
 }
 
-_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +76,9 @@ class RopeConfig:
     mscale: float | None = None
     mscale_all_dim: float | None = None
     truncate: bool = True
+    partial_rotary_factor: float = 1.0
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
 
     @classmethod
     def from_hf(cls, params: dict[str, Any], model_type: str) -> "RopeConfig":
@@ -72,11 +89,6 @@ class RopeConfig:
                 f"RoPE type {rope_type!r} of this {model_type} checkpoint is not supported; "
                 f"supported: {list(_ROPE_TYPES)}."
             )
-        if params.get("partial_rotary_factor", 1.0) != 1.0:
-            raise UnsupportedArchitectureError(
-                f"partial_rotary_factor={params['partial_rotary_factor']} is not supported."
-            )
-
         def opt_float(key):
             return None if params.get(key) is None else float(params[key])
 
@@ -94,6 +106,9 @@ class RopeConfig:
             mscale=opt_float("mscale"),
             mscale_all_dim=opt_float("mscale_all_dim"),
             truncate=bool(params.get("truncate", True)),
+            partial_rotary_factor=float(params.get("partial_rotary_factor") or 1.0),
+            short_factor=tuple(float(x) for x in params.get("short_factor") or ()),
+            long_factor=tuple(float(x) for x in params.get("long_factor") or ()),
         )
 
 
@@ -113,6 +128,9 @@ class ModelConfig:
       embed_scale: multiply embeddings by sqrt(hidden_size) (Gemma).
       attn_scale: the query scaling (head_dim**-0.5, or query_pre_attn_scalar**-0.5 in Gemma-2).
       rope / rope_local: RoPE for full and for sliding-window layers.
+      nope_layers: indices of layers that apply no RoPE at all (SmolLM3's NoPE layers).
+      fused_linears: the checkpoint stores q/k/v as one `self_attn.qkv_proj` and gate/up as
+        one `mlp.gate_up_proj` (Phi-3/Phi-4); those fused tensors are the params' leaves.
     """
 
     model_type: str
@@ -142,6 +160,8 @@ class ModelConfig:
     attn_scale: float = 0.0
     attn_logit_softcap: float | None = None
     final_logit_softcap: float | None = None
+    nope_layers: tuple[int, ...] = ()
+    fused_linears: bool = False
 
     def __post_init__(self):
         if not self.layer_types:
@@ -167,6 +187,8 @@ class ModelConfig:
         """Builds from a transformers `PretrainedConfig` (or a config.json dict)."""
         if isinstance(hf_config, dict):
             hf_config = hf_config_from_dict(hf_config)
+        elif getattr(hf_config, "model_type", None) in MULTIMODAL_TEXT_TOWERS:
+            hf_config = hf_config.text_config
         model_type = hf_config.model_type
         check_supported(model_type, getattr(hf_config, "architectures", None))
         flags = dict(_FAMILIES[model_type])
@@ -188,7 +210,14 @@ class ModelConfig:
         else:
             qkv_bias, o_bias = attention_bias, attention_bias
         flags.update(qkv_bias=qkv_bias, o_bias=o_bias)
-        if model_type == "gemma2":
+        if getattr(c, "use_bidirectional_attention", False):
+            raise UnsupportedArchitectureError(
+                f"use_bidirectional_attention=True ({model_type}) is not supported; harmjax "
+                "decodes causal language models."
+            )
+        if model_type == "smollm3":  # HF's no_rope_layers holds 1 where a layer uses RoPE.
+            flags["nope_layers"] = tuple(i for i, use in enumerate(c.no_rope_layers) if not use)
+        if model_type in _QUERY_PRE_ATTN_SCALAR:
             flags["attn_scale"] = float(c.query_pre_attn_scalar) ** -0.5
             flags["attn_logit_softcap"] = getattr(c, "attn_logit_softcapping", None)
             flags["final_logit_softcap"] = getattr(c, "final_logit_softcapping", None)
@@ -229,10 +258,33 @@ def check_supported(model_type: str | None, architectures: list[str] | None = No
         )
 
 
+# Multimodal model_type -> (text tower model_type, the text-only causal-LM class). harmjax
+# reads the text tower of such a checkpoint and exports it as that text-only model.
+MULTIMODAL_TEXT_TOWERS = {"gemma3": ("gemma3_text", "Gemma3ForCausalLM")}
+
+
+def text_tower_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A config.json dict of a supported multimodal checkpoint (Gemma-3's
+    Gemma3ForConditionalGeneration) as the config.json of its text tower alone; any other
+    dict unchanged. Top-level dtype and tie_word_embeddings carry over when the nested
+    text_config does not state them."""
+    tower = MULTIMODAL_TEXT_TOWERS.get(config.get("model_type"))
+    if tower is None:
+        return config
+    text = dict(config.get("text_config") or {})
+    for key in ("dtype", "torch_dtype", "tie_word_embeddings"):
+        if key in config and key not in text:
+            text[key] = config[key]
+    text.update(model_type=tower[0], architectures=[tower[1]])
+    return text
+
+
 def hf_config_from_dict(config: dict[str, Any]):
-    """A transformers config object from a config.json dict, after checking the family."""
+    """A transformers config object from a config.json dict, after checking the family
+    (a multimodal checkpoint's dict gives its text tower's config, `text_tower_config`)."""
     import transformers
 
+    config = text_tower_config(config)
     model_type = config.get("model_type")
     check_supported(model_type, config.get("architectures"))
     fields = {k: v for k, v in config.items() if k != "model_type"}
@@ -247,8 +299,8 @@ def _layer_types(c, model_type: str) -> tuple[str, ...]:
         if unknown:
             raise UnsupportedArchitectureError(f"Layer types {sorted(unknown)} are not supported.")
         types = tuple("sliding" if t == "sliding_attention" else "full" for t in hf_types)
-    elif model_type == "mistral" and getattr(c, "sliding_window", None):
-        # Mistral applies its window to every layer and has no layer_types.
+    elif model_type in _WINDOW_ON_EVERY_LAYER and getattr(c, "sliding_window", None):
+        # Mistral and Phi-3 apply their window to every layer and have no layer_types.
         types = ("sliding",) * n
     else:
         types = ("full",) * n
@@ -269,7 +321,11 @@ def _rope_configs(c, model_type: str) -> tuple[RopeConfig, RopeConfig]:
         local = RopeConfig.from_hf(params.get("sliding_attention") or {}, model_type)
     else:
         full = local = RopeConfig.from_hf(params, model_type)
-    if full.original_max_position_embeddings is None and full.rope_type in ("llama3", "yarn"):
+        if full.rope_type == "longrope" and params.get("factor") is None:
+            # transformers' longrope: no factor means max_position_embeddings / original.
+            original = full.original_max_position_embeddings or c.max_position_embeddings
+            full = local = dataclasses.replace(full, factor=c.max_position_embeddings / original)
+    if full.original_max_position_embeddings is None and full.rope_type in ("llama3", "yarn", "longrope"):
         full = dataclasses.replace(
             full,
             original_max_position_embeddings=int(getattr(c, "max_position_embeddings", 4096)),

@@ -17,7 +17,7 @@ import jax
 from absl import logging
 from jax.sharding import Mesh
 
-from harmjax.config import ModelConfig, hf_config_from_dict
+from harmjax.config import ModelConfig, hf_config_from_dict, text_tower_config
 from harmjax.io import hf as hf_io
 from harmjax.sharding import MeshConfig, make_mesh
 
@@ -71,7 +71,8 @@ def load(
     """
     path = hf_io.resolve_checkpoint(path_or_id)
     directory = gguf_as_hf_dir(path) if path.endswith(".gguf") else path
-    raw_config = hf_io.read_config_json(directory)
+    # A multimodal checkpoint (Gemma-3) is read, and later exported, as its text tower alone.
+    raw_config = text_tower_config(hf_io.read_config_json(directory))
     config = ModelConfig.from_hf(hf_config_from_dict(raw_config))
     param_dtype = hf_io.resolve_dtype(dtype, raw_config)
     if not isinstance(mesh, Mesh):

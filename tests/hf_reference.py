@@ -56,6 +56,29 @@ FAMILIES: dict[str, dict] = {
             "beta_fast": 32, "beta_slow": 1,
         },
     ),
+    # Gemma-3: local/global layers with their own RoPE (linear-scaled global), per-head q/k
+    # norms with the (1 + w) offset, sandwich norms, query_pre_attn_scalar, tied head.
+    "gemma3_text": dict(
+        head_dim=32, sliding_window=5, query_pre_attn_scalar=24,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+        },
+    ),
+    # SmolLM3: the middle layer has no RoPE (HF's no_rope_layers: 1 = uses RoPE).
+    "smollm3": dict(no_rope_layers=[1, 0, 1]),
+    # Phi-3/Phi-4-mini: fused qkv/gate_up, RoPE on the first 3/4 of each head, longrope whose
+    # original length (16) the 13-token parity batch stays under and generation runs past,
+    # and a window on every layer.
+    "phi3": dict(
+        sliding_window=5, original_max_position_embeddings=16,
+        rope_parameters={
+            "rope_type": "longrope", "rope_theta": 1e4, "partial_rotary_factor": 0.75,
+            "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+            "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0],
+        },
+    ),
 }
 
 

@@ -14,7 +14,8 @@ from tests.hf_reference import FAMILIES, left_padded_batch, save_tiny, tiny_hf_m
 from tests.test_parity import assert_logits_match
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+# Phi-3 is stored fused (its params already are what this test builds); parity covers it.
+@pytest.mark.parametrize("family", [f for f in sorted(FAMILIES) if f != "phi3"])
 def test_fused_logits_match_transformers(family, tmp_path):
     hf_model = tiny_hf_model(family)
     mesh = make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])

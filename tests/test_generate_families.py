@@ -36,7 +36,14 @@ PAD = 0
 # embedding, whose best logit is the token itself), so its head is untied here; tying is
 # covered by the logits parity tests.
 INIT = dict(initializer_range=0.3)
-OVERRIDES = {"gemma2": dict(tie_word_embeddings=False)}
+# Phi-3's longrope switch is kept out of reach (64 > prompt + new tokens): transformers'
+# generate re-encodes the whole cache when a sequence first passes the switch, which harmjax's
+# cached decode does not (docs/known_gaps.md); the logits tests cover both factor sets.
+OVERRIDES = {
+    "gemma2": dict(tie_word_embeddings=False),
+    "gemma3_text": dict(tie_word_embeddings=False),
+    "phi3": dict(original_max_position_embeddings=64),
+}
 
 
 def _prompts(seed: int) -> list[list[int]]:
@@ -60,7 +67,8 @@ def _generate(model, config, mesh, inputs, fuse):
         model.params, config, mesh, inputs, max_new_tokens=NEW_TOKENS, pad_id=PAD, eos_ids=(),
         batch_size=4, progress=False, fuse_projections=fuse,
     )
-    assert out.stats["fused_projections"] == fuse
+    # Phi-3's checkpoint is fused already: its own qkv_proj/gate_up_proj run either way.
+    assert out.stats["fused_projections"] == (fuse or config.fused_linears)
     return np.stack([np.asarray(t) for t in out.tokens])
 
 

@@ -19,7 +19,7 @@ def _state_dict(model):
     return {k: v.detach().numpy() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("family", ["qwen2", "gemma2", "olmo2"])
+@pytest.mark.parametrize("family", ["qwen2", "gemma2", "olmo2", "phi3"])
 def test_round_trip_gives_identical_tensors(family, tmp_path):
     hf_model = tiny_hf_model(family)
     src = save_tiny(hf_model, tmp_path / "src")

@@ -141,7 +141,8 @@ def scored_names(config: ModelConfig, scope: Sequence[str] | None = None) -> lis
     linear = {f"model.layers.{i}.{n}.weight" for i in range(config.num_layers) for n in linear_names(config)}
     return resolve_scope(param_specs(config).items(), scope or DEFAULT_SCOPE,
                          what=f"parameter of this {config.model_type} model", allowed=linear.__contains__,
-                         refusal="is not a decoder linear weight; only q/k/v/o/gate/up/down_proj weights can be scored")
+                         refusal="is not a decoder linear weight; only the blocks' "
+                         f"{'/'.join(n.split('.')[-1] for n in linear_names(config))} weights can be scored")
 
 
 def names_for(config: ModelConfig, scope) -> tuple[str, ...]:

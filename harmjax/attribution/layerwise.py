@@ -34,7 +34,9 @@ from jax.sharding import Mesh
 
 from harmjax.attribution.core import AccumulateStep, accumulator_mode, probe_params, scope_shardings
 from harmjax.config import ModelConfig
-from harmjax.model.decoder import block_tables, decoder_layer, default_positions, embed, final_norm, logits_from_hidden
+from harmjax.model.decoder import (
+    block_tables, decoder_layer, default_positions, embed, final_norm, layer_rope, logits_from_hidden,
+)
 from harmjax.model.loss import mean_nll_per_example
 from harmjax.sharding import batch_sharding, replicated
 from harmjax.tree import flatten, unflatten
@@ -137,7 +139,9 @@ class LayerwiseStep(AccumulateStep):
         return (self._kind_of(index), jax.tree.structure((block, accs)), x.shape, x.dtype)
 
     def _kind_of(self, index: int) -> tuple:
-        return (self.config.layer_types[index], index in self._acc_sh, index < self._lowest_scored)
+        # A NoPE block (no RoPE tables) is a program of its own.
+        c = self.config
+        return (c.layer_types[index], index in c.nope_layers, index in self._acc_sh, index < self._lowest_scored)
 
     def _backward_program(self, index, block, accs, x):
         key = self._key(index, block, accs, x)
@@ -173,7 +177,7 @@ class LayerwiseStep(AccumulateStep):
         x, ropes, masks = self._prologue(params, input_ids, attention_mask)
         xs, saved = {}, {}
         for i, kind in enumerate(c.layer_types):
-            y, res = self._fwd(first[i], blocks[str(i)], layer_accs.get(i), x, ropes[kind], masks[kind])
+            y, res = self._fwd(first[i], blocks[str(i)], layer_accs.get(i), x, layer_rope(c, ropes, i), masks[kind])
             if i >= self._lowest_scored:  # kept for the backward pass
                 xs[i], saved[i] = x, res
             x = y
@@ -183,7 +187,7 @@ class LayerwiseStep(AccumulateStep):
         for i in range(c.num_layers - 1, self._lowest_scored - 1, -1):
             kind, a = c.layer_types[i], layer_accs.pop(i, None)
             bwd = self._backward_program(first[i], blocks[str(i)], a, xs[i])
-            new_a, dy = bwd(blocks[str(i)], a, xs[i], ropes[kind], masks[kind], saved[i], dy)
+            new_a, dy = bwd(blocks[str(i)], a, xs[i], layer_rope(c, ropes, i), masks[kind], saved[i], dy)
             del xs[i], saved[i]  # freed once the program has run
             if new_a is not None:
                 new[i] = new_a
@@ -219,7 +223,7 @@ class LayerwiseStep(AccumulateStep):
         x, ropes, masks = lowered.out_info
         kept, seen = 0, {}
         for i, kind in enumerate(c.layer_types):
-            args = (blocks[str(i)], layer_accs.get(i), x, ropes[kind], masks[kind])
+            args = (blocks[str(i)], layer_accs.get(i), x, layer_rope(c, ropes, i), masks[kind])
             key = (self._key(first[i], *args[:3]), i >= self._lowest_scored)
             if key not in seen:  # one compilation per distinct program, as in the step
                 lowered = self._fwd.lower(first[i], *args)

@@ -24,6 +24,7 @@ from jax.sharding import Mesh
 from harmjax import distributed
 from harmjax.config import ModelConfig
 from harmjax.errors import CheckpointError, HubUnavailableError, MissingFileError, UnsupportedDtypeError
+from harmjax.io.multimodal import text_tower_names
 from harmjax.io.safetensors_io import TensorReader, write_tensors
 from harmjax.model.param_specs import param_specs
 from harmjax.sharding import param_shardings
@@ -157,10 +158,11 @@ def load_params(directory: str, config: ModelConfig, dtype: Any, mesh: Mesh) -> 
     # GIL, so a few threads overlap page-cache reads with host-to-device copies. Reading every
     # shape first opens all files in this thread; workers only read.
     with TensorReader(directory) as reader, ThreadPoolExecutor(max_workers=_LOAD_THREADS) as pool:
-        shapes = {name: reader.shape(name) for name in reader.names()}
+        in_file = text_tower_names(reader.names())  # params name -> name in the file
+        shapes = {name: reader.shape(stored) for name, stored in in_file.items()}
         names = check_tensor_names(shapes, config, directory)
         futures = {
-            pool.submit(_place, reader, name, shapes[name], dtype, shardings[name]): name for name in names
+            pool.submit(_place, reader, in_file[name], shapes[name], dtype, shardings[name]): name for name in names
         }
         for future in tqdm(as_completed(futures), total=len(futures), desc="loading tensors", unit="tensor", leave=False):
             flat[futures[future]] = future.result()

@@ -31,9 +31,11 @@ _LAYER_ORDER = (
     "self_attn.q_proj.weight",
     "self_attn.k_proj.weight",
     "self_attn.v_proj.weight",
+    "self_attn.qkv_proj.weight",  # Phi-3's fused projections
     "self_attn.o_proj.weight",
     "mlp.gate_proj.weight",
     "mlp.up_proj.weight",
+    "mlp.gate_up_proj.weight",
     "mlp.down_proj.weight",
     "self_attn.q_proj.bias",
     "self_attn.k_proj.bias",

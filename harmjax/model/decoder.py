@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from harmjax.config import ModelConfig
-from harmjax.model import layers
+from harmjax.model import layers, rope_variants
 from harmjax.model.residual import ResidualEdit, ablated, add_at_block, project_out
 
 Params = dict[str, Any]
@@ -69,8 +69,9 @@ def attention_block(
     v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
     if c.qk_norm == "head":  # Qwen3 normalises each head.
         q, k = _norm(c, q, p["q_norm"]), _norm(c, k, p["k_norm"])
-    cos, sin = rope
-    q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
+    if rope is not None:  # None in layers without RoPE (SmolLM3's NoPE layers)
+        cos, sin = rope
+        q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
     if cache is None:
         out = layers.attention(q, k, v, mask, c.attn_scale, c.attn_logit_softcap)
         return _proj(p["o_proj"], out)
@@ -156,11 +157,15 @@ def block_tables(
     ropes, masks = {}, {}
     for kind in set(c.layer_types):
         rope_cfg = c.rope if kind == "full" else c.rope_local
-        inv_freq, scaling = layers.rope_inv_freq(rope_cfg, c.head_dim, c.max_position_embeddings)
-        ropes[kind] = layers.rope_tables(positions, inv_freq, scaling, dtype)
+        ropes[kind] = rope_variants.rope_tables(rope_cfg, c.head_dim, c.max_position_embeddings, positions, dtype)
         window = c.sliding_window if kind == "sliding" else None
         masks[kind] = layers.attention_mask(attention_mask, seq, window, cache_index)
     return ropes, masks
+
+
+def layer_rope(config: ModelConfig, ropes: dict[str, tuple[jax.Array, jax.Array]], index: int):
+    """The RoPE tables block `index` uses (from `block_tables`), or None in a NoPE layer."""
+    return None if index in config.nope_layers else ropes[config.layer_types[index]]
 
 
 def final_norm(params: Params, config: ModelConfig, x: jax.Array) -> jax.Array:
@@ -229,11 +234,11 @@ def hidden_states(
             if cached:
                 key = str(i)
                 x, new_cache[key] = layer_fn(
-                    blocks[key], c, x, ropes[kind], masks[kind], kv_cache[key], cache_index,
+                    blocks[key], c, x, layer_rope(c, ropes, i), masks[kind], kv_cache[key], cache_index,
                     ablate=ablated(residual_edit),
                 )
             else:
-                x = layer_fn(blocks[str(i)], c, x, ropes[kind], masks[kind], ablate=ablated(residual_edit))
+                x = layer_fn(blocks[str(i)], c, x, layer_rope(c, ropes, i), masks[kind], ablate=ablated(residual_edit))
     h = final_norm(params, c, x)
     out = (h, new_cache) if cached else (h,)
     out += ([*residuals, x],) if return_residuals else ()

@@ -11,6 +11,10 @@ when the device reports that much free memory with room to spare.
 Fusion needs plain arrays of one dtype, and a mesh without tensor parallelism: the fused
 output dimension would otherwise need its own shard layout so that q, k and v stay whole on
 each device.
+
+Phi-3's checkpoints are fused already (`ModelConfig.fused_linears`): their params tree has
+`qkv_proj` and `gate_up_proj` as its own leaves, `is_fused` is true for it, nothing is
+fused again, and its shardings are the params' own.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ GROUPS = (("self_attn", "qkv_proj", ("q_proj", "k_proj", "v_proj")), ("mlp", "ga
 
 
 def is_fused(params: dict) -> bool:
-    """Whether `params` is already a tree from `fuse_projections`."""
+    """Whether `params` already has fused q/k/v: a tree from `fuse_projections`, or a
+    checkpoint stored fused (Phi-3)."""
     return "qkv_proj" in params["model"]["layers"]["0"]["self_attn"]
 
 
@@ -68,6 +73,8 @@ def fused_shardings(config: ModelConfig, mesh: Mesh, has_bias: tuple[bool, bool]
     (the output dimension is unsharded when tensor parallelism is off). `has_bias` as
     `bias_flags` returns it."""
     tree = param_shardings(config, mesh)
+    if config.fused_linears:  # the checkpoint's own fused layout (Phi-3)
+        return tree
     for layer in tree["model"]["layers"].values():
         for (block, fused, parts), bias in zip(GROUPS, has_bias):
             first = layer[block][parts[0]]
@@ -80,7 +87,10 @@ def fused_shardings(config: ModelConfig, mesh: Mesh, has_bias: tuple[bool, bool]
 def fuse_projections(params: dict, config: ModelConfig, mesh: Mesh) -> dict:
     """The params tree with q/k/v and gate/up concatenated along their output dimension
     (`qkv_proj`, `gate_up_proj`; biases too), sharded like the params. The input tree is
-    not modified; unfused leaves are shared, not copied."""
+    not modified; unfused leaves are shared, not copied. An already fused tree (Phi-3's
+    own layout included) is returned as it is."""
+    if is_fused(params):
+        return params
     first = params["model"]["layers"]["0"]
     has_bias = tuple("bias" in first[block][parts[0]] for block, _, parts in GROUPS)
     layers = _jit_fuse(config, mesh, has_bias)(params["model"]["layers"])

@@ -121,7 +121,14 @@ def rope_tables(
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotates x (batch, seq, heads, head_dim) with HF's rotate-half convention."""
+    """Rotates x (batch, seq, heads, head_dim) with HF's rotate-half convention.
+
+    Tables narrower than head_dim (partial rotary, Phi-4-mini) rotate the first
+    `cos.shape[-1]` dimensions of each head and pass the rest through unchanged.
+    """
+    if cos.shape[-1] < x.shape[-1]:
+        rot = cos.shape[-1]
+        return jnp.concatenate([apply_rope(x[..., :rot], cos, sin), x[..., rot:]], axis=-1)
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]

@@ -26,8 +26,10 @@ class ParamSpec:
 
 
 def linear_names(config: ModelConfig) -> tuple[str, ...]:
-    """Relative names of the seven linear projections in every decoder block."""
-    del config  # the same seven in every supported family
+    """Relative names of the linear projections in every decoder block: the seven of Llama,
+    or the checkpoint's own four where it fuses q/k/v and gate/up (Phi-3)."""
+    if config.fused_linears:
+        return ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
     return (
         "self_attn.q_proj",
         "self_attn.k_proj",
@@ -43,6 +45,8 @@ def layer_param_specs(config: ModelConfig) -> dict[str, ParamSpec]:
     """Specs of one decoder block, keyed by name relative to `model.layers.{i}`."""
     c = config
     d, q, kv, m = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size
+    if c.fused_linears:
+        return _fused_layer_specs(c) | _norm_specs(c)
     specs = {
         "self_attn.q_proj.weight": ParamSpec((q, d), ("q_heads", "embed")),
         "self_attn.k_proj.weight": ParamSpec((kv, d), ("kv_heads", "embed")),
@@ -68,6 +72,26 @@ def layer_param_specs(config: ModelConfig) -> dict[str, ParamSpec]:
     elif c.qk_norm == "full":
         specs["self_attn.q_norm.weight"] = ParamSpec((q,), ("norm",))
         specs["self_attn.k_norm.weight"] = ParamSpec((kv,), ("norm",))
+    return specs | _norm_specs(c)
+
+
+def _fused_layer_specs(c: ModelConfig) -> dict[str, ParamSpec]:
+    """Phi-3's fused projections, in its checkpoint's order and shapes. The fused output
+    dimension shards like its first part (q heads, MLP width): with tensor parallelism GSPMD
+    then regathers the q/k/v and gate/up splits, correct but with extra communication."""
+    d, q, kv, m = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size
+    return {
+        "self_attn.qkv_proj.weight": ParamSpec((q + 2 * kv, d), ("q_heads", "embed")),
+        "self_attn.o_proj.weight": ParamSpec((d, q), ("embed", "q_heads")),
+        "mlp.gate_up_proj.weight": ParamSpec((2 * m, d), ("mlp", "embed")),
+        "mlp.down_proj.weight": ParamSpec((d, m), ("embed", "mlp")),
+    }
+
+
+def _norm_specs(c: ModelConfig) -> dict[str, ParamSpec]:
+    """The block's RMSNorm weights in the family's norm placement."""
+    d = c.hidden_size
+    specs = {}
     norm = ParamSpec((d,), ("norm",))
     if c.norm_style == "pre":
         specs["input_layernorm.weight"] = norm

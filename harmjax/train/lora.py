@@ -29,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from harmjax.config import ModelConfig
 from harmjax.distributed import to_host
+from harmjax.errors import UnsupportedArchitectureError
 from harmjax.io.lora import merged_weight
 from harmjax.model.param_specs import linear_names, param_specs
 from harmjax.sharding import logical_to_spec
@@ -81,6 +82,11 @@ class LoraConfig:
 
 def adapted_weight_names(config: ModelConfig, lora_cfg: LoraConfig) -> list[str]:
     """Dotted HF names of the weights `lora_cfg` adapts, in `param_specs` order."""
+    if config.fused_linears:  # adapting only o/down_proj silently would mislead
+        raise UnsupportedArchitectureError(
+            f"LoRA on {config.model_type}'s fused qkv_proj/gate_up_proj is not supported; "
+            f"LoRA targets {PROJECTIONS} of unfused checkpoints."
+        )
     layers = range(config.num_layers) if lora_cfg.layers is None else lora_cfg.layers
     bad = [i for i in layers if not 0 <= i < config.num_layers]
     if bad:
