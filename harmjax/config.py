@@ -30,6 +30,10 @@ _FAMILIES: dict[str, dict[str, Any]] = {
     },
     "olmo2": {"qk_norm": "full", "norm_style": "post", "norm_scale_in_fp32": True},
     "olmo3": {"qk_norm": "full", "norm_style": "post", "norm_scale_in_fp32": True},
+    # Mixture-of-experts families: their MoE flags come from `_moe_flags`.
+    "mixtral": {"moe_layout": "mixtral"},
+    "qwen3_moe": {"qk_norm": "head", "moe_layout": "qwen"},
+    "gpt_oss": {"moe_layout": "fused", "attn_sinks": True},
 }
 
 SUPPORTED_MODEL_TYPES = tuple(_FAMILIES)
@@ -113,6 +117,15 @@ class ModelConfig:
       embed_scale: multiply embeddings by sqrt(hidden_size) (Gemma).
       attn_scale: the query scaling (head_dim**-0.5, or query_pre_attn_scalar**-0.5 in Gemma-2).
       rope / rope_local: RoPE for full and for sliding-window layers.
+      moe_layout: "" (dense), "mixtral" (per-expert w1/w3/w2 under block_sparse_moe), "qwen"
+        (per-expert gate/up/down_proj under mlp) or "fused" (gpt-oss 3-D expert tensors).
+      num_experts / num_experts_per_tok / moe_intermediate_size: experts, top-k, expert width.
+      moe_layers: per layer, whether its feed-forward is the MoE block (Qwen3-MoE's
+        mlp_only_layers and decoder_sparse_step make some dense).
+      router: "softmax_topk" (softmax, then top-k; renormalised when norm_topk_prob) or
+        "topk_softmax" (top-k logits, then softmax over them: gpt-oss).
+      swiglu_limit / swiglu_alpha: gpt-oss's clamped SwiGLU; attn_sinks: per-head sink logits.
+      moe_impl: "auto", "ragged", "gather" or "dense" (see harmjax.model.moe).
     """
 
     model_type: str
@@ -142,10 +155,24 @@ class ModelConfig:
     attn_scale: float = 0.0
     attn_logit_softcap: float | None = None
     final_logit_softcap: float | None = None
+    # Mixture of experts (harmjax.model.moe); num_experts=0 is a dense model.
+    moe_layout: str = ""
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    moe_layers: tuple[bool, ...] = ()
+    router: str = "softmax_topk"
+    norm_topk_prob: bool = True
+    swiglu_limit: float | None = None
+    swiglu_alpha: float = 1.702
+    attn_sinks: bool = False
+    moe_impl: str = "auto"
 
     def __post_init__(self):
         if not self.layer_types:
             object.__setattr__(self, "layer_types", ("full",) * self.num_layers)
+        if self.num_experts and not self.moe_layers:
+            object.__setattr__(self, "moe_layers", (True,) * self.num_layers)
         if not self.attn_scale:
             object.__setattr__(self, "attn_scale", self.head_dim**-0.5)
         if len(self.layer_types) != self.num_layers:
@@ -169,6 +196,7 @@ class ModelConfig:
             hf_config = hf_config_from_dict(hf_config)
         model_type = hf_config.model_type
         check_supported(model_type, getattr(hf_config, "architectures", None))
+        check_quantization(getattr(hf_config, "quantization_config", None), model_type)
         flags = dict(_FAMILIES[model_type])
         c = hf_config
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
@@ -188,6 +216,7 @@ class ModelConfig:
         else:
             qkv_bias, o_bias = attention_bias, attention_bias
         flags.update(qkv_bias=qkv_bias, o_bias=o_bias)
+        flags.update(_moe_flags(c, model_type))
         if model_type == "gemma2":
             flags["attn_scale"] = float(c.query_pre_attn_scalar) ** -0.5
             flags["attn_logit_softcap"] = getattr(c, "attn_logit_softcapping", None)
@@ -229,6 +258,41 @@ def check_supported(model_type: str | None, architectures: list[str] | None = No
         )
 
 
+def check_quantization(quantization_config: Any, model_type: str) -> None:
+    """Raises UnsupportedArchitectureError for a quantized checkpoint harmjax cannot
+    dequantize on load (only gpt-oss's MXFP4 expert weights are dequantized)."""
+    if not quantization_config:
+        return
+    qc = quantization_config if isinstance(quantization_config, dict) else quantization_config.to_dict()
+    method = qc.get("quant_method")
+    if method != "mxfp4" or model_type != "gpt_oss":
+        raise UnsupportedArchitectureError(
+            f"This {model_type} checkpoint is quantized with quant_method={method!r}, which harmjax "
+            "cannot dequantize (it reads float checkpoints and gpt-oss MXFP4); pass the unquantized model."
+        )
+
+
+def _moe_flags(c, model_type: str) -> dict[str, Any]:
+    """The MoE fields of `ModelConfig` from a transformers config (empty for dense families)."""
+    if model_type not in ("mixtral", "qwen3_moe", "gpt_oss"):
+        return {}
+    n = c.num_hidden_layers
+    flags: dict[str, Any] = {"num_experts_per_tok": int(c.num_experts_per_tok)}
+    if model_type == "qwen3_moe":
+        step = int(getattr(c, "decoder_sparse_step", 1) or 1)
+        dense = set(getattr(c, "mlp_only_layers", None) or ())
+        flags.update(num_experts=int(c.num_experts), moe_intermediate_size=int(c.moe_intermediate_size),
+                     norm_topk_prob=bool(c.norm_topk_prob))
+        flags["moe_layers"] = tuple(i not in dense and c.num_experts > 0 and (i + 1) % step == 0 for i in range(n))
+    else:
+        flags.update(num_experts=int(c.num_local_experts), moe_intermediate_size=int(c.intermediate_size),
+                     moe_layers=(True,) * n)
+    if model_type == "gpt_oss":
+        flags.update(router="topk_softmax", swiglu_limit=float(c.swiglu_limit),
+                     swiglu_alpha=float(getattr(c, "swiglu_alpha", 1.702) or 1.702))
+    return flags
+
+
 def hf_config_from_dict(config: dict[str, Any]):
     """A transformers config object from a config.json dict, after checking the family."""
     import transformers
@@ -247,7 +311,7 @@ def _layer_types(c, model_type: str) -> tuple[str, ...]:
         if unknown:
             raise UnsupportedArchitectureError(f"Layer types {sorted(unknown)} are not supported.")
         types = tuple("sliding" if t == "sliding_attention" else "full" for t in hf_types)
-    elif model_type == "mistral" and getattr(c, "sliding_window", None):
+    elif model_type in ("mistral", "mixtral") and getattr(c, "sliding_window", None):
         # Mistral applies its window to every layer and has no layer_types.
         types = ("sliding",) * n
     else:
