@@ -39,12 +39,16 @@ _FAMILIES: dict[str, dict[str, Any]] = {
     },
     "smollm3": {},  # nope_layers from the checkpoint's no_rope_layers
     "phi3": {"fused_linears": True},
+    # Mixture-of-experts families: their MoE flags come from `_moe_flags`.
+    "mixtral": {"moe_layout": "mixtral"},
+    "qwen3_moe": {"qk_norm": "head", "moe_layout": "qwen"},
+    "gpt_oss": {"moe_layout": "fused", "attn_sinks": True},
 }
 
 # Families whose attention logit scale is query_pre_attn_scalar**-0.5, with optional soft-caps.
 _QUERY_PRE_ATTN_SCALAR = ("gemma2", "gemma3_text")
 # Families that apply `sliding_window` to every layer when it is set (no layer_types).
-_WINDOW_ON_EVERY_LAYER = ("mistral", "phi3")
+_WINDOW_ON_EVERY_LAYER = ("mistral", "mixtral", "phi3")
 
 SUPPORTED_MODEL_TYPES = tuple(_FAMILIES)
 
@@ -131,6 +135,15 @@ class ModelConfig:
       nope_layers: indices of layers that apply no RoPE at all (SmolLM3's NoPE layers).
       fused_linears: the checkpoint stores q/k/v as one `self_attn.qkv_proj` and gate/up as
         one `mlp.gate_up_proj` (Phi-3/Phi-4); those fused tensors are the params' leaves.
+      moe_layout: "" (dense), "mixtral" (per-expert w1/w3/w2 under block_sparse_moe), "qwen"
+        (per-expert gate/up/down_proj under mlp) or "fused" (gpt-oss 3-D expert tensors).
+      num_experts / num_experts_per_tok / moe_intermediate_size: experts, top-k, expert width.
+      moe_layers: per layer, whether its feed-forward is the MoE block (Qwen3-MoE's
+        mlp_only_layers and decoder_sparse_step make some dense).
+      router: "softmax_topk" (softmax, then top-k; renormalised when norm_topk_prob) or
+        "topk_softmax" (top-k logits, then softmax over them: gpt-oss).
+      swiglu_limit / swiglu_alpha: gpt-oss's clamped SwiGLU; attn_sinks: per-head sink logits.
+      moe_impl: "auto", "ragged", "gather" or "dense" (see harmjax.model.moe).
     """
 
     model_type: str
@@ -162,10 +175,24 @@ class ModelConfig:
     final_logit_softcap: float | None = None
     nope_layers: tuple[int, ...] = ()
     fused_linears: bool = False
+    # Mixture of experts (harmjax.model.moe); num_experts=0 is a dense model.
+    moe_layout: str = ""
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    moe_layers: tuple[bool, ...] = ()
+    router: str = "softmax_topk"
+    norm_topk_prob: bool = True
+    swiglu_limit: float | None = None
+    swiglu_alpha: float = 1.702
+    attn_sinks: bool = False
+    moe_impl: str = "auto"
 
     def __post_init__(self):
         if not self.layer_types:
             object.__setattr__(self, "layer_types", ("full",) * self.num_layers)
+        if self.num_experts and not self.moe_layers:
+            object.__setattr__(self, "moe_layers", (True,) * self.num_layers)
         if not self.attn_scale:
             object.__setattr__(self, "attn_scale", self.head_dim**-0.5)
         if len(self.layer_types) != self.num_layers:
@@ -191,6 +218,7 @@ class ModelConfig:
             hf_config = hf_config.text_config
         model_type = hf_config.model_type
         check_supported(model_type, getattr(hf_config, "architectures", None))
+        check_quantization(getattr(hf_config, "quantization_config", None), model_type)
         flags = dict(_FAMILIES[model_type])
         c = hf_config
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
@@ -217,6 +245,7 @@ class ModelConfig:
             )
         if model_type == "smollm3":  # HF's no_rope_layers holds 1 where a layer uses RoPE.
             flags["nope_layers"] = tuple(i for i, use in enumerate(c.no_rope_layers) if not use)
+        flags.update(_moe_flags(c, model_type))
         if model_type in _QUERY_PRE_ATTN_SCALAR:
             flags["attn_scale"] = float(c.query_pre_attn_scalar) ** -0.5
             flags["attn_logit_softcap"] = getattr(c, "attn_logit_softcapping", None)
@@ -277,6 +306,39 @@ def text_tower_config(config: dict[str, Any]) -> dict[str, Any]:
             text[key] = config[key]
     text.update(model_type=tower[0], architectures=[tower[1]])
     return text
+def check_quantization(quantization_config: Any, model_type: str) -> None:
+    """Raises UnsupportedArchitectureError for a quantized checkpoint harmjax cannot
+    dequantize on load (only gpt-oss's MXFP4 expert weights are dequantized)."""
+    if not quantization_config:
+        return
+    qc = quantization_config if isinstance(quantization_config, dict) else quantization_config.to_dict()
+    method = qc.get("quant_method")
+    if method != "mxfp4" or model_type != "gpt_oss":
+        raise UnsupportedArchitectureError(
+            f"This {model_type} checkpoint is quantized with quant_method={method!r}, which harmjax "
+            "cannot dequantize (it reads float checkpoints and gpt-oss MXFP4); pass the unquantized model."
+        )
+
+
+def _moe_flags(c, model_type: str) -> dict[str, Any]:
+    """The MoE fields of `ModelConfig` from a transformers config (empty for dense families)."""
+    if model_type not in ("mixtral", "qwen3_moe", "gpt_oss"):
+        return {}
+    n = c.num_hidden_layers
+    flags: dict[str, Any] = {"num_experts_per_tok": int(c.num_experts_per_tok)}
+    if model_type == "qwen3_moe":
+        step = int(getattr(c, "decoder_sparse_step", 1) or 1)
+        dense = set(getattr(c, "mlp_only_layers", None) or ())
+        flags.update(num_experts=int(c.num_experts), moe_intermediate_size=int(c.moe_intermediate_size),
+                     norm_topk_prob=bool(c.norm_topk_prob))
+        flags["moe_layers"] = tuple(i not in dense and c.num_experts > 0 and (i + 1) % step == 0 for i in range(n))
+    else:
+        flags.update(num_experts=int(c.num_local_experts), moe_intermediate_size=int(c.intermediate_size),
+                     moe_layers=(True,) * n)
+    if model_type == "gpt_oss":
+        flags.update(router="topk_softmax", swiglu_limit=float(c.swiglu_limit),
+                     swiglu_alpha=float(getattr(c, "swiglu_alpha", 1.702) or 1.702))
+    return flags
 
 
 def hf_config_from_dict(config: dict[str, Any]):
@@ -300,7 +362,7 @@ def _layer_types(c, model_type: str) -> tuple[str, ...]:
             raise UnsupportedArchitectureError(f"Layer types {sorted(unknown)} are not supported.")
         types = tuple("sliding" if t == "sliding_attention" else "full" for t in hf_types)
     elif model_type in _WINDOW_ON_EVERY_LAYER and getattr(c, "sliding_window", None):
-        # Mistral and Phi-3 apply their window to every layer and have no layer_types.
+        # Mistral, Mixtral and Phi-3 apply their window to every layer and have no layer_types.
         types = ("sliding",) * n
     else:
         types = ("full",) * n

@@ -35,6 +35,9 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     "q_heads": ("tensor",),
     "kv_heads": ("tensor",),
     "mlp": ("tensor",),
+    # gpt-oss' fused expert tensors: FSDP over experts (the expert dimension takes `fsdp`
+    # before `embed` can; an expert count that does not divide it is replicated).
+    "expert": ("fsdp",),
     "norm": (),
     "seq": (),
 }

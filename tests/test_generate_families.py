@@ -24,6 +24,7 @@ import harmjax
 import harmjax.generate
 from harmjax.sharding import MeshConfig, make_mesh
 from tests.hf_reference import FAMILIES, VOCAB, hf_greedy, save_tiny, tiny_hf_model
+from tests.moe_reference import MOE_FAMILIES
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
@@ -59,7 +60,7 @@ def _hf_greedy(hf_model, inputs: list[list[int]], max_new_tokens: int) -> np.nda
 
 def test_every_supported_family_has_a_tiny_reference():
     """The parametrisation below really covers every family harmjax claims to support."""
-    assert set(harmjax.SUPPORTED_MODEL_TYPES) <= set(FAMILIES)
+    assert set(harmjax.SUPPORTED_MODEL_TYPES) <= set(FAMILIES) | set(MOE_FAMILIES)  # MoE: test_moe.py
 
 
 def _generate(model, config, mesh, inputs, fuse):
@@ -72,7 +73,7 @@ def _generate(model, config, mesh, inputs, fuse):
     return np.stack([np.asarray(t) for t in out.tokens])
 
 
-@pytest.mark.parametrize("family", harmjax.SUPPORTED_MODEL_TYPES)
+@pytest.mark.parametrize("family", [f for f in harmjax.SUPPORTED_MODEL_TYPES if f in FAMILIES])
 def test_greedy_generation_matches_transformers(family, tmp_path):
     """Identical new tokens for three left-padded prompts of different lengths, on the
     weights as loaded (the tensor-parallel decode path) and with q/k/v and gate/up fused
@@ -98,7 +99,7 @@ def test_greedy_generation_matches_transformers(family, tmp_path):
             )
 
 
-@pytest.mark.parametrize("family", [f for f in harmjax.SUPPORTED_MODEL_TYPES if FAMILIES[f].get("sliding_window")])
+@pytest.mark.parametrize("family", [f for f in harmjax.SUPPORTED_MODEL_TYPES if FAMILIES.get(f, {}).get("sliding_window")])
 def test_decode_steps_depend_on_the_window(family, tmp_path):
     """Control for the test above: the windows are short enough that the cached decode steps
     must apply them. The 3-token prompt fits in the window (5), so its first token (prefill)

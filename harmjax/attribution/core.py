@@ -20,7 +20,10 @@ The scope (which weights are scored) is a sequence of fnmatch patterns over dott
 `("model.layers.*.mlp.*_proj.weight",)` or `("model.layers.1[0-5].*",)`, or a predicate
 `(name, leaf) -> bool`; `resolve_scope` is the one resolver, `scored_names` (harmjax models:
 linear decoder weights only, default `DEFAULT_SCOPE`, the method's seven projections of every
-block) and `scoped_names` (any params pytree: default every floating matrix) apply it.
+block; for mixture-of-experts families the paper's "every linear inside the decoder blocks":
+q/k/v/o, every expert matrix and the router, which a scope such as
+`("model.layers.*.self_attn.*_proj.weight", "model.layers.*.experts.*")` drops; expert
+biases and gpt-oss' sinks are not linear weights and are never scored) and `scoped_names` (any params pytree: default every floating matrix) apply it.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from jax.sharding import Mesh
 
 from harmjax.attribution.probes import ProbedWeight
 from harmjax.config import ModelConfig
-from harmjax.model.param_specs import linear_names, param_specs
+from harmjax.model.param_specs import param_specs, scorable_matrices
 from harmjax.sharding import param_shardings
 from harmjax.tree import flatten, iter_leaves, unflatten
 
@@ -138,11 +141,14 @@ def scored_names(config: ModelConfig, scope: Sequence[str] | None = None) -> lis
     linear weights of decoder blocks may be scored. Raises ValueError when a pattern matches
     nothing or matches another parameter.
     """
-    linear = {f"model.layers.{i}.{n}.weight" for i in range(config.num_layers) for n in linear_names(config)}
-    return resolve_scope(param_specs(config).items(), scope or DEFAULT_SCOPE,
+    linear = set(scorable_matrices(config))
+    # MoE: every scorable matrix, as a predicate (thousands of expert names as patterns would
+    # cost a quadratic match).
+    default = DEFAULT_SCOPE if not config.num_experts else (lambda name, _: name in linear)
+    return resolve_scope(param_specs(config).items(), scope or default,
                          what=f"parameter of this {config.model_type} model", allowed=linear.__contains__,
-                         refusal="is not a decoder linear weight; only the blocks' "
-                         f"{'/'.join(n.split('.')[-1] for n in linear_names(config))} weights can be scored")
+                         refusal="is not a decoder linear weight; only attention, MLP, expert and router "
+                                 "matrices can be scored")
 
 
 def names_for(config: ModelConfig, scope) -> tuple[str, ...]:

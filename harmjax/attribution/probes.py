@@ -108,3 +108,10 @@ class ProbedWeight:
     def linear(self, x: jax.Array) -> jax.Array:
         """`x @ weight.T` with the accumulating backward rule."""
         return probed_linear(x, self.weight, self.acc, self.mode, self.chunk, self.sharding)
+
+    def grouped_dot(self, x: jax.Array, probes, group_sizes: jax.Array, rows: jax.Array, batch: int) -> jax.Array:
+        """The MoE block's grouped matmul over `probes` (this probe's experts: a list of
+        per-expert probes or this 3-D probe) with per-expert accumulation (`expert_probes`)."""
+        from harmjax.attribution import expert_probes
+
+        return expert_probes.grouped_dot(x, probes, group_sizes, rows, batch)

@@ -25,6 +25,7 @@ from harmjax import distributed
 from harmjax.config import ModelConfig
 from harmjax.errors import CheckpointError, HubUnavailableError, MissingFileError, UnsupportedDtypeError
 from harmjax.io.multimodal import text_tower_names
+from harmjax.io import mxfp4
 from harmjax.io.safetensors_io import TensorReader, write_tensors
 from harmjax.model.param_specs import param_specs
 from harmjax.sharding import param_shardings
@@ -160,22 +161,29 @@ def load_params(directory: str, config: ModelConfig, dtype: Any, mesh: Mesh) -> 
     with TensorReader(directory) as reader, ThreadPoolExecutor(max_workers=_LOAD_THREADS) as pool:
         in_file = text_tower_names(reader.names())  # params name -> name in the file
         shapes = {name: reader.shape(stored) for name, stored in in_file.items()}
+        packed = mxfp4.packed_pairs(shapes)  # gpt-oss MXFP4 experts: dequantized on load
+        shapes = mxfp4.plain_shapes(shapes, packed)
         names = check_tensor_names(shapes, config, directory)
         futures = {
-            pool.submit(_place, reader, in_file[name], shapes[name], dtype, shardings[name]): name for name in names
+            pool.submit(_place, reader, in_file.get(name, name), shapes[name], dtype, shardings[name],
+                        packed.get(name)): name
+            for name in names
         }
         for future in tqdm(as_completed(futures), total=len(futures), desc="loading tensors", unit="tensor", leave=False):
             flat[futures[future]] = future.result()
     return unflatten({name: flat[name] for name in names})
 
 
-def _place(reader: TensorReader, name: str, shape, dtype, sharding) -> jax.Array:
+def _place(reader: TensorReader, name: str, shape, dtype, sharding, packed=None) -> jax.Array:
     cache: dict[Any, np.ndarray] = {}
 
     def read_slice(index):
         key = tuple((s.start, s.stop, s.step) for s in index)
         if key not in cache:  # replicated shards ask for the same slice once per device
-            cache[key] = reader.read(name, tuple(index), dtype)
+            if packed is None:
+                cache[key] = reader.read(name, tuple(index), dtype)
+            else:
+                cache[key] = mxfp4.read_dequantized(reader, packed, tuple(index), dtype)
         return cache[key]
 
     return jax.make_array_from_callback(tuple(shape), sharding, read_slice)
@@ -230,6 +238,8 @@ def config_for_params(hf_config: dict[str, Any], params: dict[str, Any], config:
     for key in [k for k in ("dtype", "torch_dtype") if k in hf] or ["dtype"]:
         hf[key] = dtype
     hf["tie_word_embeddings"] = config.tie_word_embeddings
+    # MXFP4 experts were dequantized on load and are written plain (harmjax.io.mxfp4).
+    hf.pop("quantization_config", None)
     return hf
 
 

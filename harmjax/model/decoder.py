@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from harmjax.config import ModelConfig
-from harmjax.model import layers, rope_variants
+from harmjax.model import layers, moe, rope_variants
 from harmjax.model.residual import ResidualEdit, ablated, add_at_block, project_out
 
 Params = dict[str, Any]
@@ -72,8 +72,9 @@ def attention_block(
     if rope is not None:  # None in layers without RoPE (SmolLM3's NoPE layers)
         cos, sin = rope
         q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
+    sinks = p.get("sinks")  # gpt-oss' per-head sink logits
     if cache is None:
-        out = layers.attention(q, k, v, mask, c.attn_scale, c.attn_logit_softcap)
+        out = layers.attention(q, k, v, mask, c.attn_scale, c.attn_logit_softcap, sinks=sinks)
         return _proj(p["o_proj"], out)
     # In-place slot update: inside a jitted loop over a donated cache this writes `seq`
     # rows per step rather than copying the cache. Only the new rows are transposed into
@@ -83,9 +84,18 @@ def attention_block(
     k_all = jax.lax.dynamic_update_slice(cache["k"], k.swapaxes(1, 2).astype(cache["k"].dtype), start)
     v_all = jax.lax.dynamic_update_slice(cache["v"], v.swapaxes(1, 2).astype(cache["v"].dtype), start)
     out = layers.attention(
-        q, k_all, v_all, mask, c.attn_scale, c.attn_logit_softcap, kv_heads_first=True
+        q, k_all, v_all, mask, c.attn_scale, c.attn_logit_softcap, kv_heads_first=True, sinks=sinks
     )
     return _proj(p["o_proj"], out), {"k": k_all, "v": v_all}
+
+
+def feed_forward(p: Params, config: ModelConfig, x: jax.Array) -> jax.Array:
+    """The feed-forward of a block with layer params `p`: the MoE block (`harmjax.model.moe`)
+    where the layer has experts, else the gated MLP."""
+    key = moe.ffn_key(config)
+    if config.num_experts and key in p and "experts" in p[key]:
+        return moe.moe_block(p[key], config, x)
+    return mlp_block(p["mlp"], config, x)
 
 
 def mlp_block(p: Params, config: ModelConfig, x: jax.Array) -> jax.Array:
@@ -120,14 +130,14 @@ def decoder_layer(
 
     if c.norm_style == "pre":
         x = project_out(x + attend(_norm(c, x, p["input_layernorm"])), ablate)
-        x = x + mlp_block(p["mlp"], c, _norm(c, x, p["post_attention_layernorm"]))
+        x = x + feed_forward(p, c, _norm(c, x, p["post_attention_layernorm"]))
     elif c.norm_style == "post":
         x = project_out(x + _norm(c, attend(x), p["post_attention_layernorm"]), ablate)
-        x = x + _norm(c, mlp_block(p["mlp"], c, x), p["post_feedforward_layernorm"])
+        x = x + _norm(c, feed_forward(p, c, x), p["post_feedforward_layernorm"])
     else:  # sandwich (Gemma-2): norms on both sides of each sub-block.
         h = attend(_norm(c, x, p["input_layernorm"]))
         x = project_out(x + _norm(c, h, p["post_attention_layernorm"]), ablate)
-        h = mlp_block(p["mlp"], c, _norm(c, x, p["pre_feedforward_layernorm"]))
+        h = feed_forward(p, c, _norm(c, x, p["pre_feedforward_layernorm"]))
         x = x + _norm(c, h, p["post_feedforward_layernorm"])
     x = project_out(x, ablate)
     return x if cache is None else (x, new_cache)

@@ -49,8 +49,8 @@ def bias_flags(params: dict) -> tuple[bool, bool]:
 def fusible(params: dict, config: ModelConfig, mesh: Mesh) -> bool:
     """Whether every layer's parts are plain arrays of one dtype on a mesh without tensor
     parallelism (see the module docstring). False for an already fused tree."""
-    if mesh.shape.get("tensor", 1) != 1 or is_fused(params):
-        return False
+    if mesh.shape.get("tensor", 1) != 1 or is_fused(params) or config.num_experts:
+        return False  # MoE blocks have no gate/up pair to fuse (harmjax.model.moe stacks experts)
     for layer in params["model"]["layers"].values():
         for block, _, parts in GROUPS:
             leaves = [layer[block][name][key] for name in parts for key in layer[block][name]]

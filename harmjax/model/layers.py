@@ -163,6 +163,7 @@ def attention(
     scale: float,
     softcap: float | None = None,
     kv_heads_first: bool = False,
+    sinks: jax.Array | None = None,
 ) -> jax.Array:
     """Grouped-query attention.
 
@@ -170,9 +171,10 @@ def attention(
     (batch, kv_heads, keys, head_dim) with `kv_heads_first` (the KV cache's layout, in which
     (batch, kv_heads) are leading batch dimensions of the matmuls, so a long cache is read
     in place rather than transposed at every decode step);
-    mask: (batch, seq, keys) bool. Returns (batch, seq, heads * head_dim).
+    mask: (batch, seq, keys) bool; sinks: optional per-head logits (heads,) that join each
+    softmax and are then dropped (gpt-oss). Returns (batch, seq, heads * head_dim).
     """
-    if kv_heads_first:
+    if kv_heads_first and sinks is None:
         from harmjax.model import decode_attention
 
         if decode_attention.kernel_applicable(q, k, softcap):
@@ -186,7 +188,13 @@ def attention(
     if softcap:
         scores = jnp.tanh(scores / softcap) * softcap
     scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    if sinks is None:
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    else:
+        sink = jnp.broadcast_to(
+            sinks.astype(jnp.float32).reshape(1, kv_heads, h // kv_heads, 1, 1), scores.shape[:-1] + (1,)
+        )
+        probs = jax.nn.softmax(jnp.concatenate([scores, sink], axis=-1), axis=-1)[..., :-1].astype(v.dtype)
     out = jnp.einsum(f"bkgts,{kv}->btkgd", probs, v)
     return out.reshape(b, t, h * d)
 
