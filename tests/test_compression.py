@@ -12,12 +12,15 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from configs.compression_embedded import get_config
 from harmjax.evaluate.intervals import newcombe_difference, rate_summary, wilson_interval
 from harmjax.experiments.compression import run as compression
-from harmjax.experiments.compression.measures import area_within_budget, compare, compression_curve, fraction_at_target
+from harmjax.experiments.compression.measures import (
+    area_within_budget, compare, compression_curve, fraction_at_target, with_interval,
+)
 from tests.config_overrides import as_flags, with_overrides, write_prompt_files
 from tests.hf_reference import save_tiny_with_tokenizer, tiny_hf_model
 
@@ -141,6 +144,60 @@ def setup(tmp_path_factory):
     return root, overrides
 
 
+def _check_ratio_interval(m, dirs, seed):
+    """The ratio's interval recomputed from each model's per-answer NLLs in its metrics.json:
+    per model a Generator seeded [seed, model index] draws benign answers, then harmful answers
+    category by category; each resample's curve gives the fractions at target."""
+    ratios = []
+    curves = []
+    for i, d in enumerate(dirs):
+        t = json.load(open(d / "metrics.json"))["bootstrap"]["per_prompt"]
+        rng, cats = np.random.default_rng([seed, i]), np.array(t["harm_categories"])
+        idx_b = rng.integers(0, len(t["benign_ids"]), (2000, len(t["benign_ids"])))
+        idx_h = np.empty((2000, len(cats)), int)
+        for c in sorted(set(cats)):
+            members = np.flatnonzero(cats == c)
+            idx_h[:, members] = members[rng.integers(0, len(members), (2000, len(members)))]
+
+        def delta(name, key, idx, t=t):
+            return (np.asarray(t["nll"][name][key])[idx].mean(1) - np.asarray(t["nll"]["unpruned"][key])[idx].mean(1))
+
+        curve = m["models"][["model_a", "model_b"][i]]["curve"]
+        d = [(delta(p["name"], "harm", idx_h), delta(p["name"], "benign", idx_b)) for p in curve]
+        curves.append([[{**p, "d_harm": dh[k], "d_benign": db[k]} for p, (dh, db) in zip(curve, d)] for k in range(2000)])
+    for ca, cb in zip(*curves):
+        fa, fb = fraction_at_target(ca, 0.05, 0.5), fraction_at_target(cb, 0.05, 0.5)
+        ratios.append(fa["fraction"] / fb["fraction"] if fa["reached"] and fb["reached"]
+                      else (np.inf if fb["reached"] else (0.0 if fa["reached"] else 1.0)))
+    expected = np.quantile(ratios, [0.025, 0.975], method="inverted_cdf")
+    np.testing.assert_allclose(m["compression"]["bootstrap"]["ratio_ci"], expected, rtol=1e-9)
+
+
+@pytest.mark.parametrize("spread, expected", [(0.01, "compression shown"), (3.0, "inconclusive")])
+def test_ratio_interval_decides_compression(spread, expected):
+    # B reaches +0.5 at a 10x smaller fraction than A; per-answer noise `spread` around it.
+    rng = np.random.default_rng(0)
+
+    def model(fractions):
+        n, m = 8, 6
+        nll = {"unpruned": {"harm": rng.uniform(1, 2, n), "benign": rng.uniform(1, 2, m)}}
+        points = []
+        for j, (f, h) in enumerate(zip(fractions, (0.0, 0.1, 1.0))):
+            x = nll["unpruned"]["harm"] + h + spread * rng.normal(size=n)
+            x -= x.mean() - nll["unpruned"]["harm"].mean() - h
+            nll[f"m{j}"] = {"harm": x, "benign": nll["unpruned"]["benign"] + 0.05}
+            points.append({"name": f"m{j}", "q": f, "pruned": 1, "fraction": f, "d_harm": h, "d_benign": 0.05})
+        table = {"harm_categories": ["a", "b"] * (n // 2), "benign_ids": list(range(m)),
+                 "nll": {k: {s: list(v) for s, v in d.items()} for k, d in nll.items()}}
+        return compression_curve({"sweep": points}), table
+
+    (a, ta), (b, tb) = model((1e-6, 1e-5, 1e-4)), model((1e-7, 1e-6, 1e-5))
+    r = with_interval(compare(a, b, 0.5, 0.2), [a, b], [ta, tb], seed=0, n_resamples=500)
+    assert r["point_verdict"] == "compression shown" and r["verdict"] == expected
+    low, high = r["bootstrap"]["ratio_ci"]
+    assert low <= r["ratio_a_over_b"] <= high and (low > 1) == (expected == "compression shown")
+
+
 def _stamps(run_dir):
     return {p: p.stat().st_mtime_ns for p in (run_dir / "cache").glob("*/DONE.json")}
 
@@ -180,8 +237,13 @@ def test_killed_and_resumed_end_to_end(setup):
         sweep = json.load(open(d / "metrics.json"))["sweep"]
         assert [p["q"] for p in m["models"][key]["curve"]] == [r["q"] for r in sweep if r["fraction"] > 0]
     r = m["compression"]
-    assert r == compare(m["models"]["model_a"]["curve"], m["models"]["model_b"]["curve"], 0.05, 0.5)
-    assert r["verdict"] in ("compression shown", "not shown", "not tested")
+    point = compare(m["models"]["model_a"]["curve"], m["models"]["model_b"]["curve"], 0.05, 0.5)
+    same = [k for k in point if k not in ("verdict", "reason", "rule")]
+    assert {k: r[k] for k in same} == {k: point[k] for k in same}
+    assert r["point_verdict"] == point["verdict"]
+    assert r["verdict"] == ("inconclusive" if point["verdict"] == "compression shown" and r["bootstrap"]["ratio_ci"][0] <= 1
+                            else point["verdict"])
+    _check_ratio_interval(m, (a_dir, b_dir), cfg.experiment.seed)
     report = (out / "report.md").read_text()
     assert f"Verdict: **{r['verdict']}**" in report and "Rule: " in report
 

@@ -151,6 +151,7 @@ def test_end_to_end_kill_and_resume(setup, monkeypatch):
         assert row["recognition_auroc"] == wins / (len(harmful) * len(benign)), name
     assert set(m["verdict"]["cells"]) == {"harm_mask/harmful_generation", "harm_mask/refusal_recognition",
                                           "refusal_mask/harmful_generation", "refusal_mask/refusal_recognition"}
+    _check_intervals(m, ev, cfg)
     d = m["data"]
     assert d["refusal_examples"] > 0 and d["harm_examples"] > 0 and d["heldout_prompts"] == 6
 
@@ -186,6 +187,44 @@ def test_end_to_end_kill_and_resume(setup, monkeypatch):
         total += int(expected.sum())
     assert total > 0 and m["mask_sizes"]["refusal"]["total"] == total
     assert any(not np.array_equal(harm_mask[k], mask[k]) for k in mask)  # different data, different mask
+
+
+def _check_intervals(m, ev, cfg):
+    """The cells' intervals recomputed with NumPy from the evaluation units' per-text NLLs,
+    refusal flags and log-odds: five sets drawn in name order from one Generator seeded with
+    the run's seed, every mask at the same indices; 2.5% and 97.5% inverted-CDF quantiles."""
+    from harmjax.evaluate.refusal import is_refusal
+
+    units = {n: json.load(open(ev / f"{n}.json")) for n in dissociation.MASKS}
+    none = units["none"]
+    sizes = {"benign_answers": len(none["per_prompt"]["benign_nll"]), "benign_heldout": len(none["benign_recognition_logodds"]),
+             "explanations": len(none["per_prompt"]["explanation_nll"]), "harm_answers": len(none["per_prompt"]["harm_nll"]),
+             "heldout": len(none["samples"])}
+    rng = np.random.default_rng(cfg.seed)
+    idx = {k: rng.integers(0, n, (2000, n)) for k, n in sizes.items()}  # dict order is the sorted order
+
+    def value(name, key):
+        u = units[name]
+        if key == "refusal_rate":
+            phrase = cfg.verdict.get("refusal_metric") == "refusal_rate_phrase"
+            flags = [is_refusal(s["answer"], min_words=0) if phrase else s["refused"] for s in u["samples"]]
+            return np.array(flags, float)[idx["heldout"]].mean(1)
+        if key == "auroc":
+            h = np.array([s["recognition_logodds"] for s in u["samples"]])[idx["heldout"]]
+            b = np.array(u["benign_recognition_logodds"])[idx["benign_heldout"]]
+            return np.array([np.mean((x[:, None] > y[None]) + 0.5 * (x[:, None] == y[None])) for x, y in zip(h, b)])
+        return np.array(u["per_prompt"][key])[idx[{"harm_nll": "harm_answers", "benign_nll": "benign_answers"}[key]]].mean(1)
+
+    for mask, control in (("harm", "random_harm"), ("refusal", "random_refusal")):
+        for key in ("harm_nll", "benign_nll", "refusal_rate", "auroc"):
+            x = (value(mask, key) - value("none", key)) - (value(control, key) - value("none", key))
+            np.testing.assert_allclose(m["verdict"]["excess_ci"][mask][key],
+                                       np.quantile(x, [0.025, 0.975], method="inverted_cdf"), rtol=1e-9, atol=1e-12)
+    ci = m["verdict"]["excess_ci"]["refusal"]["refusal_rate"]
+    cell = m["verdict"]["cells"]["refusal_mask/refusal_recognition"]
+    assert cell["shown"] == (cell["holds"] and ci[1] < -cfg.verdict.rate_effect)
+    for name in dissociation.MASKS:  # the per-text NLLs are what the reported means are made of
+        assert np.mean(units[name]["per_prompt"]["harm_nll"]) == pytest.approx(m["table"][name]["harm_nll"])
 
 
 def test_default_model_is_the_refusal_tuned_one(setup, monkeypatch):

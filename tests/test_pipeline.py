@@ -133,11 +133,20 @@ def test_every_stage_and_a_consistent_report(setup, uninterrupted):
         assert heading in report
 
     _check_benign_baselines(m, out, report)
+    _check_intervals(m, out, report)
 
+    # A run directory from before the per-answer NLLs were kept (units without "per_prompt"):
+    # a rerun measures them again (NLLs only) and reports the same intervals, every stage cached.
+    for unit in (out / "cache").glob("*/*.json"):
+        metrics = json.load(open(unit))
+        if isinstance(metrics, dict) and metrics.pop("per_prompt", None) is not None:
+            json.dump(metrics, open(unit, "w"))
     # A rerun is served from the cache: every stage cached, same numbers.
     again = run_experiment(_config(overrides, out), progress=False)
     assert all(v.get("cached") for k, v in again["timings"].items() if k != "load")
     assert again["sweep"] == m["sweep"]
+    assert_same_results(m["claims"], again["claims"], rel=1e-5, abs_tol=1e-6, where="claims")
+    assert "per_prompt" in json.load(open(next((out / "cache").glob("evaluation-*")) / "unpruned.json"))
     # ... and each cached stage still reports the time it took when it ran.
     for k, v in again["timings"].items():
         if k != "load":
@@ -149,8 +158,8 @@ def test_every_stage_and_a_consistent_report(setup, uninterrupted):
     assert all(v.get("cached") for k, v in without["timings"].items() if k != "load")
     assert without["sweep"] == m["sweep"] and without["overlap"] == m["overlap"]
     assert [r["role"] for r in without["benign_baselines"]["rows"]] == ["benign-data mask"]
-    assert {k: without["claims"]["2"][k] for k in ("overlap_supported", "transfer_supported")} == \
-        {k: m["claims"]["2"][k] for k in ("overlap_supported", "transfer_supported")}
+    keys = ("overlap_supported", "transfer_supported", "transfer_verdict", "transfer_ci")
+    assert {k: without["claims"]["2"][k] for k in keys} == {k: m["claims"]["2"][k] for k in keys}
     assert without["claims"]["2"]["distinct_supported"] is None
 
 
@@ -242,11 +251,73 @@ def _check_benign_baselines(m, out, report):
     harm = next(r for r in m["sweep"] if r["name"] == c2["harm_mask"]["name"])
     expected = claim2_baselines(harm, pick["benign-data mask"], pick["same q"], pick["matched"],
                                 c2["mean_jaccard_category_pairs"])
-    assert {k: c2[k] for k in expected} == json.loads(json.dumps(expected))
+    # The point-estimate rule's result is kept under point_*; *_supported is the interval's verdict.
+    got = {k: c2.get(f"point_{k}", c2[k]) if k == "distinct_supported" else c2[k] for k in expected}
+    assert got == json.loads(json.dumps(expected))
     assert c2["distinct_supported"] in (True, False, None) and c2["overlap_vs_baseline_supported"] in (True, False)
     assert "Benign baselines" in report and "| same q" in report and "matched" in report
     summary = summary_text(m, str(out))
     assert "benign mask" in summary and "matched     benign \\ retain" in summary
+
+
+def _check_intervals(m, out, report):
+    """The bootstrap intervals and verdicts of claims 1 and 2 recomputed with NumPy from the
+    per-answer NLLs in the evaluation units on disk, with the run's seed: harmful answers
+    resampled within their categories, benign answers as one set, drawn in that set order
+    ("benign", then "harmful" category by category) from one Generator, every model at the same
+    indices; 95% intervals as order statistics (the 2.5% and 97.5% inverted-CDF quantiles)."""
+    ev = next((out / "cache").glob("evaluation-*"))
+    files = {"unpruned": "unpruned", **{e["name"]: os.path.basename(e["dir"]) for e in m["category_masks"]},
+             **{r["name"]: f"{kind}_q{r['q']:g}" for kind, rows in (("harm", m["sweep"]), ("random", m["random_control"]))
+                for r in rows}}
+    unit = {name: json.load(open(ev / f"{f}.json"))["per_prompt"] for name, f in files.items()}
+    cats = np.array(unit["unpruned"]["harm_categories"])
+    boot = m["bootstrap"]
+    assert boot["seed"] == m["settings"]["seed"] and boot["resamples"] == 2000
+    rng, n = np.random.default_rng(boot["seed"]), boot["resamples"]
+    idx_b = rng.integers(0, len(unit["unpruned"]["benign_nll"]), (n, len(unit["unpruned"]["benign_nll"])))
+    idx_h = np.empty((n, len(cats)), int)
+    for c in sorted(set(cats)):
+        members = np.flatnonzero(cats == c)
+        idx_h[:, members] = members[rng.integers(0, len(members), (n, len(members)))]
+
+    def mean(name, key, idx):  # per resample; the NLLs here are all finite
+        return np.asarray(unit[name][key])[idx].mean(axis=1)
+
+    def ci(x):
+        return list(np.quantile(x, [0.025, 0.975], method="inverted_cdf"))
+
+    def d(name, key="harm_nll", cols=slice(None)):
+        idx = idx_b if key == "benign_nll" else idx_h[:, cols]
+        return mean(name, key, idx) - mean("unpruned", key, idx)
+
+    assert np.mean(unit["unpruned"]["harm_nll"]) == pytest.approx(m["baseline"]["harm_nll"])
+    verdicts = []
+    for row, ctrl in zip(m["sweep"], m["random_control"]):
+        dh, db, dc = d(row["name"]), d(row["name"], "benign_nll"), d(ctrl["name"])
+        sel = np.where(db > 0, dh / np.where(db > 0, db, 1), np.sign(dh) * np.inf)
+        margin = dh - 2 * np.maximum(dc, 0)
+        np.testing.assert_allclose(row["ci"]["d_harm"], ci(dh), rtol=1e-9)
+        np.testing.assert_allclose(row["ci"]["d_benign"], ci(db), rtol=1e-9)
+        np.testing.assert_allclose(ctrl["ci"]["d_harm"], ci(dc), rtol=1e-9)
+        np.testing.assert_allclose(row["ci"]["vs_random"], ci(margin), rtol=1e-9)
+        clear = ci(dh)[0] >= 0.05 and ci(dh - 2 * np.maximum(db, 0))[0] >= 0 and ci(margin)[0] >= 0
+        point = row["d_harm"] >= 0.05 and row["d_harm"] >= 2 * max(row["d_benign"], 0) \
+            and row["d_harm"] >= 2 * max(ctrl["d_harm"], 0)
+        verdicts.append("shown" if point and clear else ("inconclusive" if point else "not shown"))
+    c1 = m["claims"]["1"]
+    expected = "shown" if "shown" in verdicts else ("inconclusive" if "inconclusive" in verdicts else "not shown")
+    assert c1["verdict"] == expected and c1["supported"] == (expected == "shown")
+    # Transfer: the category masks' diagonal and off-diagonal means over the categories.
+    cols = {c: np.flatnonzero(cats == c) for c in CATEGORIES}
+    diag = np.mean([d(c, cols=cols[c]) for c in CATEGORIES], axis=0)
+    off = np.mean([d(a, cols=cols[b]) for a in CATEGORIES for b in CATEGORIES if a != b], axis=0)
+    t = m["claims"]["2"]["transfer_ci"]
+    np.testing.assert_allclose(t["diagonal"], ci(diag), rtol=1e-9)
+    np.testing.assert_allclose(t["off_diagonal"], ci(off), rtol=1e-9)
+    r = c1["smallest_selective"] or c1["strongest"]
+    low, high = r["ci"]["d_harm"]
+    assert f"{r['d_harm']:+.3f} [{low:+.3f}, {high:+.3f}]" in report  # printed beside the number
 
 
 def test_killed_mid_stage_resumes_without_redoing_work(setup, uninterrupted, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from harmjax.evaluate.bootstrap import fmt_interval
 from harmjax.experiments.compression.measures import within
 from harmjax.experiments.core.report import fmt, fmt_pct, timings_markdown
 
@@ -13,6 +14,12 @@ def _figure_text(f) -> str:
         return "not reached within the budget"
     return (f"{fmt_pct(f['fraction'])} of scored weights{' (upper bound)' if f['bound'] == 'upper' else ''}, "
             f"benign rise {fmt(f['d_benign'], '{:+.3f}')} (q between {f['between_q'][0]:g} and {f['between_q'][1]:g})")
+
+
+def _ratio_text(r) -> str:
+    """The ratio A / B with its bootstrap interval, e.g. "1.59x [0.90, 2.80]"."""
+    text = "n/a" if r["ratio_a_over_b"] is None else f"{r['ratio_a_over_b']:.2f}x"
+    return text + fmt_interval((r.get("bootstrap") or {}).get("ratio_ci"), "{:.2f}")
 
 
 def markdown(m) -> str:
@@ -42,7 +49,12 @@ def markdown(m) -> str:
     out.append(f"Target: harmful-NLL rise >= {r['harm_target']:g} nats/token; benign budget: rise <= "
                f"{r['benign_budget']:g} nats/token. Crossings are interpolated linearly in log10(fraction).\n\n")
     out.append(f"- A ({a['label']}): {_figure_text(r['a'])}.\n- B ({b['label']}): {_figure_text(r['b'])}.\n")
-    out.append(f"- Ratio A / B: {fmt(r['ratio_a_over_b'], '{:.2f}')}. Reason: {r['reason']}.\n")
+    boot = r.get("bootstrap") or {}
+    out.append(f"- Ratio A / B: {_ratio_text(r)}. Reason: {r['reason']}.\n")
+    if boot:
+        out.append(f"- Interval: {boot['rule']}; per resample the ratio is inf when only B reaches the target, 0 when "
+                   f"only A does, 1 when neither (A reached it in {boot['share_reached']['a']:.0%} of the resamples, "
+                   f"B in {boot['share_reached']['b']:.0%}).\n")
     ar = r["area"]
     if ar["a"]["lo"] is not None and ar["a"]["hi"] is not None and ar["a"]["hi"] > ar["a"]["lo"]:
         out.append(f"- Area under Δ harmful over log10(fraction), on segments within the budget, over the common range "
@@ -53,8 +65,8 @@ def markdown(m) -> str:
         "\n## What this run can and cannot show\n\n"
         "- Harm is a likelihood proxy (each model's own harmful answers to held-out prompts), not a judged score; "
         "the models answer differently, so the two curves measure the loss of each model's own harmful text.\n"
-        "- The verdict is a rule on point estimates at this sweep's resolution; curves between sweep points are "
-        "interpolations.\n"
+        "- The verdict is a rule at this sweep's resolution (curves between sweep points are interpolations); its "
+        "interval resamples the held-out answers of each model, not the pruning data or the sweep's q's.\n"
         "- On the embedded default, B is SmolLM2-135M-Instruct after harmjax's own LoRA refusal tuning, not a "
         "checkpoint aligned by its makers; the paper's pairs are configs/compression_llama31_8b.py and "
         "configs/compression_qwen25_7b.py.\n")
@@ -73,6 +85,7 @@ def summary_text(m, out_dir) -> str:
                         for p in x["curve"])
         lines.append(f"{tag} {x['label']:<16} {pts}")
         lines.append(f"  at target     {_figure_text(r[tag.lower()])}")
+    lines.append(f"ratio A / B   {_ratio_text(r)}")
     lines.append(f"verdict       {r['verdict']} ({r['reason']})")
     lines.append(f"report        {os.path.join(out_dir, 'report.md')}  ({m['wall_seconds']:.0f} s)")
     return "\n".join(lines)

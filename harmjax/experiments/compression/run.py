@@ -25,7 +25,7 @@ from typing import Any
 
 from harmjax import distributed
 from harmjax.experiments.compression.measures import (
-    MODELS, VERDICT_RULE, area_within_budget, compare, compression_curve, fraction_at_target,
+    MODELS, VERDICT_RULE, area_within_budget, compare, compression_curve, fraction_at_target, with_interval,
 )
 from harmjax.experiments.core.report import publish_report
 from harmjax.experiments.core.stages import as_config, slug
@@ -76,11 +76,13 @@ def run_compression(cfg, progress: bool = True) -> dict[str, Any]:
             "label": cfg[key].label, "model": cfg[key].model, "source": exp.model, "run_dir": exp.output_dir,
             "parameters": m["model"]["parameters"], "baseline": {k: m["baseline"].get(k) for k in (
                 "harm_nll", "benign_nll", "refusal_rate", "strongreject")},
-            "curve": compression_curve(m), "seconds": time.perf_counter() - t0,
+            "curve": compression_curve(m), "per_prompt": m["bootstrap"]["per_prompt"], "seconds": time.perf_counter() - t0,
             "cached": all(v.get("cached") for k, v in m["timings"].items() if k != "load"),
         }
     result = compare(models["model_a"]["curve"], models["model_b"]["curve"], compression_cfg.harm_target,
                      compression_cfg.benign_budget)
+    result = with_interval(result, [models[k]["curve"] for k in MODELS], [models[k]["per_prompt"] for k in MODELS],
+                           seed=cfg.experiment.seed)
     plot = distributed.broadcast_json(plot_compression(out_dir, models, result) if distributed.is_writer() else None)
     metrics = {"settings": cfg.to_dict(), "models": models, "compression": result, "plot": plot,
                "wall_seconds": time.perf_counter() - t_start}

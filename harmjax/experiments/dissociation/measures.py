@@ -90,23 +90,30 @@ def verdict(results: Mapping[str, Mapping[str, Any]], rule) -> dict[str, Any]:
             "outcome": outcome, "deltas": d}
 
 
+def per_text_nll(model, params, harm_answers, benign_answers, explanations, eval_cfg, text_format: str) -> dict:
+    """Per-text NLLs of fixed texts (the unmasked model's): harmful answers under the attack,
+    benign answers, explanations; kept per text so the report can bootstrap over them."""
+    from harmjax.inference import response_nll
+
+    # One padded length, one compilation.
+    texts = list(harm_answers) + list(benign_answers) + list(explanations)
+    nll = response_nll(model, texts, text_format=text_format, batch_size=eval_cfg.batch_size,
+                       max_length=eval_cfg.max_length, params=params, num_buckets=1)
+    a, b = len(harm_answers), len(harm_answers) + len(benign_answers)
+    return {"harm_nll": [float(x) for x in nll[:a]], "benign_nll": [float(x) for x in nll[a:b]],
+            "explanation_nll": [float(x) for x in nll[b:]]}
+
+
 def measure_dissociation(model, params, *, heldout: Sequence[Example], benign_heldout: Sequence[Example],
                          harm_answers: Sequence[Example], benign_answers: Sequence[Example],
                          explanations: Sequence[Example], eval_cfg, text_format: str) -> dict[str, Any]:
     """The behaviours of `params` (a masked copy) on held-out prompts (see the module docstring)."""
     from harmjax.evaluate.recognition import recognition_logodds, recognition_summary
     from harmjax.generate import generate
-    from harmjax.inference import response_nll
-
     out: dict[str, Any] = {}
-    # NLLs of fixed texts (the unmasked model's): harmful answers under the attack, benign
-    # answers, explanations; one padded length, one compilation.
-    texts = list(harm_answers) + list(benign_answers) + list(explanations)
-    nll = response_nll(model, texts, text_format=text_format, batch_size=eval_cfg.batch_size,
-                       max_length=eval_cfg.max_length, params=params, num_buckets=1)
-    a, b = len(harm_answers), len(harm_answers) + len(benign_answers)
-    out["harm_nll"], out["benign_nll"], out["explanation_nll"] = (
-        mean_finite(nll[:a]), mean_finite(nll[a:b]), mean_finite(nll[b:]))
+    out["per_prompt"] = per_text_nll(model, params, harm_answers, benign_answers, explanations, eval_cfg, text_format)
+    for key in ("harm_nll", "benign_nll", "explanation_nll"):
+        out[key] = mean_finite(out["per_prompt"][key])
 
     prompts = [e.prompt for e in heldout]
     gen_kw = dict(max_new_tokens=eval_cfg.max_new_tokens, batch_size=eval_cfg.generation_batch_size, params=params,

@@ -8,6 +8,8 @@ import os
 from typing import Any
 
 from harmjax.experiments.core.report import SPECS, publish_report, timings_markdown
+from harmjax.evaluate.bootstrap import fmt_interval
+from harmjax.experiments.dissociation.intervals import with_intervals
 from harmjax.experiments.dissociation.measures import MASKS, verdict
 from harmjax.experiments.dissociation.plots import plot_deltas
 
@@ -23,6 +25,11 @@ _ROWS = [  # (key, label); formats from `core.report.SPECS`
 ]
 
 
+def _shown(cell) -> str:
+    """A cell's reading: yes (holds, interval clears), inconclusive (holds on the point estimate only), no."""
+    return "yes" if cell["shown"] else ("inconclusive" if cell["holds"] else "no")
+
+
 def _fmt(fmt: str, x) -> str:
     try:
         return "n/a" if x is None or not math.isfinite(float(x)) else fmt.format(float(x))
@@ -33,10 +40,11 @@ def _fmt(fmt: str, x) -> str:
 def write_dissociation_report(run_dir: str, *, cfg, source: str, data, sizes, results, timings,
                               wall_seconds: float) -> dict[str, Any]:
     """Writes report.md, metrics.json and dissociation.png; returns the metrics."""
-    v = verdict(results, cfg.verdict)
+    v = with_intervals(verdict(results, cfg.verdict), results, cfg.verdict, seed=cfg.seed)
     table = {name: {k: results[name].get(k) for k, _ in _ROWS} for name in MASKS}
     metrics = {"model": source, "data": data, "mask_sizes": sizes, "table": table, "verdict": v,
-               "timings": timings, "wall_seconds": wall_seconds, "results": results,
+               "timings": timings, "wall_seconds": wall_seconds,
+               "results": results,
                "settings": cfg.to_dict()}
     plot_deltas(os.path.join(run_dir, "dissociation.png"), v["deltas"])
 
@@ -51,16 +59,20 @@ def write_dissociation_report(run_dir: str, *, cfg, source: str, data, sizes, re
     d = v["deltas"]
     for key, label in (("harm", "harm mask"), ("refusal", "refusal mask")):
         g, rr = c[f"{key}_mask/harmful_generation"], c[f"{key}_mask/refusal_recognition"]
-        x = d[key]
+        x, ci = d[key], v["excess_ci"][key]
         lines.append(
-            f"| {label} | NLL {x['x_harm_nll']:+.3f}, attack rate {x['x_attack_harmful_rate']:+.0%} "
-            f"(expected {g['expected']}: {'yes' if g['holds'] else 'no'}) | refusal {x['x_refusal_rate']:+.0%}, "
-            f"AUROC {x['x_auroc']:+.3f}, explanation NLL {x['x_explanation_nll']:+.3f} "
-            f"(expected {rr['expected']}: {'yes' if rr['holds'] else 'no'}) |")
+            f"| {label} | NLL {x['x_harm_nll']:+.3f}{fmt_interval(ci['harm_nll'], '{:+.3f}')}, attack rate "
+            f"{x['x_attack_harmful_rate']:+.0%} (expected {g['expected']}: {_shown(g)}) | refusal "
+            f"{x['x_refusal_rate']:+.0%}{fmt_interval(ci['refusal_rate'], '{:+.0%}')}, AUROC {x['x_auroc']:+.3f}"
+            f"{fmt_interval(ci['auroc'], '{:+.3f}')}, explanation NLL {x['x_explanation_nll']:+.3f}"
+            f"{fmt_interval(ci['explanation_nll'], '{:+.3f}')} (expected {rr['expected']}: {_shown(rr)}) |")
     lines += ["", f"**Verdict: {v['outcome']}.**", "", "Rule (every change minus that of the random control "
               f"matched to the mask; refusal rate = `{v['refusal_metric']}`):", ""]
     lines += [f"- {k}: {cell['expected']} when {cell['rule']}; value {cell['value']:+.3f} -> "
-              f"{'holds' if cell['holds'] else 'fails'}" for k, cell in c.items()]
+              f"{'holds' if cell['holds'] else 'fails'}, interval {'clears' if cell['clears'] else 'does not clear'}"
+              for k, cell in c.items()]
+    lines.append(f"- intervals (in brackets in the table): {v['bootstrap']['rule']}; \"affected\" needs the whole "
+                 "interval beyond the effect threshold, \"spared\" needs it inside the sparing bound.")
     lines.append("- double dissociation: all four hold; single: one mask's row holds.")
     base_auroc = results["none"].get("recognition_auroc")
     if base_auroc is not None and math.isfinite(base_auroc) and base_auroc < 0.6:

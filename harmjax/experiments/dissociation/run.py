@@ -35,7 +35,9 @@ from harmjax.experiments.core.stages import (
     unit_done, write_json_atomic,
 )
 from harmjax.experiments.dissociation.data import check_disjoint, prefilled_answers, sample
-from harmjax.experiments.dissociation.measures import CONTROL, MASKS, deltas, measure_dissociation, verdict
+from harmjax.experiments.dissociation.measures import (
+    CONTROL, MASKS, deltas, measure_dissociation, per_text_nll, verdict,
+)
 from harmjax.experiments.dissociation.report import write_dissociation_report
 
 
@@ -258,7 +260,24 @@ def evaluation(run: DissociationRun) -> dict[str, Any]:
 
     run.stages.run("evaluation", settings, evaluate_stage)
     ev_dir = run.stages.path("evaluation", settings)
-    return {name: read_json(os.path.join(ev_dir, f"{name}.json")) for name in MASKS}
+    return {name: _with_per_text(run, os.path.join(ev_dir, f"{name}.json"), mk_dir, name) for name in MASKS}
+
+
+def _with_per_text(run: DissociationRun, unit: str, mk_dir: str, name: str) -> dict[str, Any]:
+    """A unit's metrics with its per-text NLLs; a unit from before they were kept gets them
+    measured again (NLLs only: no generations) and written back, for the report's intervals."""
+    r = read_json(unit)
+    if "per_prompt" in r:
+        return r
+    from harmjax.masks import apply_mask, load_mask
+
+    model, ex = run.model, run.examples
+    params = model.params if name == "none" else apply_mask(model.params, load_mask(os.path.join(mk_dir, name),
+                                                                                    model.params)[0])
+    r["per_prompt"] = per_text_nll(model, params, ex["held_harm"], ex["held_benign"], ex["explanations"],
+                                   run.cfg.evaluation, run.cfg.scoring.text_format)
+    write_json_atomic(unit, r)
+    return r
 
 
 def report(run: DissociationRun, results: dict[str, Any], t_start: float) -> dict[str, Any]:

@@ -81,8 +81,27 @@ def evaluate_masks(run, plan: EvaluationPlan) -> dict[str, Any]:
 
     run.stages.run("evaluation", plan.settings, evaluate_stage)
     ev_dir = run.stages.path("evaluation", plan.settings)
-    return {entry["name"]: read_json(os.path.join(ev_dir, f"{evaluation_file(entry)}.json"))
-            for entry in [{"name": "unpruned", "kind": "none"}] + run.masks}
+    todo = [{"name": "unpruned", "kind": "none", "dir": None}] + run.masks
+    return {entry["name"]: with_per_prompt(run, os.path.join(ev_dir, f"{evaluation_file(entry)}.json"), entry["dir"])
+            for entry in todo}
+
+
+def with_per_prompt(run, unit: str, mask_dir: str | None) -> dict[str, Any]:
+    """An evaluation unit's metrics, with the per-answer NLLs the report bootstraps over. A unit
+    written before they were kept lacks them: they are measured again (held-out NLLs only, no
+    generations) and added to the unit, so an older run directory gains intervals without
+    redoing its scans, masks or generations."""
+    metrics = read_json(unit)
+    if "per_prompt" in metrics:
+        return metrics
+    cfg = run.cfg
+    nll = nll_metrics(run.model, masked_params(run.model, mask_dir), run.examples["held"],
+                      run.examples["held_benign"] if "benign_nll" in metrics else None,
+                      text_format=cfg.scoring.text_format, max_length=cfg.evaluation.max_length,
+                      batch_size=cfg.evaluation.batch_size)
+    metrics["per_prompt"] = nll["per_prompt"]
+    write_json_atomic(unit, metrics)
+    return metrics
 
 
 def benign_baselines(run, plan: EvaluationPlan, results: dict[str, Any]) -> dict[str, Any] | None:
@@ -124,7 +143,7 @@ def benign_baselines(run, plan: EvaluationPlan, results: dict[str, Any]) -> dict
     bl_dir = run.stages.path("baselines", settings)
     baselines = {**baselines, "masks": [{**e, "dir": os.path.join(bl_dir, e["dir"])} for e in baselines["masks"]]}
     for e in baselines["masks"]:
-        results[e["name"]] = read_json(os.path.join(bl_dir, e["metrics"]))
+        results[e["name"]] = with_per_prompt(run, os.path.join(bl_dir, e["metrics"]), e["dir"])
     return baselines
 
 

@@ -29,7 +29,8 @@ def nll_metrics(
     batch_size: int,
 ) -> dict[str, Any]:
     """harm_nll (mean over held-out harmful answers), harm_nll_per_category, and with `benign`
-    benign_nll and benign_ppl, of `params` (a masked copy of the model's)."""
+    benign_nll and benign_ppl, of `params` (a masked copy of the model's); per_prompt: the
+    per-answer values (`per_prompt_nll`)."""
     out: dict[str, Any] = {}
     # Harmful and benign answers in one pass of one padded length: one compilation in all.
     both = list(harmful) + list(benign or [])
@@ -41,6 +42,17 @@ def nll_metrics(
     if benign:
         out["benign_nll"] = mean_finite(b)
         out["benign_ppl"] = math.exp(out["benign_nll"]) if math.isfinite(out["benign_nll"]) else float("nan")
+    out["per_prompt"] = per_prompt_nll(harmful, nll, benign, b)
+    return out
+
+
+def per_prompt_nll(harmful, harm_nll, benign, benign_nll) -> dict[str, Any]:
+    """The per-answer NLLs the means are made of, with the answers' ids (and the harmful ones'
+    categories), kept so the report can bootstrap over prompts (`main.intervals`)."""
+    out = {"harm_ids": [e.id for e in harmful], "harm_categories": [e.category for e in harmful],
+           "harm_nll": [float(x) for x in harm_nll]}
+    if benign:
+        out.update(benign_ids=[e.id for e in benign], benign_nll=[float(x) for x in benign_nll])
     return out
 
 

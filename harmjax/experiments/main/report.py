@@ -13,6 +13,8 @@ import os
 
 from harmjax import distributed
 from harmjax.experiments.core.report import fmt, fmt_pct, publish_report, timings_markdown
+from harmjax.evaluate.bootstrap import fmt_interval
+from harmjax.experiments.main.intervals import with_intervals
 from harmjax.experiments.main.plots import draw_plots
 from harmjax.experiments.main.verdicts import (
     MATCH_TOLERANCE, baseline_rows, claim1, claim2, claim2_baselines, headline_mask, sweep_rows, transfer_matrix,
@@ -35,17 +37,20 @@ def write_report(run_dir, *, cfg, model, model_source, data, masks, results, ove
     harm_row = next((r for r in sweep if headline is not None and r["name"] == headline["name"]), None)
     c2 = {**c2, **claim2_baselines(harm_row, pick["benign-data mask"], pick["same q"], pick["matched"],
                                    c2["mean_jaccard_category_pairs"])}
+    # Intervals over the held-out answers, seeded by the run's seed (`main.intervals`).
+    c1, c2, bootstrap = with_intervals(c1, c2, sweep, random, transfer, results, seed=cfg.seed)
     plots = draw_plots(run_dir, sweep, random, results["unpruned"], headline, overlap, transfer,
                    [r for r in b_rows if r["role"] != "benign-data mask"]) if distributed.is_writer() else {}
     plots = distributed.broadcast_json(plots)  # process 0 drew them; every process reports them
     metrics = {
         "model": {"source": model_source, "family": model.config.model_type, "parameters": model.num_params(),
                   "layers": model.config.num_layers, "dtype": cfg.dtype},
-        "settings": cfg.to_dict(), "data": data, "baseline": {k: v for k, v in results["unpruned"].items() if k != "samples"},
+        "settings": cfg.to_dict(), "data": data,
+        "baseline": {k: v for k, v in results["unpruned"].items() if k not in ("samples", "per_prompt")},
         "sweep": sweep, "random_control": random, "transfer": transfer, "overlap": overlap,
         "category_masks": [m for m in masks if m["kind"] in ("category", "benign")],
         "benign_baselines": {"rows": b_rows, "target_d_benign": (baselines or {}).get("target")},
-        "claims": {"1": c1, "2": c2}, "plots": plots, "timings": timings, "wall_seconds": wall_seconds,
+        "claims": {"1": c1, "2": c2}, "bootstrap": bootstrap, "plots": plots, "timings": timings, "wall_seconds": wall_seconds,
     }
     publish_report(run_dir, metrics, lambda: _markdown(metrics, results, headline), lambda: summary_text(metrics, run_dir))
     return metrics
@@ -65,12 +70,37 @@ SWEEP_COLS = [
     ("pruned", lambda r: f"{r['pruned']:,}"),
     ("of params", lambda r: fmt_pct(r["fraction_params"])),
     ("harmful NLL", lambda r: fmt(r["harm_nll"])),
-    ("Δ harmful", lambda r: fmt(r["d_harm"], "{:+.3f}")),
+    ("Δ harmful [95% CI]", lambda r: fmt(r["d_harm"], "{:+.3f}") + _ci(r, "d_harm", "{:+.3f}")),
     ("benign NLL", lambda r: fmt(r["benign_nll"])),
-    ("Δ benign", lambda r: fmt(r["d_benign"], "{:+.3f}")),
-    ("selectivity", lambda r: fmt(r["selectivity"], "{:.1f}")),
+    ("Δ benign [95% CI]", lambda r: fmt(r["d_benign"], "{:+.3f}") + _ci(r, "d_benign", "{:+.3f}")),
+    ("selectivity", lambda r: fmt(r["selectivity"], "{:.1f}") + _ci(r, "selectivity", "{:.1f}")),
     ("refusal", lambda r: fmt(r["refusal_rate"], "{:.0%}")),
 ]
+
+
+def _ci(row, key: str, spec: str) -> str:
+    """" [low, high]": the bootstrap interval of `key` stored with a row (or a claim's "ci" dict)."""
+    return fmt_interval(((row or {}).get("ci") or {}).get(key), spec)
+
+
+def _claim1_markdown(c1, bootstrap) -> str:
+    """Claim 1's section: the rules, the verdict and its numbers with their intervals."""
+    out = [f"Rule: {c1['rule']}; with intervals: {c1['interval_rule']}. Verdicts: {bootstrap['rule']}.\n\n"]
+    r = c1["smallest_selective"]
+    if r is not None and c1["verdict"] in ("shown", "inconclusive"):
+        out.append(("**Shown**" if c1["verdict"] == "shown" else "**Inconclusive** (the rule holds on point "
+                    "estimates, not every interval clears it)")
+                   + f" at q={r['q']:g}: {r['pruned']:,} weights ({fmt_pct(r['fraction_params'])} of all parameters) "
+                   f"raise held-out harmful NLL by {fmt(r['d_harm'], '{:+.3f}')}{_ci(r, 'd_harm', '{:+.3f}')} nats/token "
+                   f"against {fmt(r['d_benign'], '{:+.3f}')}{_ci(r, 'd_benign', '{:+.3f}')} for benign answers "
+                   f"(selectivity {fmt(r['selectivity'], '{:.1f}')}{_ci(r, 'selectivity', '{:.1f}')}; Δharm - "
+                   f"2 x random Δharm interval{_ci(r, 'vs_random', '{:+.3f}') or ' n/a'}).\n")
+    else:
+        r = c1["strongest"]
+        out.append("**Not shown** at any q of the sweep" + (
+            f"; the largest harmful-NLL rise was {fmt(r['d_harm'], '{:+.3f}')}{_ci(r, 'd_harm', '{:+.3f}')} at "
+            f"q={r['q']:g} (benign {fmt(r['d_benign'], '{:+.3f}')}{_ci(r, 'd_benign', '{:+.3f}')})" if r else "") + ".\n")
+    return "".join(out)
 
 
 def _markdown(m, results, headline) -> str:
@@ -95,25 +125,18 @@ def _markdown(m, results, headline) -> str:
     if m["plots"].get("layers"):
         lines.append(f"\n![pruned weights per layer and projection]({m['plots']['layers']})\n")
     lines.append("\n## Claim 1: harmful generation depends on a compact set of weights\n")
-    lines.append(f"Rule: {c1['rule']}.\n\n")
-    if c1["supported"]:
-        r = c1["smallest_selective"]
-        lines.append(f"**Shown** at q={r['q']:g}: {r['pruned']:,} weights ({fmt_pct(r['fraction_params'])} of all parameters) "
-                     f"raise held-out harmful NLL by {fmt(r['d_harm'], '{:+.3f}')} nats/token against "
-                     f"{fmt(r['d_benign'], '{:+.3f}')} for benign answers (selectivity {fmt(r['selectivity'], '{:.1f}')}).\n")
-    else:
-        r = c1["strongest"]
-        lines.append("**Not shown** at any q of the sweep" + (
-            f"; the largest harmful-NLL rise was {fmt(r['d_harm'], '{:+.3f}')} at q={r['q']:g} "
-            f"(benign {fmt(r['d_benign'], '{:+.3f}')})" if r else "") + ".\n")
+    lines.append(_claim1_markdown(c1, m["bootstrap"]))
     lines.append("\n## Claim 2: the mechanism is shared across harm types\n")
-    lines.append(f"Rule: {c2['rule']}.\n\n")
+    lines.append(f"Rule: {c2['rule']}. Transfer and distinctness need their intervals to clear the rule (Δ - ratio x Δ "
+                 "differences >= 0); the overlaps are Jaccards of the masks themselves, with no interval over prompts.\n\n")
     lines.append(f"- Overlap: mean Jaccard between category masks {fmt(c2['mean_jaccard_category_pairs'])}, between "
                  f"category masks and the benign mask {fmt(c2['mean_jaccard_category_benign'])}: "
-                 f"**{'shown' if c2['overlap_supported'] else 'not shown'}**.\n")
-    lines.append(f"- Transfer: mean harm NLL rise on the mask's own category {fmt(c2['transfer_diagonal'], '{:+.3f}')}, on "
-                 f"other categories {fmt(c2['transfer_off_diagonal'], '{:+.3f}')}, on benign answers "
-                 f"{fmt(c2['transfer_benign'], '{:+.3f}')}: **{'shown' if c2['transfer_supported'] else 'not shown'}**.\n")
+                 f"**{c2['overlap_verdict']}**.\n")
+    t_ci = {"ci": c2.get("transfer_ci")}
+    lines.append(f"- Transfer: mean harm NLL rise on the mask's own category {fmt(c2['transfer_diagonal'], '{:+.3f}')}"
+                 f"{_ci(t_ci, 'diagonal', '{:+.3f}')}, on other categories {fmt(c2['transfer_off_diagonal'], '{:+.3f}')}"
+                 f"{_ci(t_ci, 'off_diagonal', '{:+.3f}')}, on benign answers {fmt(c2['transfer_benign'], '{:+.3f}')}"
+                 f"{_ci(t_ci, 'benign', '{:+.3f}')}: **{c2['transfer_verdict']}**.\n")
     lines.append(_baselines_markdown(m))
     for key, title in (("overlap", "overlap"), ("transfer", "transfer")):
         if m["plots"].get(key):
@@ -126,7 +149,9 @@ def _markdown(m, results, headline) -> str:
         "to held-out prompts. It is not a judged harmfulness score unless the StrongREJECT evaluator column is "
         "present; the keyword refusal rate is a coarse third signal.\n"
         "- Sample sizes are those listed above; with a few held-out answers per category the per-category and "
-        "transfer cells are noisy, and the verdicts are rules on point estimates, not significance tests.\n"
+        "transfer cells are noisy. The intervals resample the held-out answers only: they do not cover the "
+        "variation from re-drawing the pruning data (which would need a scan per resample), and they are not "
+        "corrected for the several q's and verdicts read from one run.\n"
         "- A small model (for instance the 135M embedded default, which rarely refuses) may not have a separable harm "
         "mechanism at all; a negative verdict on it says nothing about the 8B-32B models of the paper. The same "
         "command with `configs/llama31_8b_instruct.py` (or the Qwen configs) runs the paper's setup.\n")
@@ -200,15 +225,17 @@ def _baselines_markdown(m) -> str:
                    f"Δ harmful {fmt(same['d_harm'], '{:+.3f}')}, Δ benign {fmt(same['d_benign'], '{:+.3f}')}): "
                    f"mean Jaccard with the category masks {fmt(same['jaccard_category'])} against "
                    f"{fmt(c2['mean_jaccard_category_pairs'])} between category masks: "
-                   f"**{_verdict(c2['overlap_vs_baseline_supported'])}**.\n")
+                   f"**{c2.get('overlap_vs_baseline_verdict', _verdict(None))}**.\n")
     if matched and harm:
+        d_ci = {"ci": c2.get("distinct_ci")}
         out.append(f"  - Distinct at matched benign cost: {matched['name']} ({matched['pruned']:,} weights) raises "
                    f"benign NLL by {fmt(matched['d_benign'], '{:+.3f}')} against the harm mask's "
                    f"{fmt(harm['d_benign'], '{:+.3f}')} ({harm['name']}; "
                    f"{'matched' if c2['cost_matched'] else 'not matched'} within {MATCH_TOLERANCE:.0%}), and harmful "
-                   f"NLL by {fmt(matched['d_harm'], '{:+.3f}')} against {fmt(harm['d_harm'], '{:+.3f}')}; per unit "
-                   f"of benign rise {fmt(matched['per_unit'], '{:.2f}')} against {fmt(harm['per_unit'], '{:.2f}')}: "
-                   f"**{_verdict(c2['distinct_supported'])}**.\n")
+                   f"NLL by {fmt(matched['d_harm'], '{:+.3f}')} against {fmt(harm['d_harm'], '{:+.3f}')}"
+                   f"{_ci(d_ci, 'harm_d_harm', '{:+.3f}')}; per unit of benign rise {fmt(matched['per_unit'], '{:.2f}')}"
+                   f"{_ci(d_ci, 'baseline_per_unit', '{:.2f}')} against {fmt(harm['per_unit'], '{:.2f}')}"
+                   f"{_ci(d_ci, 'harm_per_unit', '{:.2f}')}: **{c2.get('distinct_verdict', _verdict(None))}**.\n")
     target = m["benign_baselines"].get("target_d_benign")
     out.append("\nThe benign-data mask and the benign \\ retain baselines (every q the match searched"
                + (f", target benign NLL rise {fmt(target, '{:+.3f}')}" if target is not None else "") + "):\n\n")
@@ -251,12 +278,16 @@ def summary_text(m, run_dir) -> str:
         lines.append(f"{r['q']:<9g}{r['pruned']:>9,}  {fmt_pct(r['fraction_params']):>10}  {fmt(r['d_harm'], '{:+.3f}'):>9}"
                      f"  {fmt(r['d_benign'], '{:+.3f}'):>8}  {fmt(ctrl.get('d_harm'), '{:+.3f}'):>16}"
                      f"  {fmt(r['refusal_rate'], '{:.0%}'):>8}")
-    lines.append(f"claim 1     {'shown' if c1['supported'] else 'not shown'} ({c1['rule']})")
-    lines.append(f"claim 2     overlap {'shown' if c2['overlap_supported'] else 'not shown'} "
+    r1, t_ci = c1["smallest_selective"], {"ci": c2.get("transfer_ci")}
+    lines.append(f"claim 1     {c1['verdict']}" + (f" at q={r1['q']:g}: Δharmful {fmt(r1['d_harm'], '{:+.3f}')}"
+                 f"{_ci(r1, 'd_harm', '{:+.3f}')}, selectivity {fmt(r1['selectivity'], '{:.1f}')}"
+                 f"{_ci(r1, 'selectivity', '{:.1f}')}" if r1 else "") + f" ({c1['rule']})")
+    lines.append(f"claim 2     overlap {c2['overlap_verdict']} "
                  f"(Jaccard {fmt(c2['mean_jaccard_category_pairs'])} vs benign {fmt(c2['mean_jaccard_category_benign'])}); "
-                 f"transfer {'shown' if c2['transfer_supported'] else 'not shown'} "
-                 f"(diag {fmt(c2['transfer_diagonal'], '{:+.3f}')}, off {fmt(c2['transfer_off_diagonal'], '{:+.3f}')}, "
-                 f"benign {fmt(c2['transfer_benign'], '{:+.3f}')})")
+                 f"transfer {c2['transfer_verdict']} "
+                 f"(diag {fmt(c2['transfer_diagonal'], '{:+.3f}')}{_ci(t_ci, 'diagonal', '{:+.3f}')}, "
+                 f"off {fmt(c2['transfer_off_diagonal'], '{:+.3f}')}{_ci(t_ci, 'off_diagonal', '{:+.3f}')}, "
+                 f"benign {fmt(c2['transfer_benign'], '{:+.3f}')}{_ci(t_ci, 'benign', '{:+.3f}')})")
     lines += _baseline_summary(c2)
     lines.append(f"report      {os.path.join(run_dir, 'report.md')}  ({m['wall_seconds']:.0f} s)")
     return "\n".join(lines)
@@ -272,11 +303,12 @@ def _baseline_summary(c2) -> list[str]:
     if same:
         lines.append(f"baseline    {same['name']} ({same['pruned']:,} weights): Δharmful {fmt(same['d_harm'], '{:+.3f}')}"
                      f"  Δbenign {fmt(same['d_benign'], '{:+.3f}')}  Jaccard {fmt(same['jaccard_category'])}: "
-                     f"overlap vs baseline {_verdict(c2['overlap_vs_baseline_supported'])}")
+                     f"overlap vs baseline {c2.get('overlap_vs_baseline_verdict', _verdict(None))}")
     if matched and harm:
         lines.append(f"matched     {matched['name']} ({matched['pruned']:,} weights): Δbenign "
                      f"{fmt(matched['d_benign'], '{:+.3f}')} vs harm {fmt(harm['d_benign'], '{:+.3f}')}, Δharmful "
                      f"{fmt(matched['d_harm'], '{:+.3f}')} vs {fmt(harm['d_harm'], '{:+.3f}')} (per unit "
-                     f"{fmt(matched['per_unit'], '{:.2f}')} vs {fmt(harm['per_unit'], '{:.2f}')}): distinct "
-                     f"{_verdict(c2['distinct_supported'])}")
+                     f"{fmt(matched['per_unit'], '{:.2f}')} vs {fmt(harm['per_unit'], '{:.2f}')}"
+                     f"{_ci({'ci': c2.get('distinct_ci')}, 'harm_per_unit', '{:.2f}')}): distinct "
+                     f"{c2.get('distinct_verdict', _verdict(None))}")
     return lines

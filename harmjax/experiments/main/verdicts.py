@@ -70,19 +70,18 @@ def claim1(sweep, random) -> dict[str, Any]:
     least MIN_HARM_RISE, by SELECTIVE_RATIO x the benign rise, and by SELECTIVE_RATIO x the
     random control's harm rise."""
     rnd = {r["q"]: r for r in random}
-    best = None
-    for r in sweep:
-        ctrl = rnd.get(r["q"])
-        ok = (r["d_harm"] is not None and r["d_harm"] >= MIN_HARM_RISE
-              and (r["d_benign"] is None or r["d_harm"] >= SELECTIVE_RATIO * max(r["d_benign"], 0.0))
-              and (ctrl is None or r["d_harm"] >= SELECTIVE_RATIO * max(ctrl["d_harm"] or 0.0, 0.0)))
-        if ok:
-            best = r
-            break
+    best = next((r for r in sweep if claim1_holds(r, rnd.get(r["q"]))), None)
     strongest = max(sweep, key=lambda r: r["d_harm"] if r["d_harm"] is not None else -1e9) if sweep else None
     return {"supported": best is not None, "smallest_selective": best, "strongest": strongest,
             "rule": f"harm NLL rise >= {MIN_HARM_RISE} nats/token, >= {SELECTIVE_RATIO}x the benign NLL rise "
                     f"and >= {SELECTIVE_RATIO}x the same-size random mask's harm NLL rise"}
+
+
+def claim1_holds(r, ctrl) -> bool:
+    """Claim 1's rule on one sweep row `r` and its random control row `ctrl` (or None)."""
+    return (r["d_harm"] is not None and r["d_harm"] >= MIN_HARM_RISE
+            and (r["d_benign"] is None or r["d_harm"] >= SELECTIVE_RATIO * max(r["d_benign"], 0.0))
+            and (ctrl is None or r["d_harm"] >= SELECTIVE_RATIO * max(ctrl["d_harm"] or 0.0, 0.0)))
 
 
 def claim2(overlap, transfer) -> dict[str, Any]:
