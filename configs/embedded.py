@@ -53,7 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.scoring.layerwise = False  # one small program per decoder block: compiles in seconds at 14B-32B (docs/design.md "Attribution: per-block programs")
     c.scoring.abs_chunk = 6
     c.scoring.checkpoint_every = 4
-    c.scoring.retain_kind = "retain"  # "retain" (released code) or "retain_mean" (paper text)
+    c.scoring.retain_kind = "retain"  # "retain" (released code), "retain_mean" (paper text), "wanda" or "magnitude"
     # Dense float32 score trees on disk (as large as the model x 2 in bf16, x 9 trees) with
     # mid-scan checkpoints; False keeps per matrix only the top entries the masks need.
     c.scoring.keep_dense_scores = False

@@ -18,7 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model = "embedded"  # "embedded", a local HF directory, a .gguf file, an orbax dir or a hub id
     c.dtype = "float32"
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
-    c.data = ""  # required: the harmful (kind=harm) or benign (kind=retain*) set
+    c.data = ""  # required: the harmful (kind=harm) or benign (kind=retain*) set; any set for wanda
     c.split = "train"  # hub split
     c.prompt_key = "prompt"
     c.response_key = "response"
@@ -29,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.skip_bad_rows = False  # skip (and count) rows with a missing prompt/response instead of failing
     c.nsamples = 412
     c.seed = 0
-    c.kind = "harm"  # harm | retain | retain_mean
+    c.kind = "harm"  # harm | retain | retain_mean | wanda | magnitude (docs/design.md "Score kinds")
     c.scope = ""  # comma-separated fnmatch patterns of HF names; "" = the 7 projections of every block
     c.text_format = "raw"  # raw (prompt + "\n" + response, the reference) | chat
     c.max_length = 256

@@ -40,3 +40,7 @@ class DiskSpaceError(HarmjaxError, OSError):
 
 class DeviceMemoryError(HarmjaxError, MemoryError):
     """A jitted job would not fit in accelerator memory; raised before its first batch."""
+
+
+class ScoreKindError(HarmjaxError, ValueError):
+    """An attribution score kind that harmjax does not know (the message lists the known ones)."""

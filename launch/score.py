@@ -15,6 +15,7 @@ from absl import app, logging
 
 import harmjax
 from harmjax.attribution import scan
+from harmjax.attribution.core import check_kinds
 from harmjax.data.records import filter_categories, read_records, sample, to_examples
 from harmjax.masks.storage import save_scores
 from launch.common import checked_config, config_flag, init_runtime, mesh_config, resolve_model_source, run_app
@@ -48,6 +49,7 @@ def load_examples(cfg):
 def main(argv):
     del argv
     cfg = checked_config(_CONFIG)  # a slip in the config: one line, before start-up
+    check_kinds(cfg.kind)  # a kind typo too (ScoreKindError: one line naming the known kinds)
     init_runtime()
     examples, skipped, total_rows = load_examples(cfg)
     model = harmjax.load(resolve_model_source(cfg.model), dtype=cfg.dtype, mesh=mesh_config(cfg.mesh))

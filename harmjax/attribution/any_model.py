@@ -1,4 +1,4 @@
-"""Attribution of any JAX/Flax model: the three score kinds for an arbitrary apply function.
+"""Attribution of any JAX/Flax model: the gradient score kinds and magnitude for an arbitrary apply function.
 
 `harmjax.scan` scores harmjax's own decoder through probed weights (the accumulators ride in
 the backward pass of each linear map). `attribute` serves every other model: a Flax linen
@@ -12,7 +12,9 @@ next-token NLL over its `loss_mask` tokens) with plain `jax.grad`:
                      copies of the scored weights whatever the batch size (in practice
                      XLA reduces each matrix's block as soon as it is formed: see docs/design.md "Attribution: any model")
 
-and adds them to float32 accumulators sharded like the weights they score. The scores are the
+and adds them to float32 accumulators sharded like the weights they score; `magnitude` (|W|)
+needs no pass. `wanda` needs the input of each linear map, which only harmjax's own decoder
+exposes (its probes): use `harmjax.scan` for it. The scores are the
 same formulas as `harmjax.attribution.core.finalize`, returned as a nested dict keyed by the
 scored leaves' dotted paths (`harmjax.tree.path_name`), so `select`, the mask algebra and
 `apply_mask` take them unchanged, on harmjax params, linen params or an NNX `State`.
@@ -36,7 +38,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from tqdm.auto import tqdm
 
-from harmjax.attribution.core import Scope, accumulator_mode, accumulator_of, finalize, per_mode, scoped_names
+from harmjax.attribution.core import (
+    Scope, accumulator_mode, accumulator_of, finalize, grad_mode, per_mode, scoped_names, statistics_of,
+)
+from harmjax.errors import ScoreKindError
 from harmjax.data.records import DatasetFormatError
 from harmjax.distributed import process_local_batch
 from harmjax.model.loss import mean_nll_per_example
@@ -145,7 +150,8 @@ def attribute(
         padded with empty filler rows to a multiple of the mesh's batch extent (and of
         `chunk` for `retain`).
       kind: "harm" (-W * sum_i dL_i/dW), "retain" (|W| * sum_i |dL_i/dW|), "retain_mean"
-        (|W * sum_i dL_i/dW|), or a tuple of them from one pass (then {kind: scores}).
+        (|W * sum_i dL_i/dW|), "magnitude" (|W|), or a tuple of them from one pass (then
+        {kind: scores}). "wanda" is `harmjax.scan`'s only (ScoreKindError here).
       scope: which leaves to score (see `scoped_names`).
       mesh: the mesh the batch is split over (data x fsdp); default all devices on `data`.
       chunk: examples per block of per-example gradients (`retain` only): the memory bound.
@@ -156,6 +162,9 @@ def attribute(
     """
     kinds = kind if isinstance(kind, str) else tuple(kind)
     mode = accumulator_mode(kinds)  # validates the kinds
+    if "act" in statistics_of(mode):
+        raise ScoreKindError("attribute cannot score 'wanda': it needs each linear map's inputs, which only "
+                             "harmjax's decoder exposes; use harmjax.scan on a harmjax model.")
     if chunk < 1:
         raise ValueError(f"chunk must be at least 1, got {chunk}.")
     mesh = mesh if isinstance(mesh, Mesh) else make_mesh(mesh)
@@ -175,6 +184,8 @@ def attribute(
     batches = list(batches)
     if not batches:
         raise ValueError("No batches to score.")
+    if grad_mode(mode) == "none":  # magnitude only: no pass over the data
+        batches = []
     for position_, batch in enumerate(tqdm(batches, desc=f"attribute {kinds}", unit="batch", disable=not progress)):
         arrays = _pad_rows(_host_batch(batch, position_), rows_multiple)
         device = [process_local_batch(a, sharding) for a in arrays]
@@ -182,6 +193,7 @@ def attribute(
 
     def scores_of(k: str) -> dict[str, Any]:
         acc = accumulator_of(k, mode, accs)
+        acc = [None] * len(names) if acc is None else acc
         return unflatten({n: _finalize(k, leaves[i], a) for n, i, a in zip(names, index, acc)})
 
     return scores_of(kinds) if isinstance(kinds, str) else {k: scores_of(k) for k in kinds}

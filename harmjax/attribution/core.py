@@ -5,16 +5,26 @@ Three paths use it: the whole-model scan step (`harmjax.attribution.step`), the 
 per-block programs (`harmjax.attribution.layerwise`) and `attribute` for any JAX/Flax model
 (`harmjax.attribution.any_model`).
 
-KINDS and what they accumulate / return (W = the weight, L_i = mean response NLL of example i):
+KINDS and what they accumulate / return (W = the weight, L_i = mean response NLL of example i,
+x_t = the input of W's linear map at token t):
   harm:         G = sum_i dL_i/dW          -> -W * G          (signed SNIP)
   retain:       A = sum_i |dL_i/dW|        -> |W| * A         (released code's utility score)
   retain_mean:  G = sum_i dL_i/dW          -> |W * G|         (the paper text's utility score)
+  wanda:        X = sum_t x_t^2 (1, in)    -> |W| * sqrt(X)   (Wanda: |W_oj| * ||X_j||_2)
+  magnitude:    nothing                    -> |W|             (reads no data)
 Everything is float32 whatever the parameter dtype. Sums over examples make every score
-independent of batch size and of how the batch is split over devices.
+independent of batch size and of how the batch is split over devices. wanda's tokens are every
+non-padding token of every example, prompt and response (Wanda's "all calibration tokens";
+padding and filler rows never count): it is a property of the activations the model sees, not
+of the response loss.
 
 `kind` may also be a tuple of kinds, e.g. ("retain", "harm") on a benign set: one backward pass
 then accumulates what all of them need (both G and A when they differ, as {"abs", "signed"}
-accumulator trees) and the scores come back as {kind: tree}.
+accumulator trees) and the scores come back as {kind: tree}. The accumulator layout is named
+by a mode (`accumulator_mode`): the gradient part "signed", "abs", "both" or "none", plus
+"+act" when wanda's input sums ride along ("act" alone for wanda without gradient kinds);
+`statistics_of`, `accumulator_parts` and `from_parts` translate between a mode's layout and
+{statistic: tree}.
 
 The scope (which weights are scored) is a sequence of fnmatch patterns over dotted names, e.g.
 `("model.layers.*.mlp.*_proj.weight",)` or `("model.layers.1[0-5].*",)`, or a predicate
@@ -37,58 +47,119 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from harmjax.attribution.probes import ProbedWeight
 from harmjax.config import ModelConfig
+from harmjax.errors import ScoreKindError
 from harmjax.model.param_specs import param_specs, scorable_matrices
 from harmjax.sharding import param_shardings
 from harmjax.tree import flatten, iter_leaves, unflatten
 
-KINDS = ("harm", "retain", "retain_mean")
+KINDS = ("harm", "retain", "retain_mean", "wanda", "magnitude")
 DEFAULT_SCOPE = ("model.layers.*.self_attn.*_proj.weight", "model.layers.*.mlp.*_proj.weight")
 TRITON_GEMM_ENV = "HARMJAX_SCAN_TRITON_GEMM"
 
 Scope = Sequence[str] | Callable[[str, Any], bool] | None
 
+# The statistic each kind's score is made from; None: the weight alone.
+_STATISTIC = {"harm": "signed", "retain": "abs", "retain_mean": "signed", "wanda": "act", "magnitude": None}
+_GRAD_STATISTICS = {"signed": ("signed",), "abs": ("abs",), "both": ("abs", "signed"), "none": ()}
+
 # -- kinds and accumulator modes ------------------------------------------------------------
 
 
 def check_kinds(kind) -> tuple[str, ...]:
-    """`kind` (one name or a tuple of names) as a tuple of distinct known kinds; ValueError else."""
+    """`kind` (one name or a tuple of names) as a tuple of distinct known kinds; ScoreKindError
+    (a ValueError) else."""
     kinds = (kind,) if isinstance(kind, str) else tuple(kind)
     for k in kinds:
         if k not in KINDS:
-            raise ValueError(f"Unknown score kind {k!r}; choose one of {KINDS}.")
+            raise ScoreKindError(f"Unknown score kind {k!r}; choose one of {KINDS}.")
     if not kinds or len(set(kinds)) != len(kinds):
-        raise ValueError(f"Score kinds must be one or more distinct names of {KINDS}; got {kind!r}.")
+        raise ScoreKindError(f"Score kinds must be one or more distinct names of {KINDS}; got {kind!r}.")
     return kinds
 
 
-def statistic(kind: str) -> str:
-    """The accumulated statistic a kind's score is made from: "abs" or "signed"."""
-    return "abs" if kind == "retain" else "signed"
+def statistic(kind: str) -> str | None:
+    """The accumulated statistic a kind's score is made from: "abs", "signed", "act" (sums of
+    squared inputs) or None (magnitude: the weight alone)."""
+    return _STATISTIC[check_kinds(kind)[0]]
 
 
 def accumulator_mode(kind) -> str:
-    """"abs" for per-example absolute gradients, "signed" for plain gradient sums, "both" when
-    a tuple of kinds needs the two."""
-    modes = {statistic(k) for k in check_kinds(kind)}
-    return modes.pop() if len(modes) == 1 else "both"
+    """The accumulator layout of a kind or tuple of kinds: "signed" (plain gradient sums), "abs"
+    (per-example absolute gradients), "both", or "none" (no gradient statistic), with "+act"
+    appended when wanda's input sums are needed too ("act" when they are all)."""
+    stats = {statistic(k) for k in check_kinds(kind)} - {None}
+    grads = stats - {"act"}
+    grad = "none" if not grads else grads.pop() if len(grads) == 1 else "both"
+    if "act" not in stats:
+        return grad
+    return "act" if grad == "none" else grad + "+act"
 
 
-def per_mode(mode: str, tree_fn: Callable[[], Any]) -> Any:
-    """`tree_fn()`, or in "both" mode {"abs": tree_fn(), "signed": tree_fn()} (one accumulator
-    tree per statistic)."""
-    return {"abs": tree_fn(), "signed": tree_fn()} if mode == "both" else tree_fn()
+def grad_mode(mode: str) -> str:
+    """The gradient part of a mode: "signed", "abs", "both" or "none" (what `ProbedWeight` takes)."""
+    return "none" if mode == "act" else mode.removesuffix("+act")
+
+
+def _grad_statistics(mode: str) -> tuple[str, ...]:
+    # A gradient mode the library does not know (a benchmark's experimental probe mode) is one
+    # tree of its own name.
+    grad = grad_mode(mode)
+    return _GRAD_STATISTICS.get(grad, (grad,))
+
+
+def statistics_of(mode: str) -> tuple[str, ...]:
+    """The statistics a mode accumulates, in layout order (e.g. ("abs", "signed", "act"))."""
+    return _grad_statistics(mode) + (("act",) if mode.endswith("act") else ())
+
+
+def from_parts(mode: str, parts: dict[str, Any]) -> Any:
+    """The mode's accumulator layout from {statistic: tree}: one gradient statistic is the tree
+    itself, two are {"abs", "signed"} (the layouts older scan checkpoints hold); with act,
+    {"grad": <that>, "act": tree} ({"act": tree} without gradient statistics); "none": {}."""
+    grads = _grad_statistics(mode)
+    grad = {s: parts[s] for s in grads} if len(grads) == 2 else parts[grads[0]] if grads else None
+    if not mode.endswith("act"):
+        return {} if grad is None else grad
+    return {"act": parts["act"]} if grad is None else {"grad": grad, "act": parts["act"]}
+
+
+def accumulator_parts(mode: str, accs: Any) -> dict[str, Any]:
+    """{statistic: tree} out of a mode's accumulator layout (the inverse of `from_parts`)."""
+    grads = _grad_statistics(mode)
+    grad = accs.get("grad") if mode.endswith("act") else accs
+    parts = {s: grad[s] for s in grads} if len(grads) == 2 else {grads[0]: grad} if grads else {}
+    return {**parts, "act": accs["act"]} if mode.endswith("act") else parts
+
+
+def per_mode(mode: str, tree_fn: Callable[[], Any], act_fn: Callable[[], Any] | None = None) -> Any:
+    """The mode's accumulator layout with `tree_fn()` for each gradient statistic and `act_fn()`
+    for the input sums (e.g. in "both" mode {"abs": tree_fn(), "signed": tree_fn()})."""
+    return from_parts(mode, {s: act_fn() if s == "act" else tree_fn() for s in statistics_of(mode)})
 
 
 def accumulator_of(kind: str, mode: str, accs: Any) -> Any:
-    """The accumulators `kind`'s score is made from, out of a `per_mode` tree."""
-    return accs[statistic(kind)] if mode == "both" else accs
+    """The accumulators `kind`'s score is made from, out of a `per_mode` tree (None for magnitude)."""
+    s = statistic(kind)
+    return None if s is None else accumulator_parts(mode, accs)[s]
 
 
-def finalize(kind: str, weight: jax.Array, acc: jax.Array) -> jax.Array:
+def act_shape(shape: Sequence[int]) -> tuple[int, int]:
+    """Shape of a wanda accumulator of an (out, in) weight: (1, in). Rank 2 like the weight, so
+    it shards like the weight's input dimension and broadcasts against it in `finalize`."""
+    return (1, int(shape[-1]))
+
+
+def act_sharding(weight_sharding: NamedSharding) -> NamedSharding:
+    """A wanda accumulator's sharding: the weight's, with the output dimension whole."""
+    spec = tuple(weight_sharding.spec) + (None,) * 2
+    return NamedSharding(weight_sharding.mesh, P(None, spec[1]))
+
+
+def finalize(kind: str, weight: jax.Array, acc: jax.Array | None) -> jax.Array:
     """The score of one matrix from its weight and accumulator (see the module docstring)."""
     w = weight.astype(jnp.float32)
     if kind == "harm":
@@ -97,7 +168,11 @@ def finalize(kind: str, weight: jax.Array, acc: jax.Array) -> jax.Array:
         return jnp.abs(w) * acc
     if kind == "retain_mean":
         return jnp.abs(w * acc)
-    raise ValueError(f"Unknown score kind {kind!r}; choose one of {KINDS}.")
+    if kind == "wanda":
+        return jnp.abs(w) * jnp.sqrt(acc)
+    if kind == "magnitude":
+        return jnp.abs(w)
+    raise ScoreKindError(f"Unknown score kind {kind!r}; choose one of {KINDS}.")
 
 
 # -- scope ----------------------------------------------------------------------------------
@@ -180,22 +255,32 @@ def scope_shardings(config: ModelConfig, mesh: Mesh, names: Sequence[str]) -> di
     return unflatten({n: flat[n] for n in names})
 
 
+def act_shardings(config: ModelConfig, mesh: Mesh, names: Sequence[str]) -> dict[str, Any]:
+    """`act_sharding` of each scored leaf (the wanda accumulators)."""
+    return jax.tree.map(act_sharding, scope_shardings(config, mesh, names))
+
+
 # -- probes ---------------------------------------------------------------------------------
 
 
-def probe_params(params: dict[str, Any], accs: dict[str, Any], mode: str, chunk: int,
-                 shardings: dict[str, Any] | None = None) -> dict[str, Any]:
-    """params with each scored weight replaced by a ProbedWeight carrying its accumulator (and,
-    given `shardings`, the accumulator's sharding, which lets "abs" mode use the fused kernel)."""
+def probe_params(params: dict[str, Any], accs: Any, mode: str, chunk: int,
+                 shardings: dict[str, Any] | None = None, token_mask: jax.Array | None = None) -> dict[str, Any]:
+    """params with each scored weight replaced by a ProbedWeight carrying its accumulators (and,
+    given `shardings`, the accumulator's sharding, which lets "abs" mode use the fused kernel).
+    `token_mask` (batch, length), 1 for the tokens wanda's input sums count (see the module
+    docstring), is handed to the probes in act modes."""
     shardings = shardings or {}
+    parts = {s: flatten(t) for s, t in accumulator_parts(mode, accs).items()}
+    acts = parts.pop("act", {})
+    grad = grad_mode(mode)
     flat = flatten(params)
-    if mode == "both":
-        signed = flatten(accs["signed"])
-        for name, acc in flatten(accs["abs"]).items():
-            flat[name] = ProbedWeight(flat[name], (acc, signed[name]), mode, chunk)
-    else:
-        for name, acc in flatten(accs).items():
-            flat[name] = ProbedWeight(flat[name], acc, mode, chunk, shardings.get(name))
+    for name in next(iter(parts.values()), acts):
+        if grad == "both":
+            acc = (parts["abs"][name], parts["signed"][name])
+        else:
+            acc = parts[grad][name] if parts else None
+        flat[name] = ProbedWeight(flat[name], acc, grad, chunk, None if grad == "both" else shardings.get(name),
+                                  act=acts.get(name), token_mask=token_mask if acts else None)
     return unflatten(flat)
 
 

@@ -32,7 +32,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from harmjax.attribution.core import AccumulateStep, accumulator_mode, probe_params, scope_shardings
+from harmjax.attribution.core import (
+    AccumulateStep, accumulator_mode, accumulator_parts, from_parts, grad_mode, probe_params, scope_shardings,
+)
 from harmjax.config import ModelConfig
 from harmjax.model.decoder import (
     block_tables, decoder_layer, default_positions, embed, final_norm, layer_rope, logits_from_hidden,
@@ -66,7 +68,7 @@ class LayerwiseStep(AccumulateStep):
         flat_sh = flatten(scope_shardings(config, mesh, names))
         # Same choice as the whole-program step: the accumulator sharding lets "abs" mode use
         # the fused kernel; None keeps XLA's path.
-        self._kernel_sh = _split_by_layer(flat_sh) if self.mode == "abs" and kernel != "off" else {}
+        self._kernel_sh = _split_by_layer(flat_sh) if grad_mode(self.mode) == "abs" and kernel != "off" else {}
         self._acc_sh = _split_by_layer(flat_sh)
         self._lowest_scored = min(self._acc_sh)  # the backward pass stops below it
         self._first = self._first_of_kind()
@@ -99,36 +101,36 @@ class LayerwiseStep(AccumulateStep):
             return mean_nll_per_example(logits, input_ids, loss_mask).sum()
         return jax.value_and_grad(loss)(x)
 
-    def _block_fn(self, index: int, block, accs):
-        """x -> block output, with the block's scored weights probed by `accs`."""
+    def _block_fn(self, index: int, block, accs, token_mask):
+        """x -> block output, with the block's scored weights probed by `accs` (wanda's input
+        sums counting the tokens of `token_mask`, the attention mask)."""
         mode, chunk = self.mode, self.chunk
-        if self.mode == "both":
-            accs = None if accs is None else {"abs": unflatten(accs["abs"]), "signed": unflatten(accs["signed"])}
-        elif accs is not None:
-            accs = unflatten(accs)
-        probed = block if accs is None else probe_params(block, accs, mode, chunk, self._kernel_sh.get(index))
+        if accs is not None:
+            accs = from_parts(mode, {s: unflatten(t) for s, t in accumulator_parts(mode, accs).items()})
+        probed = block if accs is None else probe_params(block, accs, mode, chunk, self._kernel_sh.get(index),
+                                                         token_mask=token_mask)
         return lambda x, rope, mask: decoder_layer(probed, self.config, x, rope, mask)
 
-    def _fwd_fn(self, index, block, accs, x, rope, mask):
+    def _fwd_fn(self, index, block, accs, x, rope, mask, token_mask):
         if self.remat or index < self._lowest_scored:  # nothing kept (below: no backward at all)
-            return self._pin(self._block_fn(index, block, accs)(x, rope, mask)), ()
+            return self._pin(self._block_fn(index, block, accs, token_mask)(x, rope, mask)), ()
         # jax.vjp over (accs, x) with everything else closed over. Its residuals include the
         # program's own inputs (weights, accumulators, x, tables); returned from a jitted
         # function those would be copies (jit does not forward inputs), so they are dropped
         # here and handed to the backward program again by position.
-        y, vjp = jax.vjp(lambda a, x: self._block_fn(index, block, a)(x, rope, mask), accs, x)
+        y, vjp = jax.vjp(lambda a, x: self._block_fn(index, block, a, token_mask)(x, rope, mask), accs, x)
         leaves, treedef = jax.tree.flatten(vjp)
-        inputs = {id(t): i for i, t in enumerate(jax.tree.leaves((block, accs, x, rope, mask)))}
+        inputs = {id(t): i for i, t in enumerate(jax.tree.leaves((block, accs, x, rope, mask, token_mask)))}
         where = tuple(inputs.get(id(leaf), -1) for leaf in leaves)
         self._recipes[self._key(index, block, accs, x)] = (treedef, where)
         return self._pin(y), tuple(leaf for leaf, w in zip(leaves, where) if w < 0)
 
-    def _bwd_fn(self, index, recipe, block, accs, x, rope, mask, saved, dy):
+    def _bwd_fn(self, index, recipe, block, accs, x, rope, mask, token_mask, saved, dy):
         if recipe is None:  # remat: recompute the block
-            _, vjp = jax.vjp(lambda a, x: self._block_fn(index, block, a)(x, rope, mask), accs, x)
+            _, vjp = jax.vjp(lambda a, x: self._block_fn(index, block, a, token_mask)(x, rope, mask), accs, x)
         else:
             treedef, where = recipe
-            inputs, saved = jax.tree.leaves((block, accs, x, rope, mask)), iter(saved)
+            inputs, saved = jax.tree.leaves((block, accs, x, rope, mask, token_mask)), iter(saved)
             vjp = jax.tree.unflatten(treedef, [inputs[w] if w >= 0 else next(saved) for w in where])
         new_accs, dx = vjp(dy)
         return new_accs, self._pin(dx)
@@ -150,14 +152,14 @@ class LayerwiseStep(AccumulateStep):
             # Static: the block's kind (same program for every block of that kind) and the
             # residual recipe. Donated: the accumulators (updated in place) and d x_{i+1}.
             fn = lambda *a, i=index, r=recipe: self._bwd_fn(i, r, *a)  # noqa: E731
-            self._bwd[key] = jax.jit(fn, donate_argnums=(1, 6), compiler_options=self._options)
+            self._bwd[key] = jax.jit(fn, donate_argnums=(1, 7), compiler_options=self._options)
         return self._bwd[key]
 
     def _layer_accs(self, accs) -> dict[int, Any]:
-        if self.mode == "both":
-            a, s = _split_by_layer(flatten(accs["abs"])), _split_by_layer(flatten(accs["signed"]))
-            return {i: {"abs": a[i], "signed": s[i]} for i in a}
-        return _split_by_layer(flatten(accs))
+        # Each block's accumulators in the mode's layout, over flat {relative name: leaf} dicts.
+        parts = {s: _split_by_layer(flatten(t)) for s, t in accumulator_parts(self.mode, accs).items()}
+        layers = next(iter(parts.values()), {})
+        return {i: from_parts(self.mode, {s: p[i] for s, p in parts.items()}) for i in layers}
 
     def _first_of_kind(self) -> dict[int, int]:
         """For each block, the first block with the same program (the one whose index the
@@ -177,7 +179,8 @@ class LayerwiseStep(AccumulateStep):
         x, ropes, masks = self._prologue(params, input_ids, attention_mask)
         xs, saved = {}, {}
         for i, kind in enumerate(c.layer_types):
-            y, res = self._fwd(first[i], blocks[str(i)], layer_accs.get(i), x, layer_rope(c, ropes, i), masks[kind])
+            y, res = self._fwd(first[i], blocks[str(i)], layer_accs.get(i), x, layer_rope(c, ropes, i), masks[kind],
+                               attention_mask)
             if i >= self._lowest_scored:  # kept for the backward pass
                 xs[i], saved[i] = x, res
             x = y
@@ -187,19 +190,18 @@ class LayerwiseStep(AccumulateStep):
         for i in range(c.num_layers - 1, self._lowest_scored - 1, -1):
             kind, a = c.layer_types[i], layer_accs.pop(i, None)
             bwd = self._backward_program(first[i], blocks[str(i)], a, xs[i])
-            new_a, dy = bwd(blocks[str(i)], a, xs[i], layer_rope(c, ropes, i), masks[kind], saved[i], dy)
+            new_a, dy = bwd(blocks[str(i)], a, xs[i], layer_rope(c, ropes, i), masks[kind], attention_mask, saved[i], dy)
             del xs[i], saved[i]  # freed once the program has run
             if new_a is not None:
                 new[i] = new_a
         return self._merge(new), loss
 
     def _merge(self, per_layer: dict[int, Any]):
-        def tree(get):
-            return unflatten({f"{_LAYER_PREFIX}{i}.{n}": v for i in sorted(per_layer)
-                              for n, v in get(per_layer[i]).items()})
-        if self.mode == "both":
-            return {"abs": tree(lambda a: a["abs"]), "signed": tree(lambda a: a["signed"])}
-        return tree(lambda a: a)
+        parts: dict[str, dict[str, Any]] = {}
+        for i in sorted(per_layer):
+            for s, t in accumulator_parts(self.mode, per_layer[i]).items():
+                parts.setdefault(s, {}).update({f"{_LAYER_PREFIX}{i}.{n}": v for n, v in t.items()})
+        return from_parts(self.mode, {s: unflatten(f) for s, f in parts.items()})
 
     # -- memory ------------------------------------------------------------------------------
 
@@ -223,7 +225,7 @@ class LayerwiseStep(AccumulateStep):
         x, ropes, masks = lowered.out_info
         kept, seen = 0, {}
         for i, kind in enumerate(c.layer_types):
-            args = (blocks[str(i)], layer_accs.get(i), x, layer_rope(c, ropes, i), masks[kind])
+            args = (blocks[str(i)], layer_accs.get(i), x, layer_rope(c, ropes, i), masks[kind], attention_mask)
             key = (self._key(first[i], *args[:3]), i >= self._lowest_scored)
             if key not in seen:  # one compilation per distinct program, as in the step
                 lowered = self._fwd.lower(first[i], *args)

@@ -17,6 +17,14 @@ therefore *is* one accumulation step:
   * per-example |grad| is formed one matrix at a time, in chunks of examples, never as B copies
     of the model's gradients;
   * with the accumulators donated, XLA updates them in place.
+
+Wanda's statistic, X = sum_t x_t^2 per input feature of each linear map, needs x alone:
+`record_inputs` is an identity on x whose backward rule returns, as the cotangent of its (1, in)
+accumulator, the accumulator plus this batch's sums, formed in the forward pass (only the
+(1, in) sums are kept for the backward pass, not x). Its cotangent depends on no gradient, so
+when wanda is the only statistic asked for ("act" mode, the linear map itself then plain), the
+whole backward computation feeds nothing and XLA removes it from a whole-step program: the
+step costs a forward pass (docs/design.md "Score kinds").
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ from jax.sharding import NamedSharding
 
 from harmjax.attribution import abs_kernel
 
-MODES = ("signed", "abs", "both")
+MODES = ("signed", "abs", "both", "none")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -83,6 +91,36 @@ def per_example_sums(x: jax.Array, g: jax.Array, chunk: int, signed: bool = Fals
 probed_linear.defvjp(_fwd, _bwd)
 
 
+def input_square_sum(x: jax.Array, token_mask: jax.Array | None) -> jax.Array:
+    """sum over tokens of x^2 per input feature, (1, in) float32; with `token_mask` (x's leading
+    shape, e.g. (batch, length)) only the tokens where it is non-zero count."""
+    sq = jnp.square(x.astype(jnp.float32))
+    if token_mask is not None:
+        if token_mask.shape != x.shape[:-1]:
+            raise ValueError(f"token_mask {token_mask.shape} must have the leading shape of the inputs {x.shape}.")
+        # where, not a product: a padded position's activations may be anything.
+        sq = jnp.where(token_mask[..., None] != 0, sq, 0.0)
+    return sq.reshape(-1, x.shape[-1]).sum(0, keepdims=True)
+
+
+@jax.custom_vjp
+def record_inputs(x: jax.Array, act: jax.Array, token_mask: jax.Array | None) -> jax.Array:
+    """`x`; the backward pass returns `act` + this batch's `input_square_sum` as act's cotangent."""
+    del act, token_mask
+    return x
+
+
+def _record_fwd(x, act, token_mask):
+    return x, act + input_square_sum(x, token_mask)
+
+
+def _record_bwd(new_act, g):
+    return g, new_act, None
+
+
+record_inputs.defvjp(_record_fwd, _record_bwd)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class ProbedWeight:
@@ -92,21 +130,30 @@ class ProbedWeight:
       weight: the (out, in) weight, any float dtype.
       acc: float32 (out, in) accumulator, updated by the backward pass; in "both" mode a pair
         (abs accumulator, signed accumulator).
-      mode: "signed" (sum of gradients), "abs" (sum of per-example absolute gradients) or
-        "both" (the two at once, from one backward pass).
+      mode: "signed" (sum of gradients), "abs" (sum of per-example absolute gradients),
+        "both" (the two at once, from one backward pass) or "none" (no gradient statistic:
+        `acc` is None and the linear map is plain).
       chunk: examples per per-example block in "abs" mode.
       sharding: the accumulator's sharding; in "abs" mode it lets the backward pass run the
         fused per-example |grad| kernel per device (`abs_kernel`), None keeps the XLA path.
+      act: float32 (1, in) wanda accumulator (sums of squared inputs), or None.
+      token_mask: the tokens `act` counts (the inputs' leading shape), or None for all.
     """
 
     weight: jax.Array
-    acc: jax.Array | tuple[jax.Array, jax.Array]
+    acc: jax.Array | tuple[jax.Array, jax.Array] | None
     mode: str = dataclasses.field(metadata=dict(static=True), default="signed")
     chunk: int = dataclasses.field(metadata=dict(static=True), default=8)
     sharding: NamedSharding | None = dataclasses.field(metadata=dict(static=True), default=None)
+    act: jax.Array | None = None
+    token_mask: jax.Array | None = None
 
     def linear(self, x: jax.Array) -> jax.Array:
-        """`x @ weight.T` with the accumulating backward rule."""
+        """`x @ weight.T` with the accumulating backward rules."""
+        if self.act is not None:
+            x = record_inputs(x, self.act, self.token_mask)
+        if self.acc is None:
+            return jnp.einsum("...i,oi->...o", x, self.weight)
         return probed_linear(x, self.weight, self.acc, self.mode, self.chunk, self.sharding)
 
     def grouped_dot(self, x: jax.Array, probes, group_sizes: jax.Array, rows: jax.Array, batch: int) -> jax.Array:

@@ -28,11 +28,11 @@ from absl import logging
 from tqdm.auto import tqdm
 
 from harmjax import checkpoint, distributed, preemption
-from harmjax.attribution.core import accumulator_mode, names_for
+from harmjax.attribution.core import accumulator_mode, names_for, statistics_of
 from harmjax.attribution.step import abstract_accumulators, init_accumulators, jit_accumulate, jit_finalize
 from harmjax.data.calibration import Batch, calibration_batches
 from harmjax.data.records import Example, to_examples
-from harmjax.errors import HarmjaxError
+from harmjax.errors import HarmjaxError, ScoreKindError
 from harmjax.sharding import batch_sharding, round_batch
 
 
@@ -148,8 +148,10 @@ def scan(
     Args:
       model: a `harmjax.Model` (params, config, tokenizer, mesh).
       examples: `Example`s, {"prompt", "response"} dicts or a `datasets.Dataset`.
-      kind: "harm", "retain" or "retain_mean" (see `harmjax.attribution.core`), or a tuple of
-        them, computed from one pass (scores then map each kind to its tree).
+      kind: "harm", "retain", "retain_mean", "wanda" or "magnitude" (see
+        `harmjax.attribution.core`), or a tuple of them, computed from one pass (scores then
+        map each kind to its tree). "magnitude" alone reads no data: no pass runs, and the
+        result has num_tokens 0 and mean_loss NaN.
       scope: fnmatch patterns of HF names to score (default: the 7 projections of every block).
       batch_size: micro-batch rows (rounded up to a multiple of the mesh's data x fsdp size).
       text_format: "raw" (prompt + "\\n" + response, the reference) or "chat".
@@ -173,6 +175,10 @@ def scan(
     """
     kind = kind if isinstance(kind, str) else tuple(kind)
     mode = accumulator_mode(kind)  # also validates kind
+    if "act" in statistics_of(mode) and getattr(model.config, "num_experts", 0):
+        # Expert matrices run as grouped matmuls whose probes take no input sums yet.
+        raise ScoreKindError(f"wanda does not score mixture-of-experts models yet ({model.config.model_type}); "
+                             "use the gradient kinds or magnitude.")
     examples = as_examples(examples)
     if not examples:
         raise ValueError("No examples to score.")
@@ -182,6 +188,8 @@ def scan(
     settings = {"text_format": text_format, "max_length": max_length, "rows": rows, "buckets": num_buckets}
     fingerprint = _fingerprint(model, kind, names, batches, settings)
     params = model.params if params is None else params
+    if mode == "none":  # magnitude only: the weights alone
+        return _weights_only(model, params, names, kind, len(examples))
 
     step = jit_accumulate(model.config, model.mesh, names, kind, remat, abs_chunk, layerwise=layerwise)
     sharding = batch_sharding(model.mesh)
@@ -236,6 +244,15 @@ def scan(
     )
 
 
+def _weights_only(model, params, names, kind, num_examples: int) -> ScanResult:
+    """The result of a scan whose kinds need no data (magnitude): no batch runs."""
+    t0 = time.perf_counter()
+    scores = jit_finalize(model.config, model.mesh, names, kind)(params, {})
+    jax.block_until_ready(scores)
+    return ScanResult(scores=scores, kind=kind, num_examples=num_examples, num_tokens=0, mean_loss=float("nan"),
+                      seconds=time.perf_counter() - t0, resumed_from=0)
+
+
 def _preflight(model, step, params, names, mode, batches, sharding, kind, knobs: str, memory_limit) -> None:
     """Compiles the step for the longest batch and fails (DeviceMemoryError) if it cannot fit."""
     from harmjax.memory import check_fits, preflight_wanted
@@ -264,8 +281,10 @@ def _label(kind) -> str:
 def score(model, examples: Any, kind: str = "harm", **kwargs) -> dict[str, Any]:
     """Attribution scores: a float32 pytree with the params' structure over the scored leaves.
 
-    `kind` is "harm" (-W * sum_i dL_i/dW, signed SNIP), "retain" (|W| * sum_i |dL_i/dW|) or
-    "retain_mean" (|W * sum_i dL_i/dW|); L_i is example i's mean response-token NLL. Keyword
+    `kind` is "harm" (-W * sum_i dL_i/dW, signed SNIP), "retain" (|W| * sum_i |dL_i/dW|),
+    "retain_mean" (|W * sum_i dL_i/dW|), "wanda" (|W| * sqrt(sum_t x_t^2), the L2 norm of each
+    input feature over every non-padding token) or "magnitude" (|W|); L_i is example i's mean
+    response-token NLL. Keyword
     arguments are those of `scan` (scope, batch_size, text_format, max_length, remat,
     checkpoint_dir, ...).
     """

@@ -18,8 +18,8 @@ from jax.sharding import Mesh
 
 from harmjax.attribution import abs_kernel
 from harmjax.attribution.core import (
-    AccumulateStep, accumulator_mode, accumulator_of, compiler_options, finalize, per_mode, probe_params,
-    scope_shardings,
+    AccumulateStep, accumulator_mode, accumulator_of, accumulator_parts, act_shape, act_shardings, compiler_options,
+    finalize, from_parts, grad_mode, per_mode, probe_params, scope_shardings, statistics_of,
 )
 from harmjax.attribution.layerwise import LayerwiseStep
 from harmjax.config import ModelConfig
@@ -33,10 +33,13 @@ from harmjax.tree import flatten, unflatten
 
 def _accumulator_tree(config: ModelConfig, mesh: Mesh, names: Sequence[str], mode: str,
                       make: Callable[[tuple[int, ...], Any], Any]) -> dict[str, Any]:
-    # `make(shape, sharding)` for each scored leaf, one tree per statistic in "both" mode.
+    # `make(shape, sharding)` for each scored leaf, one tree per statistic (`core.per_mode`);
+    # wanda's trees are (1, in), sharded like the weight's input dimension.
     specs = param_specs(config)
     shardings = flatten(scope_shardings(config, mesh, names))
-    return per_mode(mode, lambda: unflatten({n: make(specs[n].shape, shardings[n]) for n in names}))
+    act_sh = flatten(act_shardings(config, mesh, names))
+    return per_mode(mode, lambda: unflatten({n: make(specs[n].shape, shardings[n]) for n in names}),
+                    lambda: unflatten({n: make(act_shape(specs[n].shape), act_sh[n]) for n in names}))
 
 
 def abstract_accumulators(config: ModelConfig, mesh: Mesh, names: Sequence[str], mode: str = "signed") -> dict[str, Any]:
@@ -60,10 +63,12 @@ class WholeStep(AccumulateStep):
         # The probes carry the kernel choice in their static fields (the accumulator sharding,
         # or None for XLA's path): remat'd layers cache their backward per static fields, so
         # the choice must live there and not only inside the backward rule.
-        flat_acc_sh = flatten(scope_shardings(config, mesh, names)) if mode == "abs" and kernel != "off" else None
+        fused = grad_mode(mode) == "abs" and kernel != "off"
+        flat_acc_sh = flatten(scope_shardings(config, mesh, names)) if fused else None
 
         def loss_fn(accs, params, input_ids, attention_mask, loss_mask):
-            probed = probe_params(params, accs, mode, chunk, flat_acc_sh)
+            # wanda counts the non-padding tokens (core's module docstring).
+            probed = probe_params(params, accs, mode, chunk, flat_acc_sh, token_mask=attention_mask)
             logits = forward(probed, config, input_ids, attention_mask, remat=remat)
             return mean_nll_per_example(logits, input_ids, loss_mask).sum()
 
@@ -71,7 +76,8 @@ class WholeStep(AccumulateStep):
             loss, new_accs = jax.value_and_grad(loss_fn)(accs, params, input_ids, attention_mask, loss_mask)
             return new_accs, loss
 
-        acc_sh = per_mode(mode, lambda: scope_shardings(config, mesh, names))
+        acc_sh = per_mode(mode, lambda: scope_shardings(config, mesh, names),
+                          lambda: act_shardings(config, mesh, names))
         batch = batch_sharding(mesh)
         self._jitted = jax.jit(
             step,
@@ -134,24 +140,37 @@ def step_bytes(step, params, accs, input_ids, attention_mask, loss_mask) -> int:
 
 @functools.lru_cache(maxsize=16)
 def jit_finalize(config: ModelConfig, mesh: Mesh, names: tuple[str, ...], kind):
-    """Jitted f(params, accs) -> scores over the scored leaves (accumulators donated); for a
-    tuple of kinds, {kind: scores}."""
+    """f(params, accs) -> scores over the scored leaves, jitted, the gradient accumulators
+    donated; for a tuple of kinds, {kind: scores}. Magnitude needs no accumulators ({} when
+    it is the only kind)."""
     mode = accumulator_mode(kind)
     acc_sh = scope_shardings(config, mesh, names)
+    grad_sh = {s: acc_sh for s in statistics_of(mode) if s != "act"}
+    kept_sh = {"act": act_shardings(config, mesh, names)} if "act" in statistics_of(mode) else {}
 
     def one(k, flat_params, accs):
-        accs = accumulator_of(k, mode, accs)
-        return unflatten({n: finalize(k, flat_params[n], a) for n, a in flatten(accs).items()})
+        acc = accumulator_of(k, mode, accs)
+        flat_acc = {} if acc is None else flatten(acc)
+        return unflatten({n: finalize(k, flat_params[n], flat_acc.get(n)) for n in names})
 
-    def scores(params, accs):
-        flat = flatten(params)
+    def scores(params, grads, kept):
+        flat, accs = flatten(params), from_parts(mode, {**grads, **kept})
         if isinstance(kind, str):
             return one(kind, flat, accs)
         return {k: one(k, flat, accs) for k in kind}
 
-    return jax.jit(
+    # The gradient trees are donated (their buffers become the scores); wanda's (1, in) sums
+    # are not, as no output could reuse them.
+    jitted = jax.jit(
         scores,
-        in_shardings=(param_shardings(config, mesh), per_mode(mode, lambda: acc_sh)),
+        in_shardings=(param_shardings(config, mesh), grad_sh, kept_sh),
         out_shardings=acc_sh if isinstance(kind, str) else {k: acc_sh for k in kind},
         donate_argnums=(1,),
     )
+
+    def run(params, accs):
+        parts = accumulator_parts(mode, accs)
+        kept = {"act": parts.pop("act")} if "act" in parts else {}
+        return jitted(params, parts, kept)
+
+    return run

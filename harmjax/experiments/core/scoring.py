@@ -150,11 +150,13 @@ def experiment_score_units(examples: Sequence[Example]) -> list[str]:
 
 def harm_scores_per_category(
     model, examples: Sequence[Example], directory: str, scan_kwargs: Mapping[str, Any], summary: Mapping[str, Any],
-    top_fraction: float | None = None,
+    top_fraction: float | None = None, kind: str = "harm",
 ) -> dict[str, Any]:
     """Writes `harm_<category>` per category and `harm_all` under `directory`; returns
     {category: unit path} plus "all". Dense units with `top_fraction=None`, else candidates
-    (see the module docstring).
+    (see the module docstring). `kind` is the harm side's score kind (signed SNIP, "harm",
+    by default; "wanda" or "magnitude" for those baselines: wanda's input sums are additive
+    over examples too, but its score, a square root of them, is not a sum of category scores).
 
     `harm_all` is the score of the whole pruning set, S = -W * sum_i dL_i/dW over every
     example, from one scan over all of them: S is linear in the examples, so it equals the
@@ -168,10 +170,10 @@ def harm_scores_per_category(
     for cat in cats:
         if not unit_done(units[cat]):
             subset = [e for e in examples if e.category == cat]
-            scan_to_units(model, subset, "harm", units[cat], scan_kwargs,
+            scan_to_units(model, subset, kind, units[cat], scan_kwargs,
                           {**summary, "category": cat, "nsamples": len(subset)}, top_fraction=top_fraction)
     if not unit_done(total):
-        scan_to_units(model, examples, "harm", total, scan_kwargs,
+        scan_to_units(model, examples, kind, total, scan_kwargs,
                       {**summary, "category": "all", "nsamples": len(examples),
                        "note": "one scan over every pruning example (the sum of the category scores)"},
                       top_fraction=top_fraction)
@@ -182,8 +184,9 @@ def benign_scores(
     model, examples: Sequence[Example], directory: str, retain_kind: str, scan_kwargs: Mapping[str, Any],
     summary: Mapping[str, Any], top_fraction: float | None = None, separate_passes: bool = False,
 ) -> dict[str, str]:
-    """`retain` (the utility score, `retain_kind`) and `benign_signed` (signed SNIP on benign
-    answers) over the retain set: from one two-kind pass, or with `separate_passes` from one
+    """`retain` (the utility score, `retain_kind`: "retain", "retain_mean", "wanda" or
+    "magnitude") and `benign_signed` (signed SNIP on benign answers) over the retain set: from
+    one two-kind pass, or with `separate_passes` from one
     pass each (half the accumulator memory: a 32B two-kind pass holds 2 float32 trees, 248
     GB). Returns {"retain": path, "benign_signed": path}."""
     units = {"retain": os.path.join(directory, "retain"), "benign_signed": os.path.join(directory, "benign_signed")}

@@ -17,6 +17,7 @@ import os
 import time
 from typing import Any
 
+from harmjax.attribution.core import check_kinds
 from harmjax.experiments.core import answers as answers_mod
 from harmjax.experiments.core.prompt_sets import (
     load_benign_prompts, load_harmful_prompts, load_pruning_prompts, split_per_category,
@@ -67,6 +68,9 @@ def start(cfg, progress: bool) -> MainRun:
     from harmjax.experiments.core.model_sources import load_model
 
     cfg = as_config(cfg)
+    # A slip in the retain kind: one line now, not after the harm scans. The retain pass also
+    # scores signed SNIP ("harm"), so the kind must be another one.
+    check_kinds((cfg.scoring.retain_kind, "harm"))
     source = resolve_model_source(cfg.model)
     run_dir = cfg.output_dir or default_run_dir(source)
     os.makedirs(run_dir, exist_ok=True)
