@@ -110,8 +110,11 @@ def test_scores_independent_of_batch_size_and_devices(tiny, kind):
     for model, batch in ((one, 5), (many, 4)):
         other = flatten(scan(model, EXAMPLES, kind, batch_size=batch, abs_chunk=3, **ONE_BUCKET).scores)
         for name in base:
+            # Summation order differs with the batch split: float32 rounding of sums whose terms
+            # cancel reaches a few 1e-6 of the leaf's largest score (a dropped or doubled example
+            # moves scores by whole percents).
             np.testing.assert_allclose(np.asarray(other[name]), np.asarray(base[name]), rtol=2e-5,
-                                       atol=1e-6 * np.abs(base[name]).max(), err_msg=f"{name} b={batch}")
+                                       atol=5e-6 * np.abs(base[name]).max(), err_msg=f"{name} b={batch}")
 
 
 def test_remat_gives_the_same_scores(tiny):
