@@ -16,6 +16,7 @@ def paper_pair(base: str, instruct: str, name: str) -> ml_collections.ConfigDict
     e = c.experiment = paper_config(instruct)  # `model` and `output_dir` are set per model
     # The paper's q=1e-5 in the middle of a sweep wide enough to place the crossing for both models.
     e.masks.q_sweep = (1e-6, 2e-6, 5e-6, 1e-5, 2e-5, 5e-5)
+    e.over_refusal.enabled = False  # not in the compression figure (the main job's own run measures it)
     c.refusal = None  # no "refusal" model here
     c.compression = ml_collections.ConfigDict()
     c.compression.harm_target = 0.5  # nats/token rise of the held-out harmful NLL

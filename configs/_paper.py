@@ -55,6 +55,10 @@ def paper_config(model: str):
     c.evaluation.category_benign = True
     c.evaluation.random_generations = True
 
+    c.over_refusal.safe_per_kind = 0  # the whole set
+    c.over_refusal.max_new_tokens = 64
+    c.over_refusal.masks = "all"
+
     c.judge.finetuned_base = "google/gemma-2b"
     c.judge.finetuned_adapter = "qylu4156/strongreject-15k-v1"
 

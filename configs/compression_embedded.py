@@ -29,6 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
     e.masks.q_sweep = (3e-6, 6e-6, 1e-5, 2e-5, 4e-5, 1e-4)
     e.masks.random_control = False
     e.baselines.enabled = False  # claim 2's baselines do not enter the compression figure
+    e.over_refusal.enabled = False  # nor does over-refusal (the main job's own run measures it)
     e.evaluation.generation_prompts = 8
 
     # The refusal tuning; run_compression gives it the experiment's prompts and seed, so that

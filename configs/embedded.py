@@ -89,6 +89,17 @@ def get_config() -> ml_collections.ConfigDict:
     c.baselines.match_steps = 3  # halvings and bisection steps of the q search (each step: one NLL evaluation)
     c.baselines.generations = True  # generations (refusal, samples, judge) for the same-q and matched masks
 
+    # Over-refusal: refusals of harmless prompts that only sound harmful (harmjax's XSTest-style
+    # set, harmjax/data/over_refusal), for the unpruned model and the chosen masks; its own stage
+    # (harmjax.experiments.core.over_refusal). A refusal shows in an answer's first words.
+    c.over_refusal = ml_collections.ConfigDict()
+    c.over_refusal.enabled = True
+    c.over_refusal.path = ""  # "" = the packaged set (199 safe prompts in 9 kinds, 135 unsafe contrasts)
+    c.over_refusal.safe_per_kind = 4  # seeded subset with the chosen prompts' contrasts (0 = all)
+    c.over_refusal.max_new_tokens = 12  # ~9 words: the refusals seen open the answer
+    c.over_refusal.batch_size = 32  # at most; 4 per kind = 36 safe + 24 unsafe: two batches of 30
+    c.over_refusal.masks = "headline"  # "headline" (unpruned, headline harm mask, its random control) or "all"
+
     # The StrongREJECT fine-tuned evaluator (local copies of google/gemma-2b and
     # qylu4156/strongreject-15k-v1); "" = not run.
     c.judge = ml_collections.ConfigDict()

@@ -55,7 +55,7 @@ EXPERIMENT = [
     ("scoring.max_length", 48), ("scoring.batch_size", 4), ("scoring.abs_chunk", 2), ("scoring.checkpoint_every", 1),
     ("masks.q_sweep", (0.01, 0.1)), ("masks.category_q", 0.05), ("masks.p", 0.01),
     ("evaluation.max_length", 48), ("evaluation.batch_size", 4), ("evaluation.generation_prompts", 2),
-    ("evaluation.max_new_tokens", 4), ("evaluation.generation_batch_size", 4),
+    ("evaluation.max_new_tokens", 4), ("evaluation.generation_batch_size", 4), ("over_refusal.enabled", False),
     ("mesh.data", 1), ("mesh.fsdp", -1), ("mesh.tensor", 0),  # 0: harmjax.HOST
 ]
 

@@ -35,6 +35,7 @@ OVERRIDES = [
     ("masks.q_sweep", (0.01, 0.1)), ("masks.category_q", 0.05), ("masks.p", 0.01),
     ("evaluation.max_length", 48), ("evaluation.batch_size", 8), ("evaluation.generation_prompts", 3),
     ("evaluation.max_new_tokens", 6), ("evaluation.generation_batch_size", 4),
+    ("over_refusal.safe_per_kind", 1), ("over_refusal.max_new_tokens", 4), ("over_refusal.batch_size", 16),
 ]
 
 
@@ -134,6 +135,7 @@ def test_every_stage_and_a_consistent_report(setup, uninterrupted):
 
     _check_benign_baselines(m, out, report)
     _check_intervals(m, out, report)
+    _check_over_refusal(m, out, report)
 
     # A run directory from before the per-answer NLLs were kept (units without "per_prompt"):
     # a rerun measures them again (NLLs only) and reports the same intervals, every stage cached.
@@ -318,6 +320,24 @@ def _check_intervals(m, out, report):
     r = c1["smallest_selective"] or c1["strongest"]
     low, high = r["ci"]["d_harm"]
     assert f"{r['d_harm']:+.3f} [{low:+.3f}, {high:+.3f}]" in report  # printed beside the number
+
+
+def _check_over_refusal(m, out, report):
+    """The over-refusal section: the unpruned model, the headline harm mask and its random
+    control, each rate a recount of the stage's stored answers with the detector."""
+    from harmjax.evaluate.over_refusal import OVER_REFUSAL_PHRASES
+    from harmjax.evaluate.refusal import is_refusal
+
+    assert "## Over-refusal" in report
+    ov = m["over_refusal"]
+    names = list(ov)  # the headline harm mask (q nearest category_q) and the random mask of its q
+    assert len(names) == 3 and names[0] == "unpruned" and names[1] == "harm q=0.1" and names[2] == "random q=0.1"
+    stage = next((out / "cache").glob("over_refusal-*"))
+    for name, r in ov.items():
+        assert r["over_refusal"]["n"] == 9 and r["unsafe_refusal"]["n"] >= 1  # one safe prompt per kind
+        answers = json.load(open(next(stage.glob(f"{name.replace(' ', '_').replace('=', '')}.json"))))["samples"]
+        safe = [is_refusal(s["answer"], phrases=OVER_REFUSAL_PHRASES, min_words=0) for s in answers if s["label"] == "safe"]
+        assert r["over_refusal"]["k"] == sum(safe) and f"| {name} |" in report
 
 
 def test_killed_mid_stage_resumes_without_redoing_work(setup, uninterrupted, tmp_path):

@@ -30,6 +30,7 @@ OVERRIDES = [
     ("train.max_length", 128), ("train.warmup_steps", 1), ("train.checkpoint_every", 1),
     ("evaluation.max_new_tokens", 6), ("evaluation.generation_batch_size", 8), ("evaluation.batch_size", 8),
     ("evaluation.max_length", 128), ("evaluation.refusal_min_words", 0),
+    ("over_refusal.safe_per_kind", 1), ("over_refusal.max_new_tokens", 4), ("over_refusal.batch_size", 16),
 ]
 
 
@@ -106,6 +107,10 @@ def test_end_to_end(setup, finished):
         assert row["logprob_margin_mean"] == pytest.approx(margins.mean(), rel=1e-12), model
         assert np.isfinite(row["benign_nll"]) and np.isfinite(row["logprob_margin_mean"])
     assert set(m["targets"]) >= {"refusal_rate", "logprob_refusal_fraction", "benign_nll_rise", "all_met"}
+    # Over-refusal of both models: one safe prompt per kind, the report's section.
+    assert list(m["over_refusal"]) == list(refusal_model.MODELS)
+    assert all(r["over_refusal"]["n"] == 9 for r in m["over_refusal"].values())
+    assert "## Over-refusal" in open(out / "report.md").read()
     assert m["training"]["steps"] == 4 and m["training"]["resumed_from"] is None
     # The merged model loads as a model source and differs from the base.
     import harmjax

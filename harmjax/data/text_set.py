@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib.resources
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from harmjax.data.records import DatasetFormatError
@@ -14,13 +14,14 @@ from harmjax.io.jsonl import json_lines
 
 
 def read_text_set(path: str | None, package: Sequence[str], what: str, fields: Sequence[str],
-                  text_field: str) -> list[dict[str, Any]]:
+                  text_field: str, check: Callable[[dict[str, Any], str], None] | None = None) -> list[dict[str, Any]]:
     """The rows of a text set, in file order: the JSONL at `path`, or with None the one
     packaged under `harmjax/data/<package...>`.
 
     Every row must be a JSON object whose `fields` are non-empty strings; no id and no
     `text_field` (case and spacing ignored: they do not make a different text) may repeat, so
-    a set split into training and held-out parts cannot leak a text into both.
+    a set split into training and held-out parts cannot leak a text into both. `check(row,
+    where)` runs on each row after these checks (`where` is "<file>, line N", for its errors).
 
     Raises:
       MissingFileError: `path` does not exist, or the package data is missing.
@@ -59,6 +60,8 @@ def read_text_set(path: str | None, package: Sequence[str], what: str, fields: S
         key = " ".join(row[text_field].lower().split())
         if key in text_lines:
             raise DatasetFormatError(f"{where}: {text_field} repeats the one on line {text_lines[key]}.")
+        if check is not None:
+            check(row, where)
         id_lines[ident], text_lines[key] = number, number
         rows.append(row)
     if not rows:

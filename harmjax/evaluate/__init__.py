@@ -1,7 +1,7 @@
 """Evaluation: harmfulness evaluators (StrongREJECT fine-tuned and rubric judges, keyword refusal,
-judge-free NLL selectivity), utility benchmarks (perplexity, multiple choice, TriviaQA), and
-emergent misalignment (sampled answers to the EM questions, a 0-100 number judge, and the
-judge-free misalignment preference)."""
+over-refusal of harmless prompts that sound harmful, judge-free NLL selectivity), utility
+benchmarks (perplexity, multiple choice, TriviaQA), and emergent misalignment (sampled answers
+to the EM questions, a 0-100 number judge, and the judge-free misalignment preference)."""
 
 from harmjax.evaluate.em_preference import (
     EMPair, EMPairFormatError, PreferenceResult, load_em_pairs, misalignment_preference,
@@ -11,6 +11,7 @@ from harmjax.evaluate.emergent import (
     load_em_questions, load_judge_prompts, sample_answers, summarize_em,
 )
 from harmjax.evaluate.number_judge import NumberJudgeError, NumberScores, build_trie, number_scores, scores_from_log_probs
+from harmjax.evaluate.over_refusal import OVER_REFUSAL_PHRASES, measure_over_refusal, summarize_over_refusal
 from harmjax.evaluate.refusal import REFUSAL_PHRASES, is_refusal, refusal_flags, refusal_rate
 from harmjax.evaluate.rubric import (
     RubricResult,
@@ -50,7 +51,8 @@ __all__ = [
     "FinetunedJudge", "JudgeTemplateError", "MCItem", "REFUSAL_PHRASES", "RubricResult", "RubricTemplates",
     "TriviaItem", "finetuned_probabilities", "is_refusal", "load_finetuned_judge", "load_mc_task",
     "load_rubric_templates", "load_template", "load_text_corpus", "load_triviaqa", "local_judge",
-    "multiple_choice_accuracy", "nll_selectivity", "normalize_answer", "parse_rubric", "perplexity",
+    "multiple_choice_accuracy", "nll_selectivity", "OVER_REFUSAL_PHRASES", "measure_over_refusal",
+    "summarize_over_refusal", "normalize_answer", "parse_rubric", "perplexity",
     "refusal_flags", "refusal_rate", "rubric_score", "score_finetuned", "score_rubric",
     "selectivity_from_nll", "triviaqa_accuracy",
 ]

@@ -1,5 +1,6 @@
 """The main experiment's last stages: every mask evaluated (held-out NLLs, generations, judge,
-utility), claim 2's benign baselines searched and evaluated, and the report."""
+utility), claim 2's benign baselines searched and evaluated, over-refusal of the unpruned model
+and the chosen masks, and the report."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from harmjax.experiments.core.stages import read_json, settings_key, write_json_atomic
+from harmjax.experiments.core.stages import examples_digest, read_json, settings_key, write_json_atomic
 from harmjax.experiments.main.baselines import build_baselines
 from harmjax.experiments.main.measure import generation_metrics, measure, nll_metrics
 from harmjax.experiments.main.settings import evaluation_file, generation_subset, judge_fn, masked_params, utility_fn
@@ -147,7 +148,47 @@ def benign_baselines(run, plan: EvaluationPlan, results: dict[str, Any]) -> dict
     return baselines
 
 
-def report(run, plan: EvaluationPlan, results, baselines, t_start: float) -> dict[str, Any]:
+def over_refusal_masks(run, which: str) -> list[dict[str, Any]]:
+    """The mask entries the over-refusal stage measures, the unpruned model first: with "headline"
+    the headline harm mask and its random control (same q), with "all" every mask of the masks
+    stage."""
+    unpruned = {"name": "unpruned", "kind": "none", "dir": None}
+    if which == "all":
+        return [unpruned, *run.masks]
+    if which != "headline":
+        raise ValueError(f"over_refusal.masks must be 'headline' or 'all', got {which!r}.")
+    masks_cfg = run.cfg.masks
+    headline = headline_mask(run.masks, masks_cfg.headline_q or masks_cfg.category_q)
+    if headline is None:
+        return [unpruned]
+    control = [m for m in run.masks if m["kind"] == "random" and m["q"] == headline["q"]]
+    return [unpruned, headline, *control[:1]]
+
+
+def over_refusal(run) -> dict[str, Any] | None:
+    """{mask name: over-refusal result} (`harmjax.experiments.core.over_refusal`), one unit per
+    mask in its own stage, so switching it on leaves the other stages cached; None when off (or
+    in a config written before it existed)."""
+    block = run.cfg.get("over_refusal")
+    if block is None or not block.enabled:
+        return None
+    from harmjax.experiments.core.over_refusal import over_refusal_prompts, over_refusal_units
+
+    prompts = over_refusal_prompts(block, run.cfg.seed)
+    entries = over_refusal_masks(run, block.masks)
+    settings = {"masks": settings_key(run.settings["masks"]), **block.to_dict(), "seed": run.cfg.seed,
+                "prompts": examples_digest(prompts, ("id", "kind", "label", "prompt")),
+                "measured": [e["name"] for e in entries]}
+    named = {e["name"]: (lambda e=e: masked_params(run.model, e["dir"])) for e in entries}
+
+    def stage(d):
+        return {"n": len(over_refusal_units(d, named, lambda: run.model, prompts, block))}
+
+    run.stages.run("over_refusal", settings, stage)
+    return over_refusal_units(run.stages.path("over_refusal", settings), named, lambda: run.model, prompts, block)
+
+
+def report(run, plan: EvaluationPlan, results, baselines, t_start: float, over_refusal=None) -> dict[str, Any]:
     """Writes the report (`harmjax.experiments.main.report`); returns its metrics."""
     from harmjax.experiments.main.report import write_report
 
@@ -162,6 +203,6 @@ def report(run, plan: EvaluationPlan, results, baselines, t_start: float) -> dic
     timings = {**run.stages.timings, "load": {"seconds": run.load_seconds}}
     return write_report(
         run.dir, cfg=run.cfg, model=run.model, model_source=run.source, data=data, masks=run.masks, results=results,
-        overlap=run.info["masks"]["overlap"], baselines=baselines,
+        overlap=run.info["masks"]["overlap"], baselines=baselines, over_refusal=over_refusal,
         timings=timings, wall_seconds=time.perf_counter() - t_start,
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 
 from harmjax import distributed
+from harmjax.experiments.core.over_refusal import over_refusal_markdown, over_refusal_summary, without_samples
 from harmjax.experiments.core.report import fmt, fmt_pct, publish_report, timings_markdown
 from harmjax.evaluate.bootstrap import fmt_interval
 from harmjax.experiments.main.intervals import with_intervals
@@ -22,11 +23,12 @@ from harmjax.experiments.main.verdicts import (
 
 
 def write_report(run_dir, *, cfg, model, model_source, data, masks, results, overlap, timings, wall_seconds,
-                 baselines=None) -> dict:
+                 baselines=None, over_refusal=None) -> dict:
     """Writes metrics.json, report.md and the plots into `run_dir`; prints and returns the metrics.
     Every process computes the metrics; process 0 writes the files and prints. `baselines` is
     the baselines stage's info (`harmjax.experiments.main.baselines.build_baselines`), whose masks'
-    metrics are in `results` under their names."""
+    metrics are in `results` under their names; `over_refusal` the over-refusal stage's {mask
+    name: result} (None: off)."""
     sweep, random = sweep_rows(masks, results, "harm"), sweep_rows(masks, results, "random")
     transfer = transfer_matrix(masks, results)
     c1, c2 = claim1(sweep, random), claim2(overlap, transfer)
@@ -52,8 +54,15 @@ def write_report(run_dir, *, cfg, model, model_source, data, masks, results, ove
         "benign_baselines": {"rows": b_rows, "target_d_benign": (baselines or {}).get("target")},
         "claims": {"1": c1, "2": c2}, "bootstrap": bootstrap, "plots": plots, "timings": timings, "wall_seconds": wall_seconds,
     }
+    if over_refusal is not None:
+        metrics["over_refusal"] = without_samples(over_refusal)
     publish_report(run_dir, metrics, lambda: _markdown(metrics, results, headline), lambda: summary_text(metrics, run_dir))
     return metrics
+
+
+def _over_refusal_section(m) -> str:
+    """The over-refusal section (empty when the stage is off)."""
+    return over_refusal_markdown(m["over_refusal"], m["settings"]["over_refusal"]) if m.get("over_refusal") else ""
 
 
 def _verdict(value) -> str:
@@ -141,6 +150,7 @@ def _markdown(m, results, headline) -> str:
     for key, title in (("overlap", "overlap"), ("transfer", "transfer")):
         if m["plots"].get(key):
             lines.append(f"\n![{title}]({m['plots'][key]})\n")
+    lines.append(_over_refusal_section(m))
     lines.append("\n## Sample generations (held-out prompts)\n")
     lines.append(_samples(results, headline))
     lines.append("\n## What this run can and cannot show\n")
@@ -289,6 +299,7 @@ def summary_text(m, run_dir) -> str:
                  f"off {fmt(c2['transfer_off_diagonal'], '{:+.3f}')}{_ci(t_ci, 'off_diagonal', '{:+.3f}')}, "
                  f"benign {fmt(c2['transfer_benign'], '{:+.3f}')}{_ci(t_ci, 'benign', '{:+.3f}')})")
     lines += _baseline_summary(c2)
+    lines += over_refusal_summary(m.get("over_refusal"))
     lines.append(f"report      {os.path.join(run_dir, 'report.md')}  ({m['wall_seconds']:.0f} s)")
     return "\n".join(lines)
 

@@ -1,10 +1,10 @@
 """The paper's experiment end to end, as cached stages (see `harmjax.experiments.core.stages`):
 
-  prompts  -> answers  -> scores  -> masks  -> evaluation  -> baselines  -> report
-  (split)     (greedy,     (harm per   (q sweep,  (per mask:   (benign \\     (report.md,
-              refusals     category,   random,    NLLs,        retain at      metrics.json,
-              attacked)    retain +    category,  refusals,    category_q     plots,
-                           benign)     benign)    samples)     and matched)   summary)
+  prompts  -> answers  -> scores  -> masks  -> evaluation  -> baselines  -> over_refusal -> report
+  (split)     (greedy,     (harm per   (q sweep,  (per mask:   (benign \\     (harmless      (report.md,
+              refusals     category,   random,    NLLs,        retain at      prompts that   metrics.json,
+              attacked)    retain +    category,  refusals,    category_q     sound harmful, plots,
+                           benign)     benign)    samples)     and matched)   chosen masks)  summary)
 
 `run_experiment(cfg)` takes the settings of `configs/embedded.py` (an ml_collections
 ConfigDict, or a nested dict with the same fields) and returns the metrics dict it writes.
@@ -59,7 +59,8 @@ def run_experiment(cfg, progress: bool = True) -> dict[str, Any]:
     plan = evaluation.EvaluationPlan.of(run)
     results = evaluation.evaluate_masks(run, plan)
     baselines = evaluation.benign_baselines(run, plan, results)
-    return evaluation.report(run, plan, results, baselines, t_start)
+    over_refusal = evaluation.over_refusal(run)
+    return evaluation.report(run, plan, results, baselines, t_start, over_refusal)
 
 
 def start(cfg, progress: bool) -> MainRun:

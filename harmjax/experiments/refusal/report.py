@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 from harmjax import distributed
+from harmjax.experiments.core.over_refusal import over_refusal_markdown, over_refusal_summary, without_samples
 from harmjax.experiments.core.report import SPECS, closing_markdown, fmt, publish_report
 from harmjax.experiments.refusal.eval import MODELS
 
@@ -39,9 +40,9 @@ def targets(cfg, before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any
 
 
 def write_refusal_report(run_dir, *, cfg, source, model_dir, data, training, results, timings,
-                         wall_seconds) -> dict[str, Any]:
+                         wall_seconds, over_refusal=None) -> dict[str, Any]:
     """Writes metrics.json, report.md and refusal_summary.png into `run_dir`; prints and
-    returns the metrics."""
+    returns the metrics. `over_refusal`: {model name: over-refusal result} (None: off)."""
     table = {name: {k: v for k, v in results[name].items() if k not in ("samples", "benign_samples")}
              for name in MODELS}
     met = targets(cfg, results["original"], results["refusal_tuned"])
@@ -51,6 +52,8 @@ def write_refusal_report(run_dir, *, cfg, source, model_dir, data, training, res
                "samples": {name: results[name]["samples"] for name in MODELS},
                "benign_samples": {name: results[name]["benign_samples"] for name in MODELS},
                "plot": plot, "timings": timings, "wall_seconds": wall_seconds}
+    if over_refusal is not None:
+        metrics["over_refusal"] = without_samples(over_refusal)
     publish_report(run_dir, metrics, lambda: _markdown(metrics), lambda: summary_text(metrics, run_dir))
     return metrics
 
@@ -128,6 +131,8 @@ def _markdown(m) -> str:
         if k != "all_met":
             spec = "{:+.3f}" if k == "benign_nll_rise" else "{:+.0%}" if k == "benign_refusal_rise" else "{:.0%}"
             out.append(f"| {k} | {v['target']} | {fmt(v['value'], spec)} | {'yes' if v['met'] else '**no**'} |\n")
+    if m.get("over_refusal"):
+        out.append(over_refusal_markdown(m["over_refusal"], s["over_refusal"], LABELS))
     out.append("\n## Sample answers (refusal-tuned, held out)\n\n")
     for r in m["samples"]["refusal_tuned"][:8]:
         out.append(f"- **{' '.join(r['prompt'].split())[:120]}**\n  - no attack: {' '.join(r['answer'].split())[:200]}\n"
@@ -163,5 +168,6 @@ def summary_text(m, run_dir) -> str:
              + ("" if "benign_refusal_rise" not in t else
                 f"; over-refusal check {'met' if t['benign_refusal_rise']['met'] else 'NOT met'} "
                 f"({fmt(t['benign_refusal_rise']['value'], '{:+.0%}')} benign answers refused)"),
+             *over_refusal_summary(m.get("over_refusal")),
              f"report      {os.path.join(run_dir, 'report.md')}  ({m['wall_seconds']:.0f} s)"]
     return "\n".join(lines)

@@ -6,6 +6,8 @@
                benign answers; the merged model written once as an HF directory
   -> evaluation  (run_refusal_tuning only) held-out refusal rates, a judge-free log-probability
                measure, the prefilling attack and benign NLL, before and after
+  -> over_refusal  (run_refusal_tuning only) refusals of harmless prompts that only sound
+               harmful, and of their unsafe contrasts, before and after
   -> report    report.md, metrics.json, refusal_summary.png
 
 The paper's claims concern aligned models; the embedded SmolLM2-135M-Instruct answers most
@@ -67,12 +69,13 @@ def run_refusal_tuning(cfg, progress: bool = True) -> dict[str, Any]:
     t_start = time.perf_counter()
     p = prepare(as_config(cfg), progress)
     results, benign_nll_examples = evaluation_stages(p)
+    over_refusal = over_refusal_stages(p)
     from harmjax.experiments.refusal.report import write_refusal_report
 
     data = {**p.data, "benign_nll_examples": benign_nll_examples}
     return write_refusal_report(p.run_dir, cfg=p.cfg, source=p.source, model_dir=p.model_dir, data=data,
                                 training=p.training, results=results, timings=p.stages.timings,
-                                wall_seconds=time.perf_counter() - t_start)
+                                wall_seconds=time.perf_counter() - t_start, over_refusal=over_refusal)
 
 
 def evaluation_stages(p: Prepared) -> tuple[dict[str, Any], int]:
@@ -107,6 +110,38 @@ def evaluation_stages(p: Prepared) -> tuple[dict[str, Any], int]:
         ev_info = p.stages.run(f"evaluate_{name}", keys[name], evaluate_stage(name))
         results[name] = read_json(os.path.join(p.stages.path(f"evaluate_{name}", keys[name]), "results.json"))
     return results, ev_info["benign_nll_examples"]
+
+
+def over_refusal_stages(p: Prepared) -> dict[str, Any] | None:
+    """{model name: over-refusal result} (`harmjax.experiments.core.over_refusal`), one stage per
+    model as in `evaluation_stages`; None when off (or in a config written before it existed)."""
+    block = p.cfg.get("over_refusal")
+    if block is None or not block.enabled:
+        return None
+    from harmjax.experiments.core.over_refusal import over_refusal_prompts, over_refusal_units
+
+    prompts = over_refusal_prompts(block, p.cfg.seed)
+    common = {**block.to_dict(), "seed": p.cfg.seed, "answers": os.path.basename(p.answers_dir),
+              "prompts": examples_digest(prompts, ("id", "kind", "label", "prompt"))}
+    keys = {"original": common, "refusal_tuned": {**common, "tune": os.path.basename(os.path.dirname(p.model_dir))}}
+
+    def params_of(name):
+        import harmjax
+
+        model = p.base.model
+        return model.params if name == "original" else harmjax.load(p.model_dir, dtype=p.cfg.dtype, mesh=model.mesh).params
+
+    def get_model():
+        return p.base.model  # loaded on first use: a cached run loads nothing
+
+    out = {}
+    for name in MODELS:
+        named = {name: lambda name=name: params_of(name)}
+        p.stages.run(f"over_refusal_{name}", keys[name],
+                     lambda d, named=named: {"n": len(over_refusal_units(d, named, get_model, prompts, block))})
+        out.update(over_refusal_units(p.stages.path(f"over_refusal_{name}", keys[name]), named, get_model, prompts,
+                                      block))
+    return out
 
 
 def prepare(cfg, progress: bool, experiment_cfg=None) -> Prepared:
