@@ -21,7 +21,8 @@ def test_config_loads(name):
         assert isinstance(cfg.model, str)
 
 
-@pytest.mark.parametrize("name", ["embedded", "llama31_8b_instruct", "qwen25_14b_instruct", "qwen25_32b_instruct"])
+@pytest.mark.parametrize("name", ["embedded", "llama31_8b_instruct", "qwen25_14b_instruct", "qwen25_32b_instruct",
+                                  "gpt_oss_20b", "qwen3_30b_a3b"])
 def test_experiment_configs_have_every_field_the_pipeline_reads(name):
     """The paper configs only change values of configs/embedded.py's fields (a typo would add a
     field the pipeline never reads)."""
@@ -32,3 +33,14 @@ def test_experiment_configs_have_every_field_the_pipeline_reads(name):
 
     cfg = importlib.import_module(f"configs.{name}").get_config().to_dict()
     assert keys(cfg) == keys(base().to_dict())
+
+
+@pytest.mark.parametrize("name, hub_id", [("gpt_oss_20b", "openai/gpt-oss-20b"),
+                                          ("qwen3_30b_a3b", "Qwen/Qwen3-30B-A3B-Instruct-2507")])
+def test_moe_configs_are_the_paper_setup(name, hub_id):
+    """The MoE configs run the paper's settings (those of the Llama-3.1-8B config) on their hub model."""
+    paper = importlib.import_module("configs.llama31_8b_instruct").get_config().to_dict()
+    cfg = importlib.import_module(f"configs.{name}").get_config().to_dict()
+    assert cfg.pop("model") == hub_id
+    paper.pop("model")
+    assert cfg == paper

@@ -265,3 +265,47 @@ def plot_bars(panels: Sequence[Mapping[str, Any]], path: str, *, title: str | No
             ax.set_ylim(*panel["ylim"])
         ax.axhline(0, color="grey", lw=0.6)
     return _save(plt, fig, path, 120, title)
+
+
+def plot_expert_share(counts: Mapping[str, Any], path: str, *, title: str | None = None) -> str:
+    """Where a mask falls in a MoE model: a heatmap of layers x experts, each cell the share of
+    that expert's scored weights the mask prunes, and beside it, on the same colour scale, the
+    router, attention and (where a layer has one) dense MLP of each layer. `counts` is the
+    output of `harmjax.masks.experts.expert_counts`; layers without experts are grey rows."""
+    plt = _pyplot()
+    import matplotlib
+
+    layers = sorted({*counts["per_expert"], *counts["attention"], *counts["router"], *counts["dense"]}, key=int)
+    n_exp = counts["num_experts"]
+    experts = np.full((len(layers), n_exp), np.nan)
+    side_keys = [k for k in ("router", "attention", "dense") if counts[k]]
+    side = np.full((len(layers), len(side_keys)), np.nan)
+    for i, layer in enumerate(layers):
+        if layer in counts["per_expert"]:
+            experts[i] = np.asarray(counts["per_expert"][layer]) / np.maximum(counts["expert_size"][layer], 1)
+        for j, key in enumerate(side_keys):
+            if layer in counts[key]:
+                side[i, j] = counts[key][layer] / max(counts[f"{key}_size"][layer], 1)
+    finite = np.concatenate([experts[np.isfinite(experts)], side[np.isfinite(side)]])
+    high = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+    norm = matplotlib.colors.Normalize(0.0, high)
+    cmap = matplotlib.colormaps.get_cmap("viridis").with_extremes(bad="lightgrey")
+    fig, (ax, ax_side) = plt.subplots(
+        1, 2, figsize=(min(0.16 * n_exp, 16.0) + 4.5, 0.22 * len(layers) + 2.8), layout="constrained",
+        gridspec_kw={"width_ratios": [max(n_exp, 2), max(1.5 * len(side_keys), 1.5)]})
+    image = ax.imshow(np.ma.masked_invalid(experts), cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
+    step = max(1, n_exp // 16)  # at most ~16 tick labels (128 experts in Qwen3-30B-A3B)
+    ax.set_xticks(range(0, n_exp, step))
+    ax.set_yticks(range(len(layers)), layers, fontsize=7 if len(layers) > 24 else 9)
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer")
+    ax.set_title("experts (gate, up, down)", fontsize=9)
+    ax_side.imshow(np.ma.masked_invalid(side), cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
+    ax_side.set_xticks(range(len(side_keys)), ["dense MLP" if k == "dense" else k for k in side_keys],
+                       rotation=45, ha="right")
+    ax_side.set_yticks([])
+    fig.colorbar(image, ax=[ax, ax_side], label="share of the unit's weights pruned")
+    fig.suptitle(title or "pruned weights per layer and expert", fontsize=10)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path

@@ -6,13 +6,14 @@ from __future__ import annotations
 import os
 
 
-def draw_plots(run_dir, sweep, random, base, headline, overlap, transfer, baseline=()) -> dict[str, str]:
-    """Draws the plots into `run_dir`; returns {plot key: file name} ("error" when matplotlib is missing)."""
+def draw_plots(run_dir, sweep, random, base, headline, overlap, transfer, baseline=(), experts=None) -> dict[str, str]:
+    """Draws the plots into `run_dir`; returns {plot key: file name} ("error" when matplotlib is missing).
+    `experts` (`main.experts.expert_placement`, MoE models only) adds the per-expert heatmap."""
     from harmjax.masks.plots import PlotDependencyError, plot_mask_counts
     from harmjax.masks.storage import read_summary
 
     try:
-        from harmjax.report.plots import plot_matrix, plot_tradeoff
+        from harmjax.report.plots import plot_expert_share, plot_matrix, plot_tradeoff
     except ImportError:  # pragma: no cover - the module ships with harmjax
         return {}
     out = {}
@@ -28,6 +29,9 @@ def draw_plots(run_dir, sweep, random, base, headline, overlap, transfer, baseli
             out["layers"] = plot_mask_counts(read_summary(headline["dir"])["counts"],
                                              os.path.join(run_dir, "mask_layers.png"),
                                              title=f"pruned weights per layer and projection ({headline['name']})")
+        if experts is not None and experts["counts"] is not None:
+            out["experts"] = plot_expert_share(experts["counts"], os.path.join(run_dir, "mask_experts.png"),
+                                               title=f"share of each unit's weights pruned ({experts['headline']})")
         if overlap["labels"]:
             out["overlap"] = plot_matrix(overlap["matrix"], overlap["labels"], overlap["labels"],
                                          os.path.join(run_dir, "overlap.png"), title="Jaccard overlap of masks",

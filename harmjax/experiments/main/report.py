@@ -15,6 +15,7 @@ from harmjax import distributed
 from harmjax.experiments.core.over_refusal import over_refusal_markdown, over_refusal_summary, without_samples
 from harmjax.experiments.core.report import fmt, fmt_pct, publish_report, timings_markdown
 from harmjax.evaluate.bootstrap import fmt_interval
+from harmjax.experiments.main.experts import expert_placement, experts_markdown
 from harmjax.experiments.main.intervals import with_intervals
 from harmjax.experiments.main.plots import draw_plots
 from harmjax.experiments.main.verdicts import (
@@ -41,8 +42,11 @@ def write_report(run_dir, *, cfg, model, model_source, data, masks, results, ove
                                    c2["mean_jaccard_category_pairs"])}
     # Intervals over the held-out answers, seeded by the run's seed (`main.intervals`).
     c1, c2, bootstrap = with_intervals(c1, c2, sweep, random, transfer, results, seed=cfg.seed)
+    # MoE models only (None for dense ones): per-expert counts and concentration of the harm masks.
+    experts = expert_placement(model.config, masks, headline, cfg.masks.granularity)
     plots = draw_plots(run_dir, sweep, random, results["unpruned"], headline, overlap, transfer,
-                   [r for r in b_rows if r["role"] != "benign-data mask"]) if distributed.is_writer() else {}
+                       [r for r in b_rows if r["role"] != "benign-data mask"],
+                       experts=experts) if distributed.is_writer() else {}
     plots = distributed.broadcast_json(plots)  # process 0 drew them; every process reports them
     metrics = {
         "model": {"source": model_source, "family": model.config.model_type, "parameters": model.num_params(),
@@ -52,7 +56,8 @@ def write_report(run_dir, *, cfg, model, model_source, data, masks, results, ove
         "sweep": sweep, "random_control": random, "transfer": transfer, "overlap": overlap,
         "category_masks": [m for m in masks if m["kind"] in ("category", "benign")],
         "benign_baselines": {"rows": b_rows, "target_d_benign": (baselines or {}).get("target")},
-        "claims": {"1": c1, "2": c2}, "bootstrap": bootstrap, "plots": plots, "timings": timings, "wall_seconds": wall_seconds,
+        "claims": {"1": c1, "2": c2}, "bootstrap": bootstrap, "experts": experts, "plots": plots, "timings": timings,
+        "wall_seconds": wall_seconds,
     }
     if over_refusal is not None:
         metrics["over_refusal"] = without_samples(over_refusal)
@@ -133,6 +138,7 @@ def _markdown(m, results, headline) -> str:
         lines.append(f"\n![harm vs utility]({m['plots']['tradeoff']})\n")
     if m["plots"].get("layers"):
         lines.append(f"\n![pruned weights per layer and projection]({m['plots']['layers']})\n")
+    lines.append(experts_markdown(m.get("experts"), m["plots"].get("experts")))
     lines.append("\n## Claim 1: harmful generation depends on a compact set of weights\n")
     lines.append(_claim1_markdown(c1, m["bootstrap"]))
     lines.append("\n## Claim 2: the mechanism is shared across harm types\n")
