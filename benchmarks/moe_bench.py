@@ -10,9 +10,13 @@ Shapes (--shape):
   tiny:          a CPU smoke test of every measurement (2 layers, batch 2 x 64 tokens, cache 64,
                  3 repeats unless those flags are given).
 
-Before measuring it prints a memory estimate (one JSON line, part "memory"): bf16 weights,
-float32 accumulators and the largest step's activations, and stops with a one-line error when
-that exceeds the device's memory limit. Each record carries the device's peak bytes so far.
+Memory (JSON lines with part "memory"): first an estimate (bf16 weights, float32 accumulators,
+the largest step's activations; a lower bound), then XLA's own figure for each scan program once
+compiled; either one over the device's limit stops the run with a one-line error before it runs.
+Each record carries the device's peak bytes so far. XLA (CPU, and CUDA by default) runs
+ragged_dot as a dense dot over every expert with masked operand copies, so the scan's memory
+grows with experts x routed rows (docs/known_gaps.md has XLA's CPU figures per shape): on an
+80 GB card run gpt_oss_20b with --num_layers=2, qwen3_30b_a3b with --num_layers=2 --batch=2.
 
 Measurements, one JSON line each:
   scan:   one harm accumulation step (tokens sorted by expert, ragged_dot grouped matmuls, the
@@ -26,8 +30,9 @@ Measurements, one JSON line each:
           bytes = layers x (attention + router + top_k experts' matrices and biases) + lm_head
           + the KV cache; reported as step / floor.
 
-  XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 PYTHONPATH=. python benchmarks/moe_bench.py --shape=gpt_oss_20b --num_layers=4
-  PYTHONPATH=. python benchmarks/moe_bench.py --shape=qwen3_30b_a3b --num_layers=4
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 PYTHONPATH=. python benchmarks/moe_bench.py --shape=gpt_oss_20b --num_layers=2
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 PYTHONPATH=. python benchmarks/moe_bench.py --shape=gpt_oss_20b  # H200
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 PYTHONPATH=. python benchmarks/moe_bench.py --shape=qwen3_30b_a3b --num_layers=2 --batch=2
   PYTHONPATH=. python benchmarks/moe_bench.py --shape=tiny
 """
 

@@ -19,11 +19,13 @@ import transformers
 
 import harmjax
 import harmjax.generate
+from harmjax.generate import sampler
 from harmjax.attribution import scan, scored_names
 from harmjax.errors import UnsupportedArchitectureError
 from harmjax.io import mxfp4
 from harmjax.io.safetensors_io import TensorReader, write_tensors
 from harmjax.masks.apply import MaskMismatchError, check_mask_fits
+from harmjax.model.moe_specs import ffn_key
 from harmjax.model.decoder import forward
 from harmjax.sharding import MeshConfig, make_mesh
 from harmjax.tree import flatten, unflatten
@@ -66,19 +68,44 @@ def test_logits_match_transformers_on_every_path(tiny, family):
     assert model.config.num_experts_per_tok == 2 and model.config.num_experts >= 4
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
-def test_greedy_generation_matches_transformers(family, tmp_path):
+@pytest.mark.parametrize("family,derive", [("qwen3_moe", "auto"), ("qwen3_moe", True), ("mixtral", True),
+                                           ("gpt_oss", "auto")])
+def test_greedy_generation_matches_transformers(family, derive, tmp_path, monkeypatch):
     """KV-cache greedy decoding (prefill on the ragged path, decode steps of 4 rows x top-2 on
-    the gather path for qwen3_moe's 8 experts, ragged for gpt-oss' 4) equals transformers."""
+    the gather path for qwen3_moe's 8 experts, ragged for the 4 of mixtral and gpt-oss) equals
+    transformers, on the per-expert tree (the CPU's "auto": no memory statistics) and on the
+    derived tree whose experts are stacked once per call, which the decode program receives."""
     hf = tiny_moe_model(family, initializer_range=0.3)
     model = harmjax.load(save_tiny(hf, tmp_path), dtype="float32", mesh=_mesh())
     rng = np.random.RandomState(1)
     inputs = [rng.randint(3, VOCAB, n).tolist() for n in (11, 3, 7)]
     ref = hf_greedy(hf, inputs, 10, eos=None, pad=0, every_step=True)
     assert all(len(set(row.tolist())) >= 3 for row in ref), ref
+    received = []
+    real_decode = sampler.jit_decode
+
+    def recording_decode(*args, **kwargs):  # the real program, its params argument recorded
+        program = real_decode(*args, **kwargs)
+        return lambda params, *rest: (received.append(params), program(params, *rest))[1]
+
+    monkeypatch.setattr(sampler, "jit_decode", recording_decode)
     out = harmjax.generate.generate_ids(model.params, model.config, model.mesh, inputs, max_new_tokens=10,
-                                        pad_id=0, eos_ids=(), batch_size=4, progress=False)
+                                        pad_id=0, eos_ids=(), batch_size=4, progress=False,
+                                        fuse_projections=derive)
     np.testing.assert_array_equal(np.stack([np.asarray(t) for t in out.tokens]), ref)
+    assert out.stats["stacked_experts"] == (derive is True and family != "gpt_oss")
+    c = model.config
+    experts = [layer[ffn_key(c)]["experts"] for layer in received[0]["model"]["layers"].values()
+               if "experts" in layer[ffn_key(c)]]
+    assert len(experts) == sum(c.moe_layers)
+    if not out.stats["stacked_experts"]:
+        assert all("stacked" not in e for e in experts)
+        return
+    d, m, e = c.hidden_size, c.moe_intermediate_size, c.num_experts
+    for block in experts:  # one (E, in, out) array per matrix kind, no per-expert leaves left
+        assert set(block) == {"stacked"}
+        assert {k: v.shape for k, v in block["stacked"].items()} == {"gate": (e, d, m), "up": (e, d, m),
+                                                                      "down": (e, m, d)}
 
 
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])

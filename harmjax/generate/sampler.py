@@ -34,7 +34,7 @@ from harmjax.generate import kv_cache as kvc
 from harmjax.generate import prompts as prompt_fmt
 from harmjax.generate.sampling import row_keys, sample_tokens
 from harmjax.inference import bucket_length, pad_batch
-from harmjax.model import fused
+from harmjax.model import fused, moe_stack
 from harmjax.model.decoder import default_positions, hidden_states, logits_from_hidden
 from harmjax.sharding import batch_sharding, param_shardings, replicated, round_batch
 
@@ -87,7 +87,9 @@ def _key_valid(prompt_mask: jax.Array, cache_len: int) -> jax.Array:
     return jnp.concatenate([prompt_mask.astype(jnp.int32), jnp.ones((b, cache_len - t), jnp.int32)], axis=1)
 
 
-def _param_shardings(config: ModelConfig, mesh: Mesh, fused_bias: tuple[bool, bool] | None):
+def _param_shardings(config: ModelConfig, mesh: Mesh, fused_bias: tuple[bool, bool] | None, stacked: bool):
+    if stacked:
+        return moe_stack.stacked_shardings(config, mesh)
     if fused_bias is None:
         return param_shardings(config, mesh)
     return fused.fused_shardings(config, mesh, fused_bias)
@@ -96,7 +98,7 @@ def _param_shardings(config: ModelConfig, mesh: Mesh, fused_bias: tuple[bool, bo
 @functools.lru_cache(maxsize=64)
 def jit_prefill(
     config: ModelConfig, mesh: Mesh, batch: int, prompt_len: int, cache_len: int, greedy: bool, use_top_p: bool,
-    fused_bias: tuple[bool, bool] | None = None,
+    fused_bias: tuple[bool, bool] | None = None, stacked: bool = False,
 ):
     """Jitted prefill of one (batch, prompt bucket, cache length) shape.
 
@@ -105,7 +107,8 @@ def jit_prefill(
     [0, prompt_len), `first_token` is sampled from the last position's logits with step 0,
     and `done` is set for padding rows and rows whose first token is EOS. `fused_bias` is
     None for the params tree as loaded, else the (qkv, gate_up) bias flags of a tree from
-    `harmjax.model.fused.fuse_projections`.
+    `harmjax.model.fused.fuse_projections`; `stacked` is True for a tree from
+    `harmjax.model.moe_stack.stack_for_generation`.
     """
     b1, b2 = batch_sharding(mesh, 1), batch_sharding(mesh, 2)
     rep = replicated(mesh)
@@ -125,7 +128,7 @@ def jit_prefill(
 
     return jax.jit(
         prefill,
-        in_shardings=(_param_shardings(config, mesh, fused_bias), b2, b2, b2, rep, rep, rep, b1, rep),
+        in_shardings=(_param_shardings(config, mesh, fused_bias, stacked), b2, b2, b2, rep, rep, rep, b1, rep),
         out_shardings=(kvc.cache_shardings(config, mesh, batch, cache_len), b1, b1),
     )
 
@@ -144,7 +147,7 @@ def decode_unroll() -> int:
 @functools.lru_cache(maxsize=64)
 def jit_decode(
     config: ModelConfig, mesh: Mesh, batch: int, prompt_len: int, gen_len: int, greedy: bool, use_top_p: bool,
-    fused_bias: tuple[bool, bool] | None = None, unroll: int = 1,
+    fused_bias: tuple[bool, bool] | None = None, unroll: int = 1, stacked: bool = False,
 ):
     """Jitted decode loop of one (batch, prompt bucket, generation buffer) shape; the cache
     argument is donated.
@@ -152,9 +155,9 @@ def jit_decode(
     Returns f(params, cache, first_token, done, mask, key_data, n_new, temperature, top_p,
     eos_ids, pad_id, edit) -> (tokens (batch, gen_len), done, steps, cache). Token i of a row is
     drawn with step i; rows that are done emit `pad_id`; the loop stops after `n_new` tokens
-    or when every row is done. `fused_bias` as in `jit_prefill`. `unroll` > 1 runs that many
-    steps per loop iteration (fewer iterations, each a host round trip on GPUs); a step past
-    the end changes nothing, so the tokens are the same.
+    or when every row is done. `fused_bias` and `stacked` as in `jit_prefill`. `unroll` > 1
+    runs that many steps per loop iteration (fewer iterations, each a host round trip on
+    GPUs); a step past the end changes nothing, so the tokens are the same.
     """
     cache_len = prompt_len + gen_len
     b1, b2 = batch_sharding(mesh, 1), batch_sharding(mesh, 2)
@@ -203,7 +206,7 @@ def jit_decode(
 
     return jax.jit(
         decode,
-        in_shardings=(_param_shardings(config, mesh, fused_bias), cache_sh, b1, b1, b2, b2, *(rep,) * 6),
+        in_shardings=(_param_shardings(config, mesh, fused_bias, stacked), cache_sh, b1, b1, b2, b2, *(rep,) * 6),
         out_shardings=(b2, b1, rep, cache_sh),
         donate_argnums=(1,),
     )
@@ -252,9 +255,10 @@ def generate_ids(
       min_bucket: the shortest prompt bucket.
       progress: show a tqdm bar over batches.
       fuse_projections: run on a copy of the weights with q/k/v and gate/up concatenated
-        (`harmjax.model.fused`): True, False, or "auto" (when the devices have the memory).
+        (`harmjax.model.fused`; for Mixtral / Qwen3-MoE, the experts' matrices stacked,
+        `harmjax.model.moe_stack`): True, False, or "auto" (when the devices have the memory).
         Same results; fewer, larger matmuls per decode step. `params` may also be an
-        already fused tree (callers that generate in many chunks fuse once).
+        already fused or stacked tree (callers that generate in many chunks derive it once).
       residual_edit: a `harmjax.model.residual.ResidualEdit` applied at every position, prompt
         and generated tokens alike (directional ablation, activation addition).
     """
@@ -298,6 +302,7 @@ def generate_ids(
 
     params = fused.fuse_if_worthwhile(params, config, mesh, fuse_projections)
     fused_bias = fused.bias_flags(params) if fused.is_fused(params) else None
+    stacked = moe_stack.is_stacked(params, config)
 
     tokens_out: list[np.ndarray | None] = [None] * n
     finished: list[bool] = [False] * n
@@ -309,8 +314,9 @@ def generate_ids(
         key_data = np.zeros((batch, 2), np.uint32)
         key_data[: len(rows)] = keys_all[rows]
         row_valid = np.arange(batch) < len(rows)
-        prefill = jit_prefill(config, mesh, batch, prompt_len, prompt_len + gen_len, greedy, use_top_p, fused_bias)
-        decode = jit_decode(config, mesh, batch, prompt_len, gen_len, greedy, use_top_p, fused_bias, unroll)
+        prefill = jit_prefill(config, mesh, batch, prompt_len, prompt_len + gen_len, greedy, use_top_p, fused_bias,
+                              stacked)
+        decode = jit_decode(config, mesh, batch, prompt_len, gen_len, greedy, use_top_p, fused_bias, unroll, stacked)
 
         # Host arrays become device arrays outside the context mesh below: made inside it
         # they would be committed to a replicated sharding that jit refuses to reshard.
@@ -346,7 +352,7 @@ def generate_ids(
             stats["new_tokens"] += len(tokens_out[r])
     wall = time.perf_counter() - start
     stats.update(wall_s=wall, tokens_per_s=stats["new_tokens"] / wall if wall else 0.0, batch=batch,
-                 gen_buffer=gen_len, fused_projections=fused_bias is not None)
+                 gen_buffer=gen_len, fused_projections=fused_bias is not None, stacked_experts=stacked)
     return GeneratedIds(tokens_out, finished, stats)
 
 

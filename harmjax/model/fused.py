@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from harmjax.config import ModelConfig
+from harmjax.model import moe_stack
 from harmjax.sharding import param_shardings
 
 # (block, fused name, parts in output order)
@@ -143,7 +144,10 @@ def should_fuse(params: dict, config: ModelConfig, mesh: Mesh, setting: bool | s
 def fuse_if_worthwhile(params: dict, config: ModelConfig, mesh: Mesh, setting: bool | str = "auto") -> dict:
     """`fuse_projections(params)` when `should_fuse` allows it under `setting`, else `params`
     unchanged (an already fused tree included). Callers that generate in several calls fuse
-    once with this and pass the result as `params`."""
+    once with this and pass the result as `params`. For MoE models the generation tree is
+    the per-expert matrices stacked instead (`harmjax.model.moe_stack`), under the same setting."""
+    if config.num_experts:
+        return moe_stack.stack_if_worthwhile(params, config, mesh, setting)
     return fuse_projections(params, config, mesh) if should_fuse(params, config, mesh, setting) else params
 
 

@@ -31,6 +31,7 @@ from harmjax.config import ModelConfig
 from harmjax.distributed import to_host
 from harmjax.errors import UnsupportedArchitectureError
 from harmjax.io.lora import merged_weight
+from harmjax.model.moe_specs import matrix_names
 from harmjax.model.param_specs import linear_names, param_specs
 from harmjax.sharding import logical_to_spec
 from harmjax.tree import flatten, iter_leaves, unflatten
@@ -51,7 +52,8 @@ class LoraConfig:
       alpha: lora_alpha.
       dropout: dropout probability on the adapter input (PEFT's lora_dropout).
       use_rslora: scale alpha/sqrt(r) (rank-stabilised) instead of alpha/r.
-      targets: projection names (of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj).
+      targets: projection names (of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj);
+        on MoE models only attention and dense-MLP ones (`adapted_weight_names`).
       layers: decoder layer indices to adapt; None adapts every layer.
     """
 
@@ -81,7 +83,11 @@ class LoraConfig:
 
 
 def adapted_weight_names(config: ModelConfig, lora_cfg: LoraConfig) -> list[str]:
-    """Dotted HF names of the weights `lora_cfg` adapts, in `param_specs` order."""
+    """Dotted HF names of the weights `lora_cfg` adapts, in `param_specs` order.
+
+    MoE models get adapters on attention and dense-MLP projections only, never on routers or
+    expert matrices (the MoE block consumes experts stacked, not through `linear`); a target
+    that the chosen layers have only inside their experts is refused rather than dropped."""
     if config.fused_linears:  # adapting only o/down_proj silently would mislead
         raise UnsupportedArchitectureError(
             f"LoRA on {config.model_type}'s fused qkv_proj/gate_up_proj is not supported; "
@@ -91,9 +97,21 @@ def adapted_weight_names(config: ModelConfig, lora_cfg: LoraConfig) -> list[str]
     bad = [i for i in layers if not 0 <= i < config.num_layers]
     if bad:
         raise ValueError(f"LoraConfig.layers {bad} out of range for a {config.num_layers}-layer model.")
-    wanted = {f"model.layers.{i}.{rel}.weight" for i in layers for rel in linear_names(config)
-              if rel.split(".")[-1] in lora_cfg.targets}
-    return [name for name in param_specs(config) if name in wanted]
+    specs = param_specs(config)
+    expert_rel = {n.removesuffix(".weight") for n in matrix_names(config)} if config.num_experts else set()
+    rels = [rel for rel in linear_names(config) if rel.split(".")[-1] in lora_cfg.targets and rel not in expert_rel]
+    wanted = {f"model.layers.{i}.{rel}.weight" for i in layers for rel in rels}
+    names = [name for name in specs if name in wanted]
+    if config.num_experts:
+        found = {name.removesuffix(".weight").rsplit(".", 1)[-1] for name in names}
+        missing = [t for t in lora_cfg.targets if t not in found]
+        if missing:
+            raise UnsupportedArchitectureError(
+                f"LoRA targets {missing} exist only as expert weights in the chosen layers of this "
+                f"{config.model_type} model, and LoRA adapts attention and dense-MLP projections only: "
+                f"drop them (e.g. targets q_proj,k_proj,v_proj,o_proj)."
+            )
+    return names
 
 
 def adapter_shardings(config: ModelConfig, lora_cfg: LoraConfig, mesh: Mesh) -> dict[str, Any]:
