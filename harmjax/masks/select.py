@@ -4,6 +4,9 @@ For each matrix M (the reference's semantics, Orgad et al. / Wei et al.):
   T_q = the floor(q*|M|) entries with the largest harm score,
   T_p = the floor(p*|M|) entries with the largest retain score,
   mask = T_q \\ T_p.
+In a mixture-of-experts checkpoint with one leaf per expert, M is a layer's experts of one
+matrix kind taken together (`harmjax.masks.groups`), as gpt-oss' fused (E, ., .) tensors are:
+ties there go by (expert index, row-major index), and the masks keep the per-expert names.
 `granularity="row"` does the same within each output row (|M| -> in_features) and
 `granularity="global"` takes one top floor(q*N) over all N scored weights (and one global
 T_p). Ties are broken by the lowest flat index: row-major within a matrix, and for global
@@ -38,10 +41,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from harmjax.masks.algebra import MaskMismatchError, check_same_structure, hf_sorted_leaves
-from harmjax.masks.select_compile import colocate, precompile, sharding_of, wait_if_collective
+from harmjax.masks.groups import expert_groups
+from harmjax.masks.select_compile import colocate, on_host, precompile, sharding_of, signature, wait_if_collective
 from harmjax.masks.select_device import leaf_selector, loop_jobs
 from harmjax.masks.select_global import select_global
-from harmjax.masks.select_host import in_numpy, select_leaf_host
+from harmjax.masks.select_host import in_numpy, select_group_host, select_leaf_host
 from harmjax.masks.select_keys import INT32_MAX, as_2d_shape, top_count
 from harmjax.tree import unflatten
 
@@ -57,7 +61,8 @@ def select(harm: Mapping[str, Any], retain: Mapping[str, Any] | None = None, *, 
       harm: score tree (float leaves, the params' structure restricted to scored weights);
         jax.Arrays (sharded or not) or NumPy arrays.
       retain: score tree of the same structure and shapes, or None for no T_p subtraction.
-      q: fraction of each matrix (row, or of all scored weights for "global") taken by harm.
+      q: fraction of each matrix (row, or of all scored weights for "global") taken by harm;
+        a MoE layer's per-expert leaves of one kind count as one matrix (module doc).
       p: fraction taken by retain; those weights are spared.
       granularity: "matrix" (per weight matrix, the reference), "row" (per output row) or
         "global" (one top-k over every scored weight).
@@ -119,8 +124,20 @@ def iter_checked(harm_items, retain_flat, q, p, granularity, flip, skip, progres
         yield from select_global(harm_items, retain_flat, q, p, flip, skip, progress)
         return
     per_row = granularity == "row"
-    precompile({**loop_jobs(harm_items, retain_flat, per_row), **(extra_jobs or {})})
+    # Rows are rows in either expert layout; only whole matrices are grouped.
+    groups = {} if per_row else expert_groups(name for name, _ in harm_items)
+    singles = [(name, h) for name, h in harm_items if name not in groups]
+    precompile({**loop_jobs(singles, retain_flat, per_row), **(extra_jobs or {})})
+    pending: dict[str, Any] = {}  # a group's masks, selected at its first leaf in HF order
+    compiled: set = set()
+    flat = dict(harm_items)
     for name, h in tqdm(harm_items, desc="select", unit="matrix", disable=not progress, leave=False):
+        if name in groups:
+            if name not in pending:
+                pending.update(_select_group([(n, flat[n]) for n in groups[name]], retain_flat, q, p, flip, skip,
+                                             compiled))
+            yield name, pending.pop(name)
+            continue
         n = as_2d_shape(h.shape)[1] if per_row else int(h.size)
         kq = top_count(q, n)
         r = retain_flat.get(name) if retain_flat is not None else None
@@ -130,6 +147,24 @@ def iter_checked(harm_items, retain_flat, q, p, granularity, flip, skip, progres
         yield name, wait_if_collective(leaf_selector(sharding_of(h), per_row)(
             h, r, np.int32(kq), np.int32(min(2 * kq, n)), np.int32(top_count(p, n)), np.bool_(flip), np.bool_(skip),
         ))
+
+
+def _select_group(items, retain_flat, q, p, flip, skip, compiled: set) -> dict[str, Any]:
+    """{name: mask} of one expert group (`items` in expert order) ranked as one matrix: in
+    NumPy when every score is on the host, else by the global engine restricted to the group
+    (exact int64 counts over its leaves, ties by leaf order then flat index). `compiled`
+    collects the signatures whose programs are already compiled."""
+    names, hs = [n for n, _ in items], [h for _, h in items]
+    rs = [retain_flat[n] for n in names] if retain_flat is not None else None
+    n = sum(int(h.size) for h in hs)
+    kq = top_count(q, n)
+    if all(on_host(x) for x in hs + (rs or [])):
+        return dict(zip(names, select_group_host(hs, rs, kq, min(2 * kq, n), top_count(p, n), flip, skip)))
+    key = signature(*hs) + signature(*(rs or ()))
+    sub_retain = dict(zip(names, rs)) if rs is not None else None
+    out = dict(select_global(items, sub_retain, q, p, flip, skip, False, compile_first=key not in compiled))
+    compiled.add(key)
+    return out
 
 
 def _check_fraction(name: str, value: float) -> float:

@@ -238,10 +238,14 @@ def _global_jobs(leaves, retains, chunks, bits: int, parts: list[str]) -> dict:
     return jobs
 
 
-def select_global(harm_items, retain_flat, q, p, flip, skip, progress) -> Iterator[tuple[str, Any]]:
+def select_global(harm_items, retain_flat, q, p, flip, skip, progress,
+                  compile_first: bool = True) -> Iterator[tuple[str, Any]]:
     """Global selection of checked arguments (`harmjax.masks.select.check_arguments`): yields
-    (HF name, bool mask) in HF order. The thresholds are planned on the host (`_plan`, or on
-    CPU `_global_plan_one_program`), then every layer's masks come from one program."""
+    (HF name, bool mask) in the order of `harm_items` (HF order), which is also the tie order
+    across leaves. The thresholds are planned on the host (`_plan`, or on CPU
+    `_global_plan_one_program`), then every layer's masks come from one program. An expert
+    group (`harmjax.masks.groups`) is selected as such a unit; `compile_first=False` skips the
+    side-by-side compilation for a group whose programs an earlier group compiled."""
     names = [n for n, _ in harm_items]
     leaves = [leaf for _, leaf in harm_items]
     chunks = _layer_chunks(names)
@@ -255,7 +259,9 @@ def select_global(harm_items, retain_flat, q, p, flip, skip, progress) -> Iterat
         return _plan(tree_leaves, chunks, k, leaf_flip, bits)
 
     retains = [retain_flat[n] for n in names] if retain_flat is not None else None
-    precompile(_global_jobs(leaves, retains, chunks, bits, ["q"] + ["q_skip"] * skip + ["p"] * (retains is not None)))
+    if compile_first:
+        precompile(_global_jobs(leaves, retains, chunks, bits,
+                                ["q"] + ["q_skip"] * skip + ["p"] * (retains is not None)))
     plans = {"q": plan(leaves, q, flip)}
     if skip:
         plans["q_skip"] = plan(leaves, q, flip, double=True)

@@ -41,12 +41,29 @@ def host_top(keys: np.ndarray, k: int) -> np.ndarray:
 def select_leaf_host(harm, retain, kq: int, kq_skip: int, kp: int, flip: bool, skip: bool):
     """T_q \\ T_p of one matrix held on the host (the device engine's `select_leaf`, same
     keys, same tie rule), returned with the harm scores' sharding (or as a jax.Array)."""
-    keys = np.asarray(host_sort_keys(jnp.asarray(harm), bool(flip))).ravel()
+    return select_group_host([harm], None if retain is None else [retain], kq, kq_skip, kp, flip, skip)[0]
+
+
+def _flat_keys(leaves, flip: bool) -> np.ndarray:
+    # The leaves' sort keys end to end: leaf order first, then row-major (the tie order).
+    return np.concatenate([np.asarray(host_sort_keys(jnp.asarray(x), bool(flip))).ravel() for x in leaves])
+
+
+def select_group_host(harms, retains, kq: int, kq_skip: int, kp: int, flip: bool, skip: bool) -> list:
+    """T_q \\ T_p of several host matrices ranked as one (an expert group,
+    `harmjax.masks.groups`): their entries concatenated in the given order, so ties go to the
+    earlier leaf, then the lower flat index. Returns one mask per leaf, each with its harm
+    scores' sharding (or as a jax.Array); one leaf is `select_leaf_host`."""
+    keys = _flat_keys(harms, flip)
     selected = host_top(keys, kq)
     if skip:
         selected = host_top(keys, kq_skip) & ~selected
-    if retain is not None:
-        selected &= ~host_top(np.asarray(host_sort_keys(jnp.asarray(retain), False)).ravel(), kp)
-    selected = selected.reshape(harm.shape)
-    sharding = sharding_of(harm)
-    return jax.device_put(selected, sharding) if sharding is not None else jnp.asarray(selected)
+    if retains is not None:
+        selected &= ~host_top(_flat_keys(retains, False), kp)
+    out, start = [], 0
+    for harm in harms:
+        part = selected[start: start + int(harm.size)].reshape(harm.shape)
+        start += int(harm.size)
+        sharding = sharding_of(harm)
+        out.append(jax.device_put(part, sharding) if sharding is not None else jnp.asarray(part))
+    return out

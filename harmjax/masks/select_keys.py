@@ -48,6 +48,16 @@ def sort_keys(x: jax.Array, flip: bool | jax.Array) -> jax.Array:
 host_sort_keys = jax.jit(sort_keys, static_argnums=1)
 
 
+def numpy_sort_keys(x: np.ndarray) -> np.ndarray:
+    """`sort_keys(x, False)` in NumPy, for small host arrays of varying length (the
+    candidates a group merges), where a jitted call would compile once per length."""
+    x = np.asarray(x, np.float32).copy()
+    x[x == 0] = 0.0  # -0.0 ties +0.0
+    bits = x.view(np.uint32)
+    keys = np.where((bits >> 31) == 1, ~bits, bits | np.uint32(0x80000000))
+    return np.where(np.isnan(x), np.uint32(0), keys).astype(np.uint32)
+
+
 def count(pred: jax.Array, axis: int | None) -> jax.Array:
     """int32 number of True entries of `pred`: of the whole array (axis=None) or per row
     along `axis`, keeping that axis."""

@@ -11,6 +11,9 @@ dense float32 tree (124 GB at 32B). Masks built from candidates are bit-identica
     ascending flat index), the same order candidates are stored in;
   - floor(q * |M|) <= floor(f * |M|) for q <= f, so those entries are a prefix of the
     candidates.
+For a MoE layer's per-expert leaves, M is their group (`harmjax.masks.groups`): each leaf's
+candidates are its entries among the group's top floor(f * |group|), which may be none or
+all of one expert; `select_indices` merges a group's candidates by (key, expert, index).
 """
 
 from __future__ import annotations
@@ -25,9 +28,10 @@ import numpy as np
 
 from harmjax.distributed import to_host as _to_host
 from harmjax.masks.algebra import hf_sorted_leaves
+from harmjax.masks.groups import expert_groups, selection_units
 from harmjax.masks.select import check_arguments, iter_checked
 from harmjax.masks.select_compile import replicated_like, signature
-from harmjax.masks.select_keys import INT32_MAX, host_sort_keys, sort_keys, top_count
+from harmjax.masks.select_keys import INT32_MAX, host_sort_keys, numpy_sort_keys, sort_keys, top_count
 from harmjax.tree import iter_leaves, unflatten
 
 INDEX_DTYPE = np.int64  # torch indexes with int64; a matrix may exceed 2**31 entries in future models
@@ -156,8 +160,12 @@ def _gather_flat(leaf: Any, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return values, np.asarray(host_sort_keys(jnp.asarray(values), False))
     if not idx.size:
         return np.zeros(0, np.float32), np.zeros(0, np.uint32)
-    values, keys = _gather_fn(replicated_like(leaf))(leaf, idx.astype(np.int32))
-    return np.asarray(_to_host(values), np.float32), np.asarray(_to_host(keys), np.uint32)
+    # Padded to a power of two: an expert's candidate count varies, and each length would compile.
+    padded = np.zeros(_bucket(idx.size), np.int32)
+    padded[: idx.size] = idx
+    values, keys = _gather_fn(replicated_like(leaf))(leaf, padded)
+    return (np.asarray(_to_host(values), np.float32)[: idx.size],
+            np.asarray(_to_host(keys), np.uint32)[: idx.size])
 
 
 Candidates = dict[str, tuple[np.ndarray, np.ndarray]]  # {HF name: (int64 flat indices, float32 scores)}
@@ -167,6 +175,7 @@ def top_candidates(scores: Mapping[str, Any], fraction: float) -> Candidates:
     """Per matrix, the top floor(fraction * |M|) entries of a score tree in `select`'s ranking
     order: {HF name: (int64 flat indices, float32 values)}, ordered by descending score
     (select's sort keys: -0.0 ties +0.0, NaN last) and, among equal keys, ascending index.
+    An expert group's leaves hold their part of the group's top floor(fraction * |group|).
 
     The sets are found by `select` itself (exact and sharding-preserving), one matrix at a
     time (`iter_select`), so only one matrix's bool mask is alive at once; each reaches
@@ -174,15 +183,16 @@ def top_candidates(scores: Mapping[str, Any], fraction: float) -> Candidates:
     programs (per leaf shape: selection, packing, gathering) are compiled side by side first.
     """
     _, _, items, _ = check_arguments(scores, None, fraction, 0.0, "matrix")
+    grouped = expert_groups(name for name, _ in items)
     jobs = {}  # compiled together with the selection programs
-    for _, leaf in items:
+    for name, leaf in items:
         if isinstance(leaf, jax.Array) and leaf.size:
             mask = jax.ShapeDtypeStruct(leaf.shape, jnp.bool_, sharding=leaf.sharding)
             jobs.setdefault(("pack",) + signature(leaf), (_pack_fn(replicated_like(leaf)), (mask,)))
-            k = top_count(fraction, int(leaf.size))  # exactly the selected count
-            if k:
-                jobs.setdefault(("gather", k) + signature(leaf),
-                                (_gather_fn(replicated_like(leaf)), (leaf, jnp.zeros(k, jnp.int32))))
+            k = top_count(fraction, int(leaf.size))  # exactly the selected count (a group's leaf: unknown)
+            if k and name not in grouped:
+                jobs.setdefault(("gather", _bucket(k)) + signature(leaf),
+                                (_gather_fn(replicated_like(leaf)), (leaf, jnp.zeros(_bucket(k), jnp.int32))))
     flat = dict(items)
     out = {}
     for name, top in iter_checked(items, None, fraction, 0.0, "matrix", False, False, False, extra_jobs=jobs):
@@ -198,30 +208,39 @@ def top_candidates(scores: Mapping[str, Any], fraction: float) -> Candidates:
 def select_indices(harm: Candidates, retain: Candidates | None,
                    shapes: Mapping[str, tuple[int, ...]], q: float, p: float = 0.0) -> dict[str, np.ndarray]:
     """T_q(harm) \\ T_p(retain) per matrix from candidates (`top_candidates`): sorted flat
-    indices per HF name, equal to `select(harm, retain, q=q, p=p)` on the dense scores.
+    indices per HF name, equal to `select(harm, retain, q=q, p=p)` on the dense scores (an
+    expert group ranked as one matrix, as there).
 
     Raises ValueError when a fraction needs more entries than the candidates hold."""
     out = {}
-    for name, shape in shapes.items():
-        n = int(np.prod(shape, dtype=np.int64))
-        kq = top_count(q, n)
-        h_idx = harm[name][0]
-        if kq > len(h_idx):
-            raise ValueError(
-                f"q={q} needs the top {kq} entries of {name!r}, but the stored candidates hold {len(h_idx)}; "
-                "rescore with a larger candidate fraction (the scores stage keeps the largest q, category_q and p "
-                "of the masks settings)."
-            )
-        chosen = np.sort(h_idx[:kq])
+    for unit in selection_units(shapes):
+        n = sum(int(np.prod(shapes[m], dtype=np.int64)) for m in unit)
+        chosen = _unit_top(harm, unit, top_count(q, n), f"q={q} needs the top {{k}} entries of {{what}}",
+                           "rescore with a larger candidate fraction (the scores stage keeps the largest q, "
+                           "category_q and p of the masks settings).")
         if retain is not None:
-            kp = top_count(p, n)
-            r_idx = retain[name][0]
-            if kp > len(r_idx):
-                raise ValueError(f"p={p} needs the top {kp} retain entries of {name!r}, but the candidates "
-                                 f"hold {len(r_idx)}.")
-            chosen = np.setdiff1d(chosen, r_idx[:kp], assume_unique=True)
-        out[name] = chosen.astype(INDEX_DTYPE)
-    return out
+            spared = _unit_top(retain, unit, top_count(p, n), f"p={p} needs the top {{k}} retain entries of {{what}}",
+                               "")
+            chosen = {m: np.setdiff1d(chosen[m], spared[m], assume_unique=True) for m in unit}
+        out.update({m: chosen[m].astype(INDEX_DTYPE) for m in unit})
+    return {name: out[name] for name in shapes}
+
+
+def _unit_top(cands: Candidates, unit: tuple[str, ...], k: int, need: str, fix: str) -> dict[str, np.ndarray]:
+    """{name: sorted flat indices} of the top k entries of a selection unit from its members'
+    candidates: a matrix's first k, or a group's k best by (key, expert, index)."""
+    held = sum(len(cands[m][0]) for m in unit)
+    if k > held:
+        what = repr(unit[0]) if len(unit) == 1 else f"the {len(unit)}-expert group of {unit[0]!r}"
+        raise ValueError(f"{need.format(k=k, what=what)}, but the stored candidates hold {held}" + (f"; {fix}" if fix
+                                                                                                 else "."))
+    if len(unit) == 1:
+        return {unit[0]: np.sort(cands[unit[0]][0][:k])}
+    idx = np.concatenate([cands[m][0] for m in unit]).astype(np.int64)
+    member = np.repeat(np.arange(len(unit)), [len(cands[m][0]) for m in unit])
+    keys = numpy_sort_keys(np.concatenate([cands[m][1] for m in unit]))
+    top = np.lexsort((idx, member, ~keys))[:k]  # key descending, then expert, then flat index
+    return {m: np.sort(idx[top][member[top] == j]) for j, m in enumerate(unit)}
 
 
 def jaccard_indices(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> float:

@@ -39,6 +39,7 @@ from harmjax.errors import CheckpointError, MissingFileError
 from harmjax.io.safetensors_io import read_header
 from harmjax.masks.algebra import MaskMismatchError, check_bool, counts_summary, hf_order_key, param_count
 from harmjax.masks.apply import check_mask_fits
+from harmjax.masks.groups import expert_groups
 from harmjax.tree import iter_leaves, unflatten
 
 SUMMARY_FILE = "summary.json"
@@ -234,6 +235,8 @@ def _load_dir(out_dir: str, stem: str, shardings: Mapping[str, Any] | None) -> d
 
 SPARSE_MASK_FILE = "mask_indices.safetensors"
 CANDIDATES_FILE = "candidates.safetensors"
+_GROUPS_KEY = "selection_units"  # summary.json: how a MoE model's candidates were ranked
+GROUPED = "expert groups"  # its value since experts of a layer are ranked together
 _SHAPES_KEY = "harmjax_shapes"  # safetensors metadata: JSON {name: shape} of the matrices indexed
 
 
@@ -392,12 +395,15 @@ def save_candidates(out_dir: str, candidates: Mapping[str, tuple[np.ndarray, np.
     `candidates.safetensors` (per HF name `<name>.indices` int64 and `<name>.scores` float32,
     in ranking order; shapes in the metadata) and `summary.json`. Returns `out_dir`."""
     os.makedirs(out_dir, exist_ok=True)
+    summary = dict(summary or {})
+    if expert_groups(shapes):
+        summary[_GROUPS_KEY] = GROUPED  # the candidates are each expert group's top entries
     arrays = {}
     for name, (idx, values) in candidates.items():
         arrays[f"{name}.indices"] = np.asarray(idx, np.int64)
         arrays[f"{name}.scores"] = np.asarray(values, np.float32)
     _write_sparse(os.path.join(out_dir, CANDIDATES_FILE), arrays, shapes, "candidates")
-    _write_summary(out_dir, {**dict(summary or {}), "harmjax_version": _version()})
+    _write_summary(out_dir, {**summary, "harmjax_version": _version()})
     return out_dir
 
 
@@ -413,5 +419,11 @@ def load_candidates(out_dir: str) -> tuple[dict[str, tuple[np.ndarray, np.ndarra
     if not os.path.isfile(path):
         raise MissingFileError(f"No {CANDIDATES_FILE} in {out_dir}.")
     arrays, shapes = _read_sparse(path)
+    summary = read_summary(out_dir)
+    if expert_groups(shapes) and summary.get(_GROUPS_KEY) != GROUPED:
+        # Per-expert candidates from before grouped selection hold each expert's own top
+        # entries, not its part of the group's: masks from them would be silently wrong.
+        raise CheckpointError(f"The candidates in {out_dir} were selected per expert matrix, before MoE experts were "
+                              "ranked together; rescore (delete the scores stage's directory).")
     cands = {n: (arrays[f"{n}.indices"], arrays[f"{n}.scores"]) for n in shapes}
-    return cands, shapes, read_summary(out_dir)
+    return cands, shapes, summary

@@ -10,10 +10,16 @@ without importing the decoder's layers. Layouts (`ModelConfig.moe_layout`):
 
 from __future__ import annotations
 
+import re
+
 from harmjax.config import ModelConfig
 
 # Per-expert module names of (gate, up, down) in each per-expert layout.
 PARTS = {"mixtral": ("w1", "w3", "w2"), "qwen": ("gate_proj", "up_proj", "down_proj")}
+
+# A per-expert weight's HF name: (experts module, expert index, matrix kind).
+_EXPERT_LEAF_RE = re.compile(r"^(model\.layers\.\d+\.(?:mlp|block_sparse_moe)\.experts)\.(\d+)\.(\w+)\.weight$")
+_EXPERT_PARTS = frozenset(p for parts in PARTS.values() for p in parts)
 
 
 def ffn_key(config: ModelConfig) -> str:
@@ -54,3 +60,17 @@ def matrix_names(config: ModelConfig) -> tuple[str, ...]:
     """Relative names of a MoE block's scorable matrices: the router and every expert matrix
     (biases are not linear weights and are not scored by default)."""
     return tuple(n for n, (shape, _) in block_specs(config).items() if len(shape) >= 2 and not n.endswith("bias"))
+
+
+def expert_leaf(name: str) -> tuple[str, int] | None:
+    """(group key, expert index) of a per-expert weight of the Mixtral or Qwen3-MoE layout, None
+    for any other name (dense weights, routers, gpt-oss' fused tensors).
+
+    The key names the (layer, matrix kind) the leaf shares with the layer's other experts, with
+    `*` for the expert: `model.layers.3.mlp.experts.5.gate_proj.weight` ->
+    (`model.layers.3.mlp.experts.*.gate_proj.weight`, 5). Those leaves together are what a
+    fused checkpoint stores as one (E, ., .) tensor."""
+    match = _EXPERT_LEAF_RE.match(name)
+    if match is None or match.group(3) not in _EXPERT_PARTS:
+        return None
+    return f"{match.group(1)}.*.{match.group(3)}.weight", int(match.group(2))

@@ -5,8 +5,8 @@ examples), and one pass over the retain set giving both the retain (utility) sco
 benign signed score (for the benign-data mask of the overlap analysis).
 
 Two storage modes (docs/design_runs.md "Disk: no dense score tree"):
-  - sparse (the default, `top_fraction` given): each unit stores, per matrix, only the top
-    floor(top_fraction * |M|) entries of its score tree in `select`'s ranking order
+  - sparse (the default, `top_fraction` given): each unit stores, per matrix (per expert
+    group in a MoE file with one leaf per expert), only the top floor(top_fraction * |M|) entries of its score tree in `select`'s ranking order
     (`harmjax.masks.sparse`), a few MB even at 32B; masks built from them are bit-identical
     to `select` on the dense trees at granularity "matrix". No dense tree touches the disk,
     so scans keep no mid-scan checkpoint (a dense float32 accumulator tree is 124 GB at
@@ -34,8 +34,9 @@ from harmjax.attribution import scored_names
 from harmjax.data.records import Example
 from harmjax.io.disk_space import human_bytes, require_free_space
 from harmjax.experiments.core.stages import finish_unit, fresh_dir, slug, unit_done
+from harmjax.masks.groups import expert_groups, unit_sizes
 from harmjax.masks.sparse import top_candidates
-from harmjax.masks.storage import save_candidates, save_scores
+from harmjax.masks.storage import GROUPED, save_candidates, save_scores
 from harmjax.model.param_specs import param_specs
 from harmjax.tree import flatten
 
@@ -111,9 +112,18 @@ def score_tree_bytes(config) -> int:
 
 
 def candidate_bytes(config, top_fraction: float) -> int:
-    """Bytes of one candidates unit: per matrix floor(f * |M|) int64 indices + float32 scores."""
+    """Bytes of one candidates unit: per selection unit (a matrix, or a MoE layer's experts of
+    one kind, `harmjax.masks.groups`) floor(f * |unit|) int64 indices + float32 scores."""
     specs = param_specs(config)
-    return 12 * sum(int(math.floor(top_fraction * int(np.prod(specs[n].shape)))) for n in scored_names(config))
+    sizes = {n: int(np.prod(specs[n].shape)) for n in scored_names(config)}
+    return 12 * sum(int(math.floor(top_fraction * size)) for size in unit_sizes(sizes))
+
+
+def selection_key(config) -> dict[str, str]:
+    """What a scores stage's key adds for a model whose per-expert leaves are ranked together
+    ({} for every other model, so their cached units stay valid): candidates selected per
+    expert matrix before grouping must not serve masks now."""
+    return {"selection_units": GROUPED} if expert_groups(scored_names(config)) else {}
 
 
 def check_score_disk(model, directory: str, units: Sequence[str], checkpoint_trees: int = 1,

@@ -149,11 +149,13 @@ def prune_scores(run: EmRun) -> None:
                  "retain_kind")
     # Per-matrix candidates (the top max(q, p) of each matrix) unless dense trees are asked for
     # or the granularity needs them; see harmjax.experiments.core.scoring. A larger q or p rescores.
+    from harmjax.experiments.core.scoring import selection_key
+
     top_fraction = (None if prune_cfg.keep_dense_scores or prune_cfg.granularity != "matrix"
                     else float(max(prune_cfg.q, prune_cfg.p)))
     settings = {"answers": settings_key(run.settings["finetuned_answers"]),
                 "retain": settings_key(run.settings["answers"]), **{k: prune_cfg[k] for k in scan_keys},
-                "top_fraction": top_fraction}
+                "top_fraction": top_fraction, **selection_key(model.config)}
 
     def score_stage(d):
         from harmjax.experiments.core.scoring import check_score_disk, scan_kwargs, scan_to_units

@@ -3,7 +3,8 @@ alone: the README's disk table and a check before a large run (no weights needed
 
 Sparse mode (the default): each score unit holds per matrix floor(f * |M|) candidates of 12
 bytes (int64 index + float32 score), f = the largest q, category_q and p; each mask holds at
-most floor(q * |M|) int64 indices per matrix (T_p removes some), and so does each of the
+most floor(q * |M|) int64 indices per matrix (T_p removes some); in a MoE file with one leaf per
+expert, M is a layer's experts of one kind (`harmjax.masks.groups`), and so does each of the
 benign \\ retain baselines the benign-cost search builds (at most `max_searched` of them).
 Dense mode (`scoring.keep_dense_scores`): each unit is a float32 tree, plus a two-tree scan
 checkpoint.
@@ -18,6 +19,7 @@ import numpy as np
 
 from harmjax.attribution import scored_names
 from harmjax.experiments.main.baselines import max_searched
+from harmjax.masks.groups import unit_sizes
 from harmjax.model.param_specs import param_specs
 
 _HEADER_PER_TENSOR = 200  # safetensors header entry + shapes metadata, bytes (generous)
@@ -26,6 +28,12 @@ _HEADER_PER_TENSOR = 200  # safetensors header entry + shapes metadata, bytes (g
 def _sizes(config) -> list[int]:
     specs = param_specs(config)
     return [int(np.prod(specs[n].shape)) for n in scored_names(config)]
+
+
+def _unit_sizes(config) -> list[int]:
+    # Candidates are kept per selection unit: a MoE layer's per-expert leaves of one kind together.
+    specs = param_specs(config)
+    return unit_sizes({n: int(np.prod(specs[n].shape)) for n in scored_names(config)})
 
 
 def experiment_output_bytes(config, cfg, n_categories: int) -> dict[str, Any]:
@@ -43,10 +51,10 @@ def experiment_output_bytes(config, cfg, n_categories: int) -> dict[str, Any]:
         scores = (units + 2) * 4 * n  # + a two-kind scan checkpoint
     else:
         f = max([*M.q_sweep, M.category_q, M.p])
-        scores = units * (12 * sum(math.floor(f * s) for s in sizes) + 2 * header)
+        scores = units * (12 * sum(math.floor(f * s) for s in _unit_sizes(config)) + 2 * header)
 
     def mask(q):
-        return 8 * sum(math.floor(q * s) for s in sizes) + header
+        return 8 * sum(math.floor(q * s) for s in _unit_sizes(config)) + header
 
     masks = sum(mask(q) * (2 if M.random_control else 1) for q in M.q_sweep)
     masks += (n_categories + 1) * mask(M.category_q)

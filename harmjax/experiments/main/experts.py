@@ -2,12 +2,12 @@
 concentrated they are, against the random control of the same q (`harmjax.masks.experts`).
 
 Concentration is the share of a mask's pruned expert weights in the top 10% of (layer, expert)
-units. Read it against the random control's: the control keeps the harm mask's count in every
-scored matrix, so where a matrix holds one expert (Mixtral and Qwen3-MoE files) the two masks
-prune exactly as many weights per expert, and at granularity "matrix" the harm mask's spread
-over those experts is set by the selection (floor(q x size) per matrix, less T_p), not by the
-scores. Only gpt-oss' fused tensors (all experts of a layer in one matrix) or granularity
-"global" let the scores choose the experts; the section says which case a run is.
+units. Read it against the random control's, which prunes as many weights in each selection
+unit at random. At granularity "matrix" a layer's experts of one kind are one unit in either
+checkpoint layout (gpt-oss' fused tensor, or Mixtral's and Qwen3-MoE's per-expert leaves ranked
+together, `harmjax.masks.groups`), so the scores choose the experts and the control spreads its
+count over them at random. Only granularity "row" fixes each expert's count (floor(q x columns)
+per row); the section says so when a run uses it.
 """
 
 from __future__ import annotations
@@ -37,9 +37,8 @@ def expert_placement(config, masks, headline, granularity: str) -> dict[str, Any
         rows.append({"q": m["q"], "harm": concentration(harm["per_expert"], TOP),
                      "random": (concentration(expert_counts(load_mask_indices(ctrl["dir"]), config)["per_expert"], TOP)
                                 if ctrl is not None else None)})
-    per_expert_matrices = config.moe_layout != "fused"
-    return {"top": TOP, "layout": config.moe_layout, "per_expert_matrices": per_expert_matrices,
-            "selection_fixes_spread": per_expert_matrices and granularity != "global",
+    return {"top": TOP, "layout": config.moe_layout, "per_expert_matrices": config.moe_layout != "fused",
+            "selection_fixes_spread": granularity == "row",
             "headline": headline["name"] if headline is not None else None, "counts": counts, "rows": rows}
 
 
@@ -70,8 +69,8 @@ def experts_markdown(experts, plot: str | None) -> str:
     for r in experts["rows"]:
         out.append(f"| {r['q']:g} | {_share(r['harm'])} | {_share(r['random'])} | {r['harm']['pruned']:,} |\n")
     if experts["selection_fixes_spread"]:
-        out.append("\nThis checkpoint stores one matrix per expert, and masks are selected per matrix: each expert gets "
-                   "floor(q x size) candidates less T_p, and the random control prunes the same count in each expert. "
-                   "The spread over experts here reflects T_p(retain) only, not where the harm scores are high; "
-                   "granularity \"global\" lets the scores choose the experts.\n")
+        out.append("\nMasks here are selected per output row (granularity \"row\"): each expert gets floor(q x columns) "
+                   "weights per row less T_p, and the random control prunes the same count in each matrix. The spread "
+                   "over experts reflects T_p(retain) only, not where the harm scores are high; granularity \"matrix\" "
+                   "or \"global\" lets the scores choose the experts.\n")
     return "".join(out)

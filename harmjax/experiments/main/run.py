@@ -24,6 +24,7 @@ from harmjax.experiments.core.prompt_sets import (
 )
 from harmjax.experiments.core.scoring import (
     benign_scores, check_score_disk, experiment_score_units, harm_scores_per_category, scan_kwargs, score_settings,
+    selection_key,
 )
 from harmjax.experiments.core.stages import (
     ExperimentRun, StageCache, as_config, default_run_dir, examples_digest, settings_key, write_json_atomic,
@@ -140,7 +141,7 @@ def scores(run: MainRun) -> None:
     # "harm_all": how the pruning set's score is made (since 2026-11-30 one scan over it, not the
     # sum of the category trees), so runs scored the old way rescore once.
     settings = {"answers": settings_key(run.settings["answers"]), **score_settings(scoring_cfg),
-                "top_fraction": top_fraction, "harm_all": "scan"}
+                "top_fraction": top_fraction, "harm_all": "scan", **selection_key(model.config)}
     summary = {"model": run.source, "seed": run.cfg.seed, "text_format": scoring_cfg.text_format}
     scan_kw = scan_kwargs(scoring_cfg, run.progress)
     ex_prune, ex_retain = run.examples["prune"], run.examples["retain"]
