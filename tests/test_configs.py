@@ -44,3 +44,25 @@ def test_moe_configs_are_the_paper_setup(name, hub_id):
     assert cfg.pop("model") == hub_id
     paper.pop("model")
     assert cfg == paper
+
+
+def test_baselines_configs():
+    """The 8B baselines config only changes values of the embedded one's fields; the embedded
+    one compares the model with its refusal-tuned variant, which it reaches through its
+    `refusal` block; labels name every model; prompts and answers are the dissociation job's
+    (so its cached stages serve them)."""
+    from configs import baselines_embedded, baselines_llama31_8b, dissociation_embedded
+    from harmjax.experiments.refusal.source import REFUSAL
+
+    def keys(d, prefix=""):
+        return {prefix + k for k in d} | {x for k, v in d.items() if isinstance(v, dict) for x in keys(v, prefix + k + ".")}
+
+    emb, big = baselines_embedded.get_config(), baselines_llama31_8b.get_config()
+    assert keys(big.to_dict()) == keys(emb.to_dict())
+    assert REFUSAL in emb.models and "embedded" in emb.models and "refusal" in emb
+    for cfg in (emb, big):
+        assert len(cfg.labels) == len(cfg.models) == len(set(cfg.labels))
+        assert 0 < cfg.masks.q and 0 < cfg.masks.p
+    dis = dissociation_embedded.get_config()
+    assert emb.prompts.to_dict() == dis.prompts.to_dict() and emb.answers.to_dict() == dis.answers.to_dict()
+    assert big.masks.q == 1e-5 and big.masks.p == 5e-5 and big.dtype == "bfloat16"

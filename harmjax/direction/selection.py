@@ -118,12 +118,14 @@ def select_direction(
     induce_threshold: float = 0.0,
     batch_size: int = 8,
     system: str | None = None,
+    layers: Sequence[int] | None = None,
 ) -> Selection:
     """Scores every candidate of `directions` (num_layers + 1, n, hidden) on validation
     prompts and picks one by Arditi et al.'s rule (see the module docstring).
 
-    Layers l >= int(max_layer_fraction * num_layers) are skipped. `refusal_ids` defaults to
-    `refusal_token_ids(model.tokenizer)`.
+    Layers l >= int(max_layer_fraction * num_layers) are skipped; `layers` restricts the
+    candidates further (e.g. every other layer: each candidate costs three forward passes).
+    `refusal_ids` defaults to `refusal_token_ids(model.tokenizer)`.
     """
     cfg = model.config
     if directions.ndim != 3 or directions.shape[0] != cfg.num_layers + 1 or directions.shape[2] != cfg.hidden_size:
@@ -133,7 +135,8 @@ def select_direction(
     base_bad, base_good = last_logprobs(model, bad, None, batch_size), last_logprobs(model, good, None, batch_size)
     n = directions.shape[1]
     table = []
-    for layer in range(int(max_layer_fraction * cfg.num_layers)):
+    below = range(int(max_layer_fraction * cfg.num_layers))
+    for layer in (below if layers is None else [l for l in layers if l in below]):
         for j in range(n):
             v = directions[layer, j]
             ablate = ablation_edit(cfg, v)
