@@ -1,4 +1,4 @@
-"""The baselines comparison (issue 28 point 4) on the embedded SmolLM2-135M-Instruct and its
+"""The baselines comparison on the embedded SmolLM2-135M-Instruct and its
 refusal-tuned variant: per model, the harm mask (signed SNIP harm minus retain), the refusal
 direction ablated by weight orthogonalization (activation addition as the refusal-inducing
 check), Wanda- and magnitude-based set-difference masks and a random mask at the harm mask's

@@ -1,4 +1,4 @@
-"""The baselines comparison (issue 28 point 4) on the paper's Llama-3.1-8B-Instruct at the
+"""The baselines comparison on the paper's Llama-3.1-8B-Instruct at the
 paper's settings (configs/_paper.py): bfloat16, FSDP over every local device, q=1e-5, p=5e-5,
 the prefilling attack, 256 new tokens, the whole over-refusal set.
 

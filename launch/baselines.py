@@ -1,4 +1,4 @@
-"""The baselines comparison (issue 28 point 4): per model, the harm mask, the refusal-direction
+"""The baselines comparison: per model, the harm mask, the refusal-direction
 ablation (with activation addition as the refusal-inducing check), Wanda- and magnitude-based
 set-difference masks and a random mask at the harm mask's pruned count, side by side on
 harmful NLL under the prefilling attack, refusal, benign NLL, recognition and over-refusal,

@@ -1,4 +1,4 @@
-"""The baselines comparison (issue 28 point 4, `harmjax.experiments.baselines`) end to end on a
+"""The baselines comparison (`harmjax.experiments.baselines`) end to end on a
 tiny random llama with a tokenizer: the report is written; every count-matched mask has the
 harm mask's count in every matrix; the magnitude mask equals an independent NumPy ranking of
 the transformers model's |W| outside the retain top-p; the refusal and over-refusal rates

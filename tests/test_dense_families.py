@@ -1,5 +1,5 @@
-"""The 2026 dense families beyond the shared parity/generation/round-trip parametrisations
-(issue 26): Phi-3's longrope long factors, attribution on Phi-3's fused projections and
+"""The 2026 dense families beyond the shared parity/generation/round-trip parametrisations:
+Phi-3's longrope long factors, attribution on Phi-3's fused projections and
 through SmolLM3's NoPE layers against PyTorch autograd, LoRA's refusal of fused projections,
 and a Gemma-3 multimodal checkpoint read (and exported) as its text tower."""
 

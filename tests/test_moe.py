@@ -2,7 +2,7 @@
 tiny random models: logits with left padding on every compute path (ragged grouped matmuls,
 gather, the dense all-experts reference), greedy KV-cache generation, the HF export round
 trip, per-expert signed SNIP and per-example |grad| against autograd, MXFP4 dequantization
-against transformers' own, and the bad-input errors (issue 26)."""
+against transformers' own, and the bad-input errors."""
 
 from __future__ import annotations
 

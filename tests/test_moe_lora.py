@@ -1,4 +1,4 @@
-"""LoRA on mixture-of-experts models (issue 26): adapters go on attention and dense-MLP
+"""LoRA on mixture-of-experts models: adapters go on attention and dense-MLP
 projections only, matching peft restricted to the same modules; a target the model has only
 inside its experts is refused with a one-line error rather than silently dropped."""
 

@@ -65,7 +65,7 @@ def write_baselines_report(out_dir: str, cfg, per_model: dict[str, dict[str, Any
                "wall_seconds": wall_seconds, "settings": cfg.to_dict()}
 
     def markdown():
-        lines = ["# Baselines: harm mask, refusal direction, Wanda, magnitude, random (issue 28)", "",
+        lines = ["# Baselines: harm mask, refusal direction, Wanda, magnitude, random", "",
                  f"Masks at q={cfg.masks.q:g}, p={cfg.masks.p:g}; wanda, magnitude and random pruned at the harm "
                  "mask's count in every matrix. Cells: value (change from the unmodified model [95% interval]).", "",
                  "Rule:", ""] + [f"- {x}" for x in rule_lines(cfg.rule)]

@@ -1,4 +1,4 @@
-"""The baselines comparison (issue 28 point 4), per model, as cached stages:
+"""The baselines comparison, per model, as cached stages:
 
   model       each of `cfg.models` ("refusal" = the refusal-tuned model of `cfg.refusal`)
   -> prompts  samples of the refusal tuning's split (dissociation's stage: same samples)
