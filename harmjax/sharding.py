@@ -216,3 +216,14 @@ def sharded_zeros(shape: Sequence[int], dtype, sharding) -> jax.Array:
     (shape, dtype, sharding): an 8B model's 224 accumulators share a handful, where a fresh
     jit per leaf cost ~12 s of compiling on every scan."""
     return _zeros_maker(tuple(shape), jnp.dtype(dtype), sharding)()
+
+
+def devices_have_room(mesh: Mesh, per_device_bytes: float, margin: float = 1.5) -> bool:
+    """Whether every device of `mesh` reports free memory of at least `margin` x
+    `per_device_bytes` (False on backends without memory statistics, like the CPU): the test
+    for making an optional derived copy of the weights (fused projections, stacked experts)."""
+    for device in mesh.devices.flat:
+        stats = device.memory_stats() or {}
+        if "bytes_limit" not in stats or stats["bytes_limit"] - stats.get("bytes_in_use", 0) < margin * per_device_bytes:
+            return False
+    return True

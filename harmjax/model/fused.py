@@ -28,7 +28,7 @@ from jax.sharding import Mesh
 
 from harmjax.config import ModelConfig
 from harmjax.model import moe_stack
-from harmjax.sharding import param_shardings
+from harmjax.sharding import devices_have_room, param_shardings
 
 # (block, fused name, parts in output order)
 GROUPS = (("self_attn", "qkv_proj", ("q_proj", "k_proj", "v_proj")), ("mlp", "gate_up_proj", ("gate_proj", "up_proj")))
@@ -131,14 +131,7 @@ def should_fuse(params: dict, config: ModelConfig, mesh: Mesh, setting: bool | s
         return True
     if setting != "auto":
         raise ValueError(f"fuse_projections must be True, False or 'auto', got {setting!r}.")
-    need = extra_bytes(params) / mesh.devices.size
-    for device in mesh.devices.flat:
-        stats = device.memory_stats() or {}
-        if "bytes_limit" not in stats:
-            return False
-        if stats["bytes_limit"] - stats.get("bytes_in_use", 0) < 1.5 * need:
-            return False
-    return True
+    return devices_have_room(mesh, extra_bytes(params) / mesh.devices.size)
 
 
 def fuse_if_worthwhile(params: dict, config: ModelConfig, mesh: Mesh, setting: bool | str = "auto") -> dict:

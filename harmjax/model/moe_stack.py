@@ -26,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding
 from harmjax.config import ModelConfig
 from harmjax.model import moe
 from harmjax.model.moe_specs import PARTS, ffn_key
-from harmjax.sharding import logical_to_spec, param_shardings
+from harmjax.sharding import devices_have_room, logical_to_spec, param_shardings
 
 # (stacked name, logical axes of the (E, in, out) array)
 _STACKED_AXES = {"gate": ("expert", "embed", "mlp"), "up": ("expert", "embed", "mlp"), "down": ("expert", "mlp", "embed")}
@@ -104,12 +104,7 @@ def should_stack(params: dict, config: ModelConfig, mesh: Mesh, setting: bool | 
         return True
     if setting != "auto":
         raise ValueError(f"fuse_projections must be True, False or 'auto', got {setting!r}.")
-    need = extra_bytes(params, config) / mesh.devices.size
-    for device in mesh.devices.flat:
-        stats = device.memory_stats() or {}
-        if "bytes_limit" not in stats or stats["bytes_limit"] - stats.get("bytes_in_use", 0) < 1.5 * need:
-            return False
-    return True
+    return devices_have_room(mesh, extra_bytes(params, config) / mesh.devices.size)
 
 
 def stack_if_worthwhile(params: dict, config: ModelConfig, mesh: Mesh, setting: bool | str = "auto") -> dict:
